@@ -1,0 +1,71 @@
+"""Shared defaults for every configuration; other configs state only what differs.
+
+Every key is documented here once. Override any of them on the command line, e.g.
+`python train.py --config configs/llama_tiny_adamw.py --config.optimizer.lr=3e-3`.
+"""
+
+import ml_collections
+
+
+def get_config() -> ml_collections.ConfigDict:
+  config = ml_collections.ConfigDict()
+  config.seed = 0  # model init, data order and every other random draw
+
+  # --- model -------------------------------------------------------------------
+  config.model = ml_collections.ConfigDict()
+  config.model.family = "llama"
+  config.model.size = "tiny"  # tiny, 60m, 130m, 350m, 1b, 7b (GaLore paper shapes)
+  config.model.dtype = "float32"  # compute dtype: float32 or bfloat16
+  config.model.param_dtype = "float32"  # storage dtype of parameters (and so of Adam moments)
+  config.model.tie_embeddings = False
+  config.model.remat = False  # activation checkpointing per transformer block
+  config.model.vocab_multiple = 128  # pad the vocabulary up to a multiple (fast matmuls on GPU)
+  # Linear layer kind per layer name (q, k, v, o, gate, up, down, head); unnamed layers are
+  # 'dense'. Methods such as LoRA fill this in; set it directly to override.
+  config.model.linear = ml_collections.ConfigDict()
+
+  # --- data --------------------------------------------------------------------
+  config.data = ml_collections.ConfigDict()
+  config.data.source = "synthetic"  # synthetic, jsonl, text, tfds
+  config.data.path = ""  # jsonl/text: file(s) or glob(s) for training, comma separated
+  config.data.eval_path = ""  # jsonl/text: validation file(s); empty = hold out eval_holdout
+  config.data.eval_holdout = 0.05  # fraction of documents held out when eval_path is empty
+  config.data.text_key = "text"  # jsonl/tfds: the field holding the document text
+  config.data.tfds_name = "c4/en:3.1.0"  # tfds: dataset/config:version under data_dir
+  config.data.data_dir = ""  # tfds: data_dir (empty = $TFDS_DATA_DIR or ~/tensorflow_datasets)
+  config.data.train_split = "train"
+  config.data.eval_split = "validation"
+  config.data.tokenizer = "byte"  # 'byte' or a SentencePiece .model path (ignored by synthetic)
+  config.data.seq_len = 128  # tokens per packed sequence (the model's context)
+  config.data.shuffle = True
+  # The built-in language (source 'synthetic'): a sparse Markov chain with a known entropy rate.
+  config.data.synthetic = ml_collections.ConfigDict()
+  config.data.synthetic.vocab_size = 256
+  config.data.synthetic.branching = 4
+  config.data.synthetic.stop_prob = 1 / 64
+
+  # --- training ----------------------------------------------------------------
+  config.train = ml_collections.ConfigDict()
+  config.train.steps = 300  # optimizer steps
+  config.train.batch_size = 16  # global batch, in sequences, per optimizer step
+  config.train.grad_accum = 1  # micro-batches per step (batch_size must divide evenly)
+  config.train.log_every = 10  # steps between metric fetches (the only host syncs)
+  config.train.eval_every = 100  # steps between evaluations (0: only at the end)
+  config.train.eval_batches = 4  # fixed validation batches per evaluation
+  config.train.checkpoint_every = 100  # steps between checkpoints (0: only at the end)
+  config.train.keep_checkpoints = 2  # checkpoints kept on disk
+  config.train.progress_bar = True
+
+  # --- optimizer ---------------------------------------------------------------
+  config.optimizer = ml_collections.ConfigDict()
+  config.optimizer.name = "adamw"  # a registered method; see lowrank_jax.train.methods
+  config.optimizer.lr = 1e-3  # peak learning rate
+  config.optimizer.schedule = "cosine"  # cosine (warmup then cosine decay) or constant
+  config.optimizer.warmup = 0.1  # warmup length as a fraction of train.steps
+  config.optimizer.min_lr_ratio = 0.1  # cosine decays to min_lr_ratio * lr (GaLore: 0.1)
+  config.optimizer.b1 = 0.9
+  config.optimizer.b2 = 0.999
+  config.optimizer.eps = 1e-8
+  config.optimizer.weight_decay = 0.0
+  config.optimizer.grad_clip = 1.0  # global-norm clipping (0: off)
+  return config

@@ -1,0 +1,221 @@
+"""Random access to the lines of (possibly huge) JSONL and plain-text files.
+
+A training pipeline needs ``source[i]`` for a shuffled ``i``. Loading a
+multi-GB JSONL file into memory is not an option, so each file is scanned once
+(vectorised, in chunks) into a byte-offset index of its non-blank lines, and
+a line is read on demand with ``os.pread``. ``pread`` takes an explicit offset
+and touches no shared file position, so grain's reader threads can call
+``__getitem__`` concurrently without a lock.
+
+The index costs 16 bytes per line. File descriptors are opened lazily and are
+not pickled, so a source can be sent to worker processes.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+import threading
+from typing import Sequence
+
+import numpy as np
+
+__all__ = ["JsonlSource", "TextSource"]
+
+_CHUNK = 1 << 24  # 16 MiB per scan step bounds the scan's memory (~100 MiB).
+_NOT_WHITESPACE = np.ones(256, dtype=bool)
+_NOT_WHITESPACE[[ord(c) for c in " \t\r\n\f\v"]] = False
+
+
+def resolve_paths(paths: str | os.PathLike | Sequence[str | os.PathLike],
+                  ) -> list[str]:
+  """Expands globs, checks that every file exists and is not compressed."""
+  if isinstance(paths, (str, os.PathLike)):
+    paths = [paths]
+  resolved = []
+  for entry in paths:
+    entry = os.path.expanduser(os.fspath(entry))
+    if glob.has_magic(entry):
+      matches = sorted(glob.glob(entry))
+      if not matches:
+        raise FileNotFoundError(f"No file matches the pattern {entry!r}.")
+    else:
+      if not os.path.isfile(entry):
+        raise FileNotFoundError(f"Data file not found: {entry!r}.")
+      matches = [entry]
+    for path in matches:
+      if path.endswith((".gz", ".bz2", ".xz", ".zst", ".zip")):
+        raise ValueError(
+            f"Compressed file {path!r} is not supported: random access needs "
+            "an uncompressed file (decompress it first, e.g. `gunzip -k`).")
+    resolved.extend(matches)
+  if not resolved:
+    raise ValueError("No data files given.")
+  return resolved
+
+
+def scan_lines(path: str) -> tuple[np.ndarray, np.ndarray]:
+  """Byte ranges ``[start, end)`` of the non-blank lines of ``path``.
+
+  ``end`` excludes the newline (and a trailing ``\\r``). A line is blank when
+  it holds only whitespace; the test is done on bytes, which is exact for
+  UTF-8 because ASCII whitespace bytes never occur inside multi-byte
+  characters.
+  """
+  size = os.path.getsize(path)
+  newlines = []  # absolute offsets of b"\n"
+  nonblank_before = []  # non-whitespace bytes in [0, newline offset)
+  seen = 0
+  if size:
+    data = np.memmap(path, dtype=np.uint8, mode="r")
+    for lo in range(0, size, _CHUNK):
+      chunk = np.asarray(data[lo:lo + _CHUNK])
+      counts = np.cumsum(_NOT_WHITESPACE[chunk], dtype=np.int32)
+      pos = np.flatnonzero(chunk == ord("\n"))
+      newlines.append(pos + lo)
+      # counts[p] includes chunk[p], which is a newline (whitespace).
+      nonblank_before.append(counts[pos].astype(np.int64) + seen)
+      seen += int(counts[-1])
+    del data
+  nl = np.concatenate(newlines) if newlines else np.zeros(0, np.int64)
+  before = (np.concatenate(nonblank_before) if nonblank_before
+            else np.zeros(0, np.int64))
+  starts = np.concatenate([[0], nl + 1]).astype(np.int64)
+  ends = np.concatenate([nl, [size]]).astype(np.int64)
+  cum = np.concatenate([[0], before, [seen]])
+  keep = np.diff(cum) > 0
+  return starts[keep], ends[keep]
+
+
+class _LineFiles:
+  """The shared machinery: index over several files + lazy positioned reads."""
+
+  def __init__(self, paths):
+    self.paths = resolve_paths(paths)
+    file_ids, starts, ends = [], [], []
+    for k, path in enumerate(self.paths):
+      s, e = scan_lines(path)
+      file_ids.append(np.full(len(s), k, dtype=np.int32))
+      starts.append(s)
+      ends.append(e)
+    self._file_ids = np.concatenate(file_ids)
+    self._starts = np.concatenate(starts)
+    self._ends = np.concatenate(ends)
+    self._fds: dict[int, int] = {}
+    self._lock = threading.Lock()
+
+  def __len__(self) -> int:
+    return len(self._starts)
+
+  def _fd(self, k: int) -> int:
+    fd = self._fds.get(k)
+    if fd is None:
+      with self._lock:
+        fd = self._fds.get(k)
+        if fd is None:
+          fd = os.open(self.paths[k], os.O_RDONLY)
+          self._fds[k] = fd
+    return fd
+
+  def _line(self, index: int) -> tuple[bytes, str, int]:
+    """(raw line bytes, file path, byte offset) for error messages."""
+    n = len(self)
+    if not -n <= index < n:
+      raise IndexError(f"index {index} out of range for {n} documents")
+    index = int(index) % n
+    k = int(self._file_ids[index])
+    start, end = int(self._starts[index]), int(self._ends[index])
+    fd = self._fd(k)
+    parts, pos = [], start
+    while pos < end:  # pread may return short reads; loop until done.
+      part = os.pread(fd, end - pos, pos)
+      if not part:
+        raise OSError(f"{self.paths[k]!r} shrank while being read "
+                      f"(offset {pos}); was it modified after indexing?")
+      parts.append(part)
+      pos += len(part)
+    raw = b"".join(parts)
+    if raw.endswith(b"\r"):
+      raw = raw[:-1]
+    return raw, self.paths[k], start
+
+  def __getstate__(self):
+    state = self.__dict__.copy()
+    state["_fds"] = {}
+    del state["_lock"]
+    return state
+
+  def __setstate__(self, state):
+    self.__dict__.update(state)
+    self._lock = threading.Lock()
+
+  def __del__(self, _close=os.close):  # os may be gone at interpreter exit
+    for fd in getattr(self, "_fds", {}).values():
+      try:
+        _close(fd)
+      except OSError:
+        pass
+
+
+class TextSource(_LineFiles):
+  """Plain text files, one document per non-blank line.
+
+  Like the Hugging Face ``text`` dataset with line sampling, except that
+  blank (whitespace-only) lines are skipped instead of becoming empty
+  documents. ``paths``: one path/glob or a list of them; files are read in
+  the given order, glob matches sorted.
+  """
+
+  def __getitem__(self, index: int) -> str:
+    raw, path, offset = self._line(index)
+    try:
+      return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+      raise ValueError(f"{path!r}: invalid UTF-8 in the line at byte offset "
+                       f"{offset}: {e}") from None
+
+  def __repr__(self) -> str:
+    return f"TextSource({self.paths!r}, {len(self)} documents)"
+
+
+class JsonlSource(_LineFiles):
+  """JSON-lines files; document ``i`` is ``json.loads(line_i)[text_key]``.
+
+  Only the first record of each file is parsed up front (to fail fast on a
+  wrong ``text_key``); the rest are parsed when read, and a malformed record
+  raises ``ValueError`` naming the file and byte offset.
+  """
+
+  def __init__(self, paths, text_key: str = "text"):
+    super().__init__(paths)
+    self.text_key = text_key
+    if len(self) == 0:
+      raise ValueError(f"No non-blank lines in {self.paths!r}.")
+    first_of_file = np.flatnonzero(
+        np.diff(np.concatenate([[-1], self._file_ids])) != 0)
+    for index in first_of_file:
+      self[int(index)]
+
+  def __getitem__(self, index: int) -> str:
+    raw, path, offset = self._line(index)
+    try:
+      record = json.loads(raw)
+    except ValueError as e:
+      raise ValueError(f"{path!r}: the line at byte offset {offset} is not "
+                       f"valid JSON: {e}") from None
+    if not isinstance(record, dict) or self.text_key not in record:
+      keys = sorted(record) if isinstance(record, dict) else type(record)
+      raise ValueError(
+          f"{path!r}: the record at byte offset {offset} has no key "
+          f"{self.text_key!r} (found: {keys}); set text_key to the field "
+          "that holds the document text.")
+    text = record[self.text_key]
+    if not isinstance(text, str):
+      raise ValueError(f"{path!r}: {self.text_key!r} at byte offset {offset} "
+                       f"is a {type(text).__name__}, not a string.")
+    return text
+
+  def __repr__(self) -> str:
+    return (f"JsonlSource({self.paths!r}, text_key={self.text_key!r}, "
+            f"{len(self)} documents)")

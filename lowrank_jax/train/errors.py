@@ -1,0 +1,22 @@
+"""The one error type a user sees for bad input."""
+
+from __future__ import annotations
+
+from typing import Iterable
+
+
+class ConfigError(ValueError):
+  """A configuration value that cannot work, named by its dotted key.
+
+  Raised before anything is compiled, so a user sees one line that says which
+  key is wrong, what it was, and what would be accepted, instead of a traceback
+  from inside JAX.
+  """
+
+  def __init__(self, key: str, message: str, choices: Iterable[object] | None = None):
+    self.key = key
+    self.choices = list(choices) if choices is not None else None
+    text = f"config.{key}: {message}"
+    if self.choices is not None:
+      text += f" (valid choices: {', '.join(repr(c) for c in self.choices)})"
+    super().__init__(text)

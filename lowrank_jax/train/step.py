@@ -1,0 +1,86 @@
+"""The jitted train and eval steps.
+
+One step = gradient accumulation over micro-batches (a `lax.scan`, so one
+compiled body whatever the count), one optimizer update, metrics left on the
+device. The whole train state is donated, so parameters and optimizer state are
+updated in place.
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from lowrank_jax.train.model import ModelSplit
+
+
+class TrainState(NamedTuple):
+  step: jax.Array  # int32 scalar: optimizer steps taken
+  params: Any  # nested dict of the model's nnx.Param arrays
+  rest: Any  # nested dict of the model's other variables
+  opt_state: Any
+  rng: jax.Array  # uint32 key data, for stochastic layers
+
+
+def next_token_loss(logits: jax.Array, tokens: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """Summed cross-entropy of predicting tokens[:, t+1] at position t, and the count.
+
+  Computed on the full logits with the last position weighted 0 (rather than
+  slicing logits[:, :-1]) so no copy of the largest activation is made.
+  """
+  labels = jnp.roll(tokens, -1, axis=1)
+  weights = jnp.ones(tokens.shape, jnp.float32).at[:, -1].set(0.0)
+  ce = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), labels)
+  return jnp.sum(ce * weights), jnp.sum(weights)
+
+
+def make_train_step(split: ModelSplit, tx: optax.GradientTransformation, schedule: optax.Schedule):
+  """step(state, tokens[accum, micro, T]) -> (state, metrics); not yet jitted."""
+
+  def loss_fn(params, rest, tokens):
+    model = split.merge(params, rest)
+    total, count = next_token_loss(model(tokens), tokens)
+    return total / count, split.rest_of(model)
+
+  grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+
+  def step(state: TrainState, tokens: jax.Array):
+    accum = tokens.shape[0]
+    if accum == 1:
+      (loss, rest), grads = grad_fn(state.params, state.rest, tokens[0])
+    else:
+      # Accumulate in float32 whatever the parameter dtype, then cast back once.
+      zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), state.params)
+
+      def body(carry, micro):
+        loss_sum, grad_sum, rest = carry
+        (loss, rest), grads = grad_fn(state.params, rest, micro)
+        grad_sum = jax.tree.map(lambda a, g: a + g.astype(jnp.float32), grad_sum, grads)
+        return (loss_sum + loss, grad_sum, rest), None
+
+      (loss_sum, grad_sum, rest), _ = jax.lax.scan(body, (jnp.zeros((), jnp.float32), zeros, state.rest), tokens)
+      loss = loss_sum / accum
+      grads = jax.tree.map(lambda g, p: (g / accum).astype(p.dtype), grad_sum, state.params)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    metrics = {
+        "loss": loss,
+        "grad_norm": optax.tree.norm(grads),
+        "lr": jnp.asarray(schedule(state.step), jnp.float32),
+    }
+    return TrainState(state.step + 1, params, rest, opt_state, state.rng), metrics
+
+  return step
+
+
+def make_eval_step(split: ModelSplit):
+  """eval(params, rest, tokens[B, T]) -> (summed loss, token count)."""
+
+  def eval_step(params, rest, tokens):
+    model = split.merge(params, rest)
+    return next_token_loss(model(tokens), tokens)
+
+  return eval_step

@@ -1,0 +1,223 @@
+"""The trainer end to end: convergence, resume, accumulation, memory report, bad input."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from lowrank_jax.train import ConfigError, memory_report, train
+from lowrank_jax.train import loop as loop_lib
+from lowrank_jax.train.model import build_model
+from lowrank_jax.train.setup import build_setup, init_state
+from train_helpers import REPO, SHARED, saved_params, tiny_config
+
+
+def _records(workdir):
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    return [json.loads(line) for line in f]
+
+
+def test_loss_falls_to_the_synthetic_entropy_floor(tmp_path):
+  config = tiny_config(**{"train.steps": 150, "train.eval_every": 0, "train.checkpoint_every": 0})
+  summary = train(config, str(tmp_path))
+  floor = summary["entropy_floor"]
+  first = _records(tmp_path)[0]["loss"]
+  vocab = config.data.synthetic.vocab_size + 2
+  # An untrained model is near-uniform over the vocabulary...
+  assert abs(first - np.log(vocab)) < 0.5
+  # ...and training must bring the held-out loss close to the language's entropy rate,
+  # never meaningfully below it (that would mean the eval leaks or the floor is wrong).
+  assert summary["eval_loss"] < floor + 0.15, summary
+  assert summary["eval_loss"] > floor - 0.03, summary
+  assert summary["steps"] == 150
+
+
+def test_grad_accumulation_equals_one_big_batch():
+  results = []
+  tokens = np.random.default_rng(0).integers(2, 258, size=(8, 32), dtype=np.int32)
+  for accum in (1, 4):
+    config = tiny_config(**{"train.batch_size": 8, "train.grad_accum": accum, "data.seq_len": 32})
+    setup = build_setup(config, 258)
+    state = init_state(setup, 258)
+    state, metrics = setup.train_step(state, jnp.asarray(tokens.reshape(accum, 8 // accum, 32)))
+    results.append((jax.tree.map(np.asarray, state.params), float(metrics["loss"])))
+  (p1, l1), (p4, l4) = results
+  assert abs(l1 - l4) < 1e-5
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6), p1, p4)
+
+
+def _cli(workdir, *overrides):
+  return [sys.executable, str(REPO / "train.py"), "--config", str(REPO / "configs/llama_tiny_adamw.py"),
+          "--workdir", str(workdir), "--config.train.progress_bar=False", *overrides]
+
+
+def test_resume_after_kill_9_equals_the_uninterrupted_run(tmp_path):
+  overrides = {"train.steps": 40, "train.checkpoint_every": 10, "train.eval_every": 20, "train.log_every": 5}
+  straight = tmp_path / "straight"
+  train(tiny_config(**overrides), str(straight))
+
+  killed = tmp_path / "killed"
+  args = [f"--config.{k}={v}" for k, v in overrides.items()]
+  proc = subprocess.Popen(_cli(killed, *args), cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+  deadline = time.time() + 240
+  while not (killed / "checkpoints" / "20").exists():
+    assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
+    assert time.time() < deadline, "no checkpoint at step 20 in time"
+    time.sleep(0.05)
+  proc.send_signal(signal.SIGKILL)
+  proc.wait()
+  proc.stderr.close()
+  interrupted_at = max(int(p.name) for p in (killed / "checkpoints").iterdir() if p.name.isdigit())
+  assert interrupted_at < 40, "the run finished before it could be killed"
+
+  summary = train(tiny_config(**overrides), str(killed))
+  assert summary["resumed_from"] == interrupted_at
+  a, b = saved_params(str(straight), 40), saved_params(str(killed), 40)
+  jax.tree.map(np.testing.assert_array_equal, a, b)  # exactly, not approximately
+  # The metrics file reads as one clean run: the same records as the uninterrupted one.
+  strip = lambda rs: [{k: v for k, v in r.items() if k not in ("tokens_per_s", "step_time_s")} for r in rs]  # noqa: E731
+  assert strip(_records(killed)) == strip(_records(straight))
+
+
+def test_rerunning_a_finished_run_trains_nothing_more(tmp_path):
+  config = tiny_config(**{"train.steps": 6, "train.log_every": 3})
+  train(config, str(tmp_path))
+  before = saved_params(str(tmp_path))
+  summary = train(config, str(tmp_path))
+  assert summary["resumed_from"] == 6 and summary["steps"] == 6
+  jax.tree.map(np.testing.assert_array_equal, before, saved_params(str(tmp_path)))
+
+
+def test_resuming_with_another_model_is_refused(tmp_path):
+  train(tiny_config(**{"train.steps": 2, "train.log_every": 1}), str(tmp_path))
+  with pytest.raises(ConfigError, match=r"config\.model.*another --workdir"):
+    train(tiny_config(**{"train.steps": 2, "model.tie_embeddings": True}), str(tmp_path))
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_memory_report_counts_the_real_parameters(dtype):
+  config = tiny_config(**{"model.param_dtype": dtype, "model.dtype": dtype})
+  report = memory_report(config)
+  import flax.nnx as nnx
+
+  model = build_model(config, 258, seed=0)
+  params = jax.tree.leaves(nnx.state(model, nnx.Param))
+  assert report["params_bytes"] == sum(p.size * p.dtype.itemsize for p in params)
+  # AdamW keeps two moments shaped like the parameters (plus scalar counters).
+  assert 2 * report["params_bytes"] <= report["opt_state_bytes"] < 2 * report["params_bytes"] + 64
+  # Donation: the new state reuses the old state's buffers.
+  assert report["alias_bytes"] >= report["params_bytes"] + report["opt_state_bytes"]
+  assert report["peak_bytes"] >= report["argument_bytes"]
+
+
+def test_memory_report_cli_prints_json_last_line():
+  out = subprocess.run(_cli("/nonexistent-unused", "--memory_report"), cwd=REPO, capture_output=True,
+                       text=True, timeout=300)
+  assert out.returncode == 0, out.stderr[-2000:]
+  last = json.loads(out.stdout.strip().splitlines()[-1])
+  assert set(last) == {"params_bytes", "opt_state_bytes", "argument_bytes", "temp_bytes", "output_bytes",
+                       "alias_bytes", "peak_bytes"}
+  assert all(isinstance(v, int) and v > 0 for v in last.values())
+
+
+@pytest.mark.parametrize("source", ["jsonl", "tfds"])
+def test_trains_on_the_c4_sample(tmp_path, source):
+  if not SHARED.exists():
+    pytest.skip("shared C4 sample not present")
+  config = tiny_config(**{
+      "data.source": source,
+      "data.path": str(SHARED / "c4" / "train.jsonl"),
+      "data.eval_path": str(SHARED / "c4" / "validation.jsonl"),
+      "data.data_dir": str(SHARED / "tfds"),
+      "data.tokenizer": str(SHARED / "tokenizers" / "c4_t5_32k.model"),
+      "data.seq_len": 64, "train.batch_size": 8, "train.steps": 30, "train.log_every": 5,
+      "train.eval_batches": 2, "optimizer.lr": 3e-3,
+  })
+  summary = train(config, str(tmp_path))
+  losses = [r["loss"] for r in _records(tmp_path) if "loss" in r]
+  assert losses[0] > 10.0  # ~log(32128) for an untrained model
+  assert losses[-1] < losses[0] - 2.0, losses
+  assert np.isfinite(summary["eval_loss"])
+
+
+# --- bad input: one ConfigError naming the key, raised before anything is compiled ----------
+
+@pytest.fixture
+def no_compile(monkeypatch):
+  def refuse(*a, **k):
+    raise AssertionError("the train step was built before the config was validated")
+  monkeypatch.setattr(loop_lib, "build_setup", refuse)
+
+
+def _jsonl(tmp_path, docs):
+  path = tmp_path / "docs.jsonl"
+  path.write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
+  return str(path)
+
+
+BAD = [
+    ({"optimizer.name": "sgdx"}, "optimizer.name", "adamw"),
+    ({"model.size": "3b"}, "model.size", "7b"),
+    ({"model.dtype": "float16"}, "model.dtype", "bfloat16"),
+    ({"data.source": "hf"}, "data.source", "tfds"),
+    ({"data.source": "jsonl", "data.path": "/no/such/file.jsonl"}, "data.path", "no file matches"),
+    ({"data.seq_len": 0}, "data.seq_len", "> 0"),
+    ({"train.batch_size": -4}, "train.batch_size", "> 0"),
+    ({"train.steps": 0}, "train.steps", "> 0"),
+    ({"train.grad_accum": 3}, "train.grad_accum", "must divide"),
+    ({"optimizer.lr": 0.0}, "optimizer.lr", "> 0"),
+    ({"optimizer.schedule": "linear"}, "optimizer.schedule", "cosine"),
+    ({"model.linear.qq": "dense"}, "model.linear.qq", "'gate'"),
+    ({"model.linear.q": "fancy"}, "model.linear.q", "'dense'"),
+    ({"data.synthetic.vocab_size": 0}, "data.synthetic.vocab_size", "> 0"),
+]
+
+
+@pytest.mark.parametrize("overrides,key,hint", BAD, ids=[b[1] for b in BAD])
+def test_bad_config_values_name_the_key(tmp_path, no_compile, overrides, key, hint):
+  with pytest.raises(ConfigError) as info:
+    train(tiny_config(**overrides), str(tmp_path))
+  assert info.value.key == key
+  assert str(info.value).startswith(f"config.{key}:")
+  assert hint in str(info.value)
+
+
+def test_missing_tokenizer(tmp_path, no_compile):
+  config = tiny_config(**{"data.source": "jsonl", "data.path": _jsonl(tmp_path, ["a b c"] * 10),
+                          "data.tokenizer": str(tmp_path / "missing.model")})
+  with pytest.raises(ConfigError, match=r"^config\.data\.tokenizer: file not found.*'byte'"):
+    train(config, str(tmp_path / "run"))
+
+
+def test_missing_tfds_dataset_says_how_to_prepare_it(tmp_path, no_compile):
+  config = tiny_config(**{"data.source": "tfds", "data.data_dir": str(tmp_path / "nothing_here")})
+  with pytest.raises(ConfigError) as info:
+    train(config, str(tmp_path / "run"))
+  assert info.value.key == "data.tfds_name"
+  assert "c4/en" in str(info.value) and "data_dir" in str(info.value)
+
+
+def test_corpus_too_small_for_one_batch(tmp_path, no_compile):
+  config = tiny_config(**{"data.source": "jsonl", "data.path": _jsonl(tmp_path, ["tiny doc"] * 4),
+                          "data.eval_path": _jsonl(tmp_path, ["tiny doc"]), "data.seq_len": 512})
+  with pytest.raises(ConfigError) as info:
+    train(config, str(tmp_path / "run"))
+  assert info.value.key == "data.seq_len"
+  assert "cannot form one batch" in str(info.value)
+
+
+def test_cli_bad_value_is_one_line_not_a_traceback(tmp_path):
+  out = subprocess.run(_cli(tmp_path, "--config.model.size=3b"), cwd=REPO, capture_output=True, text=True,
+                       timeout=120)
+  assert out.returncode == 2
+  assert "Traceback" not in out.stderr
+  assert out.stderr.strip().splitlines()[-1].startswith("error: config.model.size: unknown value '3b'")
