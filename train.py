@@ -29,6 +29,9 @@ def main(argv):
   if not flags.FLAGS["verbosity"].present:  # orbax logs every file it writes at INFO
     logging.set_verbosity(logging.WARNING)
   from lowrank_jax.train import ConfigError, format_report, memory_report, train
+  from lowrank_jax.train.parallel import initialize_distributed
+
+  initialize_distributed()  # a no-op unless launched as a multi-host job
 
   config = _CONFIG.value
   try:

@@ -56,6 +56,11 @@ def get_config() -> ml_collections.ConfigDict:
   config.train.keep_checkpoints = 2  # checkpoints kept on disk
   config.train.progress_bar = True
 
+  # --- parallelism -------------------------------------------------------------
+  config.parallel = ml_collections.ConfigDict()
+  config.parallel.mode = "mesh"  # mesh (jit over a device mesh) or pmap (jax.pmap + lax.pmean)
+  config.parallel.fsdp = False  # mesh only: shard parameters and optimizer state over devices
+
   # --- optimizer ---------------------------------------------------------------
   config.optimizer = ml_collections.ConfigDict()
   config.optimizer.name = "adamw"  # a registered method; see lowrank_jax.train.methods

@@ -1,5 +1,7 @@
 """Tests of the projection core (lowrank_jax.optim.projection)."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -7,15 +9,31 @@ import pytest
 
 from lowrank_jax.optim import projection as P
 
+# Jitted once per static configuration (eager mode would compile op by op).
+_svd = jax.jit(P.svd_projectors, static_argnums=(1,))
+_energy = jax.jit(P.captured_energy)
+_orth_err = jax.jit(P.orthonormality_error)
 
-def _decaying(key, m, n, decay=0.9, dtype=jnp.float32):
-  """A random (m, n) matrix with singular values decay**i."""
-  k1, k2 = jax.random.split(key)
+
+@functools.partial(jax.jit, static_argnames=('rank', 'oversample', 'n_iter'))
+def _rand(a, key, prev=None, cold=False, *, rank, oversample=8, n_iter=2):
+  return P.randomized_projector(
+      a, rank, key, prev, cold=cold, oversample=oversample, n_iter=n_iter
+  )
+
+
+def _svd_side(x, side, r):
+  return _svd(x, ((side, r),))[side]
+
+
+def _decaying(seed, m, n, decay=0.9):
+  """A random (m, n) float32 matrix with singular values decay**i."""
+  rng = np.random.default_rng(seed)
   k = min(m, n)
-  u, _ = jnp.linalg.qr(jax.random.normal(k1, (m, k)))
-  v, _ = jnp.linalg.qr(jax.random.normal(k2, (n, k)))
-  s = decay ** jnp.arange(k, dtype=jnp.float32)
-  return ((u * s) @ v.T).astype(dtype)
+  u, _ = np.linalg.qr(rng.standard_normal((m, k)))
+  v, _ = np.linalg.qr(rng.standard_normal((n, k)))
+  s = decay ** np.arange(k)
+  return jnp.asarray((u * s) @ v.T, jnp.float32)
 
 
 @pytest.mark.parametrize(
@@ -72,7 +90,7 @@ def test_projection_sides_table():
 
 def test_project_shapes_and_back():
   x = jax.random.normal(jax.random.PRNGKey(0), (2, 12, 20))
-  pr = P.svd_projectors(x, {'in': 4, 'out': 3})
+  pr = _svd(x, (('in', 4), ('out', 3)))
   assert pr['in'].shape == (2, 12, 4) and pr['out'].shape == (2, 20, 3)
   assert P.project(x, {'in': pr['in']}).shape == (2, 4, 20)
   assert P.project(x, {'out': pr['out']}).shape == (2, 12, 3)
@@ -80,73 +98,89 @@ def test_project_shapes_and_back():
   assert y.shape == (2, 4, 3)
   assert P.project_back(y, pr).shape == x.shape
   for p in pr.values():
-    assert float(P.orthonormality_error(p)) < 1e-5
+    assert float(_orth_err(p)) < 1e-5
 
 
 def test_svd_projector_captures_top_energy():
-  x = _decaying(jax.random.PRNGKey(1), 40, 60)
-  s = jnp.linalg.svd(x, compute_uv=False)
-  top = float(jnp.sum(s[:5] ** 2) / jnp.sum(s**2))
+  x = _decaying(1, 40, 60)
+  s = np.linalg.svd(np.asarray(x), compute_uv=False)
+  top = float(np.sum(s[:5] ** 2) / np.sum(s**2))
   for side in ('in', 'out'):
-    pr = P.svd_projectors(x, {side: 5})
-    np.testing.assert_allclose(P.captured_energy(x, pr), top, rtol=1e-5)
+    pr = {side: _svd_side(x, side, 5)}
+    np.testing.assert_allclose(_energy(x, pr), top, rtol=1e-5)
 
 
 @pytest.mark.parametrize('side', ['in', 'out'])
 def test_randomized_refresh_captures_99pct_of_svd(side):
-  x = _decaying(jax.random.PRNGKey(2), 192, 320, decay=0.97)
-  r = 24
-  exact = float(P.captured_energy(x, P.svd_projectors(x, {side: r})))
+  x = _decaying(2, 128, 192, decay=0.95)
+  r = 16
+  exact = float(_energy(x, {side: _svd_side(x, side, r)}))
   a = x if side == 'in' else x.T
-  cold = P.randomized_projector(a, r, jax.random.PRNGKey(3))
+  cold = _rand(a, jax.random.PRNGKey(3), rank=r)
   assert cold.shape == (a.shape[0], r)
-  assert float(P.orthonormality_error(cold)) < 1e-4
-  e_cold = float(P.captured_energy(x, {side: cold}))
+  assert float(_orth_err(cold)) < 1e-4
+  e_cold = float(_energy(x, {side: cold}))
   assert e_cold >= 0.99 * exact, (e_cold, exact)
   # Warm start from a slightly different matrix's projector.
-  x2 = x + 0.01 * jax.random.normal(jax.random.PRNGKey(4), x.shape)
+  x2 = x + 0.01 * jnp.asarray(np.random.default_rng(4).standard_normal(x.shape), jnp.float32)
   a2 = x2 if side == 'in' else x2.T
-  warm = P.randomized_projector(
-      a2, r, jax.random.PRNGKey(5), cold, cold=False, oversample=4, n_iter=1
-  )
-  exact2 = float(P.captured_energy(x2, P.svd_projectors(x2, {side: r})))
-  assert float(P.captured_energy(x2, {side: warm})) >= 0.99 * exact2
+  warm = _rand(a2, jax.random.PRNGKey(5), cold, False, rank=r, oversample=4, n_iter=1)
+  exact2 = float(_energy(x2, {side: _svd_side(x2, side, r)}))
+  assert float(_energy(x2, {side: warm})) >= 0.99 * exact2
 
 
 def test_randomized_cold_flag_ignores_prev_and_is_batched():
-  x = _decaying(jax.random.PRNGKey(6), 64, 96)[None].repeat(2, axis=0)
+  x = jnp.stack([_decaying(6, 64, 96), _decaying(7, 64, 96)])
   junk = jnp.zeros((2, 64, 8))
-  p = P.randomized_projector(x, 8, jax.random.PRNGKey(7), junk, cold=jnp.array(True))
+  p = _rand(x, jax.random.PRNGKey(7), junk, jnp.array(True), rank=8)
   assert p.shape == (2, 64, 8)
-  assert bool(jnp.all(jnp.isfinite(p)))
-  exact = P.captured_energy(x, P.svd_projectors(x, {'in': 8}))
-  assert float(P.captured_energy(x, {'in': p})) >= 0.99 * float(exact)
+  assert bool(np.all(np.isfinite(np.asarray(p))))
+  exact = _energy(x, {'in': _svd_side(x, 'in', 8)})
+  assert float(_energy(x, {'in': p})) >= 0.99 * float(exact)
 
 
 def test_online_pca_loss_and_gradient():
-  x = _decaying(jax.random.PRNGKey(8), 30, 50)
+  x = _decaying(8, 30, 50)
+  loss_fn = jax.jit(P.online_pca_loss, static_argnums=(2,))
+  grad_fn = jax.jit(jax.grad(P.online_pca_loss), static_argnums=(2,))
   for side in ('in', 'out'):
-    pr = P.svd_projectors(x, {side: 6})[side]
-    loss = P.online_pca_loss(pr, x, side)
-    e = P.captured_energy(x, {side: pr})
+    pr = _svd_side(x, side, 6)
+    loss = loss_fn(pr, x, side, 0.0)
+    e = _energy(x, {side: pr})
     np.testing.assert_allclose(loss, 1.0 - e, atol=1e-5)
     # The top subspace is a stationary point (also of the penalised loss).
-    g = jax.grad(P.online_pca_loss)(pr, x, side, 0.5)
-    assert float(jnp.max(jnp.abs(g))) < 1e-4
+    g = grad_fn(pr, x, side, 0.5)
+    assert float(np.max(np.abs(np.asarray(g)))) < 1e-4
     # Scale invariance of the normalised gradient.
-    np.testing.assert_allclose(P.online_pca_loss(pr, 7.0 * x, side), loss, rtol=1e-5)
+    np.testing.assert_allclose(loss_fn(pr, 7.0 * x, side, 0.0), loss, rtol=1e-5)
   bad = jnp.eye(30, 6) * 2.0
-  assert float(P.online_pca_loss(bad, x, 'in', 1.0)) > float(P.online_pca_loss(bad, x, 'in'))
+  assert float(loss_fn(bad, x, 'in', 1.0)) > float(loss_fn(bad, x, 'in', 0.0))
+
+
+@pytest.mark.parametrize('side', ['in', 'out'])
+def test_online_pca_closed_form_gradient(side):
+  rng = np.random.default_rng(11)
+  x = jnp.asarray(rng.standard_normal((2, 12, 20)), jnp.float32)  # batched
+  d = 12 if side == 'in' else 20
+  p = jnp.asarray(rng.standard_normal((2, d, 4)) * 0.3, jnp.float32)
+  lam = 0.7
+  auto = jax.jit(jax.grad(P.online_pca_loss), static_argnums=(2,))(p, x, side, lam)
+  closed = jax.jit(P.online_pca_grad, static_argnums=(2,))(p, x, side, lam)
+  np.testing.assert_allclose(closed, auto, rtol=1e-4, atol=1e-5)
+  # With P^T A precomputed from the (unnormalised) low-rank gradient.
+  pa = P.project(x, {side: p})
+  pa = pa if side == 'in' else jnp.swapaxes(pa, -1, -2)
+  np.testing.assert_allclose(P.online_pca_grad(p, x, side, lam, pa), auto, rtol=1e-4, atol=1e-5)
 
 
 def test_principal_angles():
-  q, _ = jnp.linalg.qr(jax.random.normal(jax.random.PRNGKey(9), (20, 4)))
-  rot = jax.random.normal(jax.random.PRNGKey(10), (4, 4))
-  assert float(jnp.max(P.principal_angles(q, q @ rot))) < 1e-3
-  e = jnp.eye(20)
-  np.testing.assert_allclose(
-      P.principal_angles(e[:, :2], e[:, 2:4]), [np.pi / 2] * 2, atol=1e-6
-  )
+  rng = np.random.default_rng(9)
+  q = rng.standard_normal((20, 4))
+  rot = rng.standard_normal((4, 4))
+  angles = jax.jit(P.principal_angles)
+  assert float(jnp.max(angles(q, q @ rot))) < 1e-3
+  e = np.eye(20)
+  np.testing.assert_allclose(angles(e[:, :2], e[:, 2:4]), [np.pi / 2] * 2, atol=1e-6)
 
 
 LLAMA_LIKE = {

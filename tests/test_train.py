@@ -10,7 +10,6 @@ import sys
 import time
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -48,7 +47,7 @@ def test_grad_accumulation_equals_one_big_batch():
     config = tiny_config(**{"train.batch_size": 8, "train.grad_accum": accum, "data.seq_len": 32})
     setup = build_setup(config, 258)
     state = init_state(setup, 258)
-    state, metrics = setup.train_step(state, jnp.asarray(tokens.reshape(accum, 8 // accum, 32)))
+    state, metrics = setup.train_step(state, tokens.reshape(accum, 8 // accum, 32))
     results.append((jax.tree.map(np.asarray, state.params), float(metrics["loss"])))
   (p1, l1), (p4, l4) = results
   assert abs(l1 - l4) < 1e-5

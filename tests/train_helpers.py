@@ -32,5 +32,9 @@ def saved_params(workdir: str, step: int | None = None) -> dict:
   """The parameters of a run's checkpoint, as numpy, read independently of the trainer."""
   manager = ocp.CheckpointManager(os.path.join(workdir, "checkpoints"))
   step = manager.latest_step() if step is None else step
-  restored = manager.restore(step, args=ocp.args.Composite(params=ocp.args.StandardRestore()))
+  # Onto this process's first device, whatever topology wrote the checkpoint.
+  device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+  meta = ocp.StandardCheckpointer().metadata(os.path.join(workdir, "checkpoints", str(step), "params"))
+  target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device), meta.item_metadata)
+  restored = manager.restore(step, args=ocp.args.Composite(params=ocp.args.StandardRestore(target)))
   return jax.tree.map(np.asarray, restored.params)

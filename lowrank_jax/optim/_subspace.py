@@ -217,6 +217,43 @@ def split_updates(leaves, mats, projs, plans):
   return low, dense
 
 
+def base_params(params, low, plans):
+  """Params handed to the two base instances, or (None, None).
+
+  The low-rank instance sees ``jax.ShapeDtypeStruct`` shape carriers at the
+  projected leaves (enough for transforms that read only shapes, such as
+  ``scale_by_factored_rms``; a transform that reads param *values* fails
+  loudly instead of silently using wrong ones); the dense instance sees the
+  real params at the unprojected leaves. Placeholders elsewhere.
+  """
+  if params is None:
+    return None, None
+  p_leaves = jax.tree.leaves(params)
+  lp, dp = [], []
+  for x, lo, plan in zip(p_leaves, low, plans):
+    if plan is None:
+      lp.append(placeholder())
+      dp.append(x)
+    else:
+      lp.append(jax.ShapeDtypeStruct(lo.shape, lo.dtype))
+      dp.append(placeholder())
+  return lp, dp
+
+
+def run_base(base, treedef, low, dense, plans, low_state, dense_state, params, extra_args):
+  """Runs the two base instances; returns low/dense update leaf lists and states."""
+  lp, dp = base_params(params, low, plans)
+  unflat = lambda x: None if x is None else treedef.unflatten(x)
+  low_upd, low_state = base.update(unflat(low), low_state, unflat(lp), **extra_args)
+  dense_upd, dense_state = base.update(unflat(dense), dense_state, unflat(dp), **extra_args)
+  return (
+      treedef.flatten_up_to(low_upd),
+      treedef.flatten_up_to(dense_upd),
+      low_state,
+      dense_state,
+  )
+
+
 def merge_updates(leaves, low_upd, dense_upd, projs, plans, scale):
   out = []
   for x, lu, du, p, plan in zip(leaves, low_upd, dense_upd, projs, plans):

@@ -81,8 +81,15 @@ def scale_by_galore(
 
   Unprojected leaves go through ``base`` unchanged. ``base`` must be
   gradient-only (``scale_by_adam``, ``scale_by_lion``,
-  ``scale_by_factored_rms``, ``identity``, ...): it is given no params. It
-  runs as two instances, one on the low-rank leaves and one on the rest.
+  ``scale_by_factored_rms``, ``trace``, ``identity``, ...). It runs as two
+  instances, one on the low-rank leaves and one on the rest (so a global
+  operation inside ``base``, like a clip by global norm, sees each group
+  separately: put it before this transform instead). When ``update`` gets
+  ``params``, the dense instance gets the real params of its leaves and the
+  low-rank instance gets ``jax.ShapeDtypeStruct`` shape carriers (enough for
+  ``scale_by_factored_rms``, which reads only shapes; a transform reading
+  param values fails loudly; use ``galore``'s ``weight_decay`` instead of a
+  decay inside ``base``).
 
   ``moments`` says what happens to the low-rank base state when ``P`` is
   refreshed (the dense instance is never touched):
@@ -169,7 +176,6 @@ def scale_by_galore(
     )
 
   def update_fn(updates, state, params=None, **extra_args):
-    del params
     treedef, leaves, old_projs, plans = sub.plans_from_state(
         updates, state.projector, mask
     )
@@ -199,16 +205,14 @@ def scale_by_galore(
     )
 
     low, dense = sub.split_updates(leaves, mats, projs, plans)
-    low_upd, low_state = base.update(
-        treedef.unflatten(low), low_state, None, **extra_args
-    )
-    dense_upd, dense_state = base.update(
-        treedef.unflatten(dense), state.dense_state, None, **extra_args
+    low_upd, dense_upd, low_state, dense_state = sub.run_base(
+        base, treedef, low, dense, plans, low_state, state.dense_state, params,
+        extra_args,
     )
     out = sub.merge_updates(
         leaves,
-        treedef.flatten_up_to(low_upd),
-        treedef.flatten_up_to(dense_upd),
+        low_upd,
+        dense_upd,
         projs,
         plans,
         scale,

@@ -67,7 +67,10 @@ def scale_by_osd(
 
   written for the projected side (``\tilde G^\top`` for the ``'out'`` side,
   both losses for ``'full'``):
-  ``P_{t+1} = P_t - \eta_t \, \mathrm{opt}(\nabla_P)``. There is no SVD
+  ``P_{t+1} = P_t - \eta_t \, \mathrm{opt}(\nabla_P)``. The gradient is
+  computed in closed form (:func:`~lowrank_jax.optim.projection.online_pca_grad`)
+  reusing the low-rank gradient ``P^T G``, so a projector step costs one
+  extra product with ``G`` (plus ``r x r`` work) over a GaLore step. There is no SVD
   after step 0 and no re-orthonormalisation (as in the paper and the
   official code; ``orthogonality`` = the paper's ``\lambda`` keeps ``P``
   near the Stiefel manifold, the official code uses none). As in the
@@ -127,7 +130,6 @@ def scale_by_osd(
     )
 
   def update_fn(updates, state, params=None, **extra_args):
-    del params
     treedef, leaves, old_projs, plans = sub.plans_from_state(
         updates, state.projector, mask
     )
@@ -141,16 +143,14 @@ def scale_by_osd(
     projs = jax.lax.cond(count == 0, first, lambda p: p, old_projs)
 
     low, dense = sub.split_updates(leaves, mats, projs, plans)
-    low_upd, low_state = base.update(
-        treedef.unflatten(low), state.lowrank_state, None, **extra_args
-    )
-    dense_upd, dense_state = base.update(
-        treedef.unflatten(dense), state.dense_state, None, **extra_args
+    low_upd, dense_upd, low_state, dense_state = sub.run_base(
+        base, treedef, low, dense, plans, state.lowrank_state, state.dense_state, params,
+        extra_args,
     )
     out = sub.merge_updates(
         leaves,
-        treedef.flatten_up_to(low_upd),
-        treedef.flatten_up_to(dense_upd),
+        low_upd,
+        dense_upd,
         projs,
         plans,
         scale,
@@ -159,13 +159,17 @@ def scale_by_osd(
     def projector_step(operand):
       projs, pstate = operand
       grads = []
-      for m, p, plan in zip(mats, projs, plans):
+      for m, y, p, plan in zip(mats, low, projs, plans):
         if plan is None:
           grads.append(jnp.zeros_like(p))
           continue
         g = {}
         for s in plan.sides:
-          g[s] = jax.grad(proj_lib.online_pca_loss)(p[s], m, s, orthogonality)
+          # Reuse the low-rank gradient as P^T A when it is one (one side).
+          pa = None
+          if len(plan.sides) == 1:
+            pa = y if s == 'in' else jnp.swapaxes(y, -1, -2)
+          g[s] = proj_lib.online_pca_grad(p[s], m, s, orthogonality, pa)
           g[s] = g[s].astype(p[s].dtype)
         grads.append(g)
       ptree = treedef.unflatten(projs)

@@ -15,7 +15,7 @@ from typing import Any
 import ml_collections
 
 from lowrank_jax import models
-from lowrank_jax.train import methods
+from lowrank_jax.train import methods, parallel
 from lowrank_jax.train.errors import ConfigError
 
 SOURCES = ("synthetic", "jsonl", "text", "tfds")
@@ -89,6 +89,13 @@ def validate(config: ml_collections.ConfigDict, *, num_devices: int = 1, process
       raise ConfigError(f"model.linear.{name}", "unknown layer name", models.LAYER_NAMES)
     if kind not in models.linear_kinds():
       raise ConfigError(f"model.linear.{name}", f"unknown linear kind {kind!r}", models.linear_kinds())
+
+  # Parallelism.
+  _choice(config, "parallel.mode", parallel.MODES)
+  if not isinstance(_get(config, "parallel.fsdp"), bool):
+    raise ConfigError("parallel.fsdp", f"must be True or False, got {config.parallel.fsdp!r}")
+  if config.parallel.fsdp and config.parallel.mode != "mesh":
+    raise ConfigError("parallel.fsdp", "needs parallel.mode='mesh' (pmap keeps a full replica per device)")
 
   # Training loop sizes.
   for key in ("train.steps", "train.batch_size", "train.grad_accum", "train.eval_batches",

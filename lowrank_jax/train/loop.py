@@ -120,10 +120,16 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   _say(f"method  {config.optimizer.name}, peak lr {config.optimizer.lr:g}, {config.optimizer.schedule} schedule")
   _say(f"data    {inputs.description}; {tcfg.batch_size} x {config.data.seq_len} tokens per step"
        f"{f' ({tcfg.grad_accum} micro-batches)' if tcfg.grad_accum > 1 else ''}; vocab {vocab}")
-  _say(f"devices {jax.device_count()} x {jax.devices()[0].device_kind} over {jax.process_count()} process(es)")
+  _say(f"devices {jax.device_count()} x {jax.devices()[0].device_kind} over {jax.process_count()} process(es), "
+       f"{config.parallel.mode}{' + fsdp' if config.parallel.fsdp else ''}")
   if latest is not None:
     state, data_state, step = checkpointer.restore(setup.abstract_state)
-    inputs.train_iter.set_state(data_state)
+    positions = data_state["processes"]
+    if len(positions) == jax.process_count():
+      inputs.train_iter.set_state(positions[jax.process_index()])
+    else:  # the model and optimizer restore exactly; the data order cannot
+      _say(f"warning: the checkpoint was written by {len(positions)} process(es), this run has "
+           f"{jax.process_count()}: the data iterator starts from the beginning")
     _say(f"resumed from the checkpoint at step {step} in {checkpointer.directory}")
   else:
     state, step = init_state(setup, vocab), 0
@@ -131,9 +137,10 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
                          enabled=jax.process_index() == 0)
 
   def save(at_step: int) -> None:
-    checkpointer.save(state, inputs.train_iter.get_state(), at_step)
+    # Every process reads its own share of the data, so each one's position is kept.
+    positions = parallel.gather_json(inputs.train_iter.get_state())
+    checkpointer.save(state, {"processes": positions}, at_step)
 
-  batch_sharding = parallel.batch_sharding(setup.mesh)
   accum, _, seq_len = setup.tokens_shape
   tokens_per_step = tcfg.batch_size * seq_len
   pending: list[dict] = []
@@ -149,7 +156,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     while step < total_steps:
       local = next(inputs.train_iter)["tokens"]
       local = local.reshape(accum, local.shape[0] // accum, seq_len)
-      state, metrics = setup.train_step(state, parallel.global_array(local, batch_sharding))
+      state, metrics = setup.train_step(state, local)
       step += 1
       pending.append(metrics)
       bar.update(1)

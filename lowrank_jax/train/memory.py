@@ -28,9 +28,7 @@ def memory_report(config: ml_collections.ConfigDict) -> dict[str, Any]:
   validate(config, num_devices=jax.device_count(), process_count=jax.process_count())
   setup = build_setup(config, vocab_size_of(config))
   state = setup.abstract_state
-  tokens = jax.ShapeDtypeStruct(setup.tokens_shape, jax.numpy.int32,
-                                sharding=parallel.batch_sharding(setup.mesh))
-  compiled = setup.train_step.lower(state, tokens).compile()
+  compiled = setup.compiled_step.lower(state, setup.abstract_tokens()).compile()
   stats = compiled.memory_analysis()
   argument, output = stats.argument_size_in_bytes, stats.output_size_in_bytes
   alias, temp = stats.alias_size_in_bytes, stats.temp_size_in_bytes
@@ -45,6 +43,7 @@ def memory_report(config: ml_collections.ConfigDict) -> dict[str, Any]:
       "model": model_summary(setup),
       "method": config.optimizer.name,
       "devices": jax.device_count(),
+      "parallel": config.parallel.mode + (" + fsdp" if config.parallel.fsdp else ""),
       "batch_tokens": list(setup.tokens_shape),
       "params_bytes": parallel.bytes_per_device(state.params),
       "opt_state_bytes": parallel.bytes_per_device(state.opt_state),
@@ -69,7 +68,8 @@ def format_report(report: dict[str, Any]) -> str:
   a, m, t = report["batch_tokens"]
   lines = [
       f"memory report: {report['model']}",
-      f"  method {report['method']}; per-step batch {a} x {m} x {t} tokens; per device of {report['devices']}",
+      f"  method {report['method']}; per-step batch {a} x {m} x {t} tokens",
+      f"  per device of {report['devices']} ({report['parallel']})",
   ]
   for name, value in rows:
     lines.append(f"  {name:<18} {value / 2**20:>12,.1f} MiB  {value:>16,d} B")

@@ -1,7 +1,14 @@
-"""Everything the loop and the memory report share: model split, optimizer, jitted steps.
+"""Everything the loop and the memory report share: model split, optimizer, compiled steps.
 
 Both paths compile exactly the same step function with the same shardings and
 donation, so the memory report measures the program that trains.
+
+Parallel modes (`config.parallel.mode`):
+  mesh  `jax.jit` over a `data` mesh axis: batch sharded, state replicated or, with
+        `config.parallel.fsdp`, sharded; the compiler inserts the collectives.
+  pmap  the per-device step under `jax.pmap` with an explicit `lax.pmean` of gradients.
+In both the train state lives as the same global arrays (pmap takes and returns it
+replicated), so checkpoints and evaluation do not depend on the mode.
 """
 
 from __future__ import annotations
@@ -13,6 +20,7 @@ from typing import Any, Callable
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 import optax
 
 from lowrank_jax import data as data_lib
@@ -36,27 +44,55 @@ class Setup:
   split: ModelSplit
   tx: optax.GradientTransformation
   schedule: optax.Schedule
-  train_step: Callable  # jitted, donates the state
+  compiled_step: Callable  # jit or pmap of the train step; donates the state
   eval_step: Callable  # jitted
-  abstract_state: TrainState  # ShapeDtypeStructs with shardings
+  abstract_state: TrainState  # ShapeDtypeStructs carrying the state's shardings
+
+  @property
+  def mode(self) -> str:
+    return self.config.parallel.mode
 
   @property
   def tokens_shape(self) -> tuple[int, int, int]:
+    """Global tokens per step: [grad_accum, micro-batch, seq_len]."""
     t = self.config.train
     return (t.grad_accum, t.batch_size // t.grad_accum, self.config.data.seq_len)
 
+  def step_tokens(self, local: np.ndarray) -> Any:
+    """This process's [accum, micro_local, T] rows in the form the compiled step takes."""
+    if self.mode == "pmap":
+      return parallel.pmap_tokens(local)
+    return parallel.global_array(local, parallel.batch_sharding(self.mesh))
 
-def _abstract_state(split_params, split_rest, tx, sharding) -> TrainState:
+  def train_step(self, state: TrainState, local_tokens: np.ndarray):
+    return self.compiled_step(state, self.step_tokens(local_tokens))
+
+  def abstract_tokens(self) -> jax.ShapeDtypeStruct:
+    accum, micro, seq = self.tokens_shape
+    if self.mode == "pmap":
+      n = jax.local_device_count()
+      micro_local = micro // jax.process_count()
+      return jax.ShapeDtypeStruct((n, accum, micro_local // n, seq), jnp.int32)
+    return jax.ShapeDtypeStruct((accum, micro, seq), jnp.int32, sharding=parallel.batch_sharding(self.mesh))
+
+
+def _abstract_state(params, rest, tx, mesh, fsdp: bool) -> TrainState:
   def make():
     return TrainState(
         step=jnp.zeros((), jnp.int32),
-        params=split_params,
-        rest=split_rest,
-        opt_state=tx.init(split_params),
+        params=params,
+        rest=rest,
+        opt_state=tx.init(params),
         rng=jnp.zeros((2,), jnp.uint32),
     )
 
-  return parallel.abstract_like(jax.eval_shape(make), sharding)
+  abstract = jax.eval_shape(make)
+  shardings = parallel.state_shardings(mesh, abstract, fsdp=fsdp)
+  return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), abstract, shardings)
+
+
+def _shardings(abstract: Any) -> Any:
+  return jax.tree.map(lambda x: x.sharding, abstract)
 
 
 def build_setup(config: ml_collections.ConfigDict, vocab_size: int) -> Setup:
@@ -64,19 +100,25 @@ def build_setup(config: ml_collections.ConfigDict, vocab_size: int) -> Setup:
   repl = parallel.replicated(mesh)
   tx, schedule = build_optimizer(config)
   split, params, rest = split_model(abstract_model(config, vocab_size))
-  abstract_state = _abstract_state(params, rest, tx, repl)
-  train_step = jax.jit(
-      make_train_step(split, tx, schedule),
-      in_shardings=(repl, parallel.batch_sharding(mesh)),
-      out_shardings=(repl, repl),
-      donate_argnums=0,
-  )
+  abstract_state = _abstract_state(params, rest, tx, mesh, fsdp=config.parallel.fsdp)
+  state_sh = _shardings(abstract_state)
+  if config.parallel.mode == "pmap":
+    compiled_step = jax.pmap(
+        make_train_step(split, tx, schedule, axis_name=parallel.DATA_AXIS),
+        axis_name=parallel.DATA_AXIS, in_axes=(None, 0), out_axes=(None, None), donate_argnums=0)
+  else:
+    compiled_step = jax.jit(
+        make_train_step(split, tx, schedule),
+        in_shardings=(state_sh, parallel.batch_sharding(mesh)),
+        out_shardings=(state_sh, repl),
+        donate_argnums=0,
+    )
   eval_step = jax.jit(
       make_eval_step(split),
-      in_shardings=(repl, repl, parallel.eval_sharding(mesh)),
+      in_shardings=(state_sh.params, state_sh.rest, parallel.eval_sharding(mesh)),
       out_shardings=(repl, repl),
   )
-  return Setup(config, mesh, split, tx, schedule, train_step, eval_step, abstract_state)
+  return Setup(config, mesh, split, tx, schedule, compiled_step, eval_step, abstract_state)
 
 
 def init_state(setup: Setup, vocab_size: int) -> TrainState:
@@ -85,15 +127,16 @@ def init_state(setup: Setup, vocab_size: int) -> TrainState:
   model = build_model(config, vocab_size, seed=config.seed)
   _, params, rest = split_model(model)
   del model
-  repl = parallel.replicated(setup.mesh)
+  shardings = _shardings(setup.abstract_state)
+  params = jax.device_put(params, shardings.params)
   state = TrainState(
       step=jnp.zeros((), jnp.int32),
       params=params,
       rest=rest,
-      opt_state=jax.jit(setup.tx.init)(params),
+      opt_state=jax.jit(setup.tx.init, out_shardings=shardings.opt_state)(params),
       rng=jax.random.key_data(jax.random.key(config.seed + 1)).astype(jnp.uint32),
   )
-  return jax.device_put(state, repl)
+  return jax.device_put(state, shardings)
 
 
 def count(tree: Any) -> int:
@@ -106,8 +149,6 @@ def param_count(setup: Setup) -> int:
 
 def model_summary(setup: Setup) -> str:
   m = setup.config.model
-  shapes = jax.tree.leaves(setup.abstract_state.params)
-  dtypes = sorted({str(x.dtype) for x in shapes})
+  dtypes = sorted({str(x.dtype) for x in jax.tree.leaves(setup.abstract_state.params)})
   return (f"llama-{m.size}: {param_count(setup) / 1e6:.2f}M parameters ({', '.join(dtypes)}), "
           f"compute {m.dtype}{', remat' if m.remat else ''}")
-

@@ -37,8 +37,20 @@ def next_token_loss(logits: jax.Array, tokens: jax.Array) -> tuple[jax.Array, ja
   return jnp.sum(ce * weights), jnp.sum(weights)
 
 
-def make_train_step(split: ModelSplit, tx: optax.GradientTransformation, schedule: optax.Schedule):
-  """step(state, tokens[accum, micro, T]) -> (state, metrics); not yet jitted."""
+def _pmean_floats(tree: Any, axis_name: str) -> Any:
+  return jax.tree.map(
+      lambda x: jax.lax.pmean(x, axis_name) if jnp.issubdtype(x.dtype, jnp.floating) else x, tree)
+
+
+def make_train_step(split: ModelSplit, tx: optax.GradientTransformation, schedule: optax.Schedule,
+                    *, axis_name: str | None = None):
+  """step(state, tokens[accum, micro, T]) -> (state, metrics); not yet jitted.
+
+  With `axis_name` the step is a per-device program for `jax.pmap`: gradients,
+  the loss and floating model variables are averaged over that axis before the
+  update, so every replica applies the same update. Without it (jit over a mesh)
+  the compiler inserts the same all-reduce from the shardings.
+  """
 
   def loss_fn(params, rest, tokens):
     model = split.merge(params, rest)
@@ -64,6 +76,8 @@ def make_train_step(split: ModelSplit, tx: optax.GradientTransformation, schedul
       (loss_sum, grad_sum, rest), _ = jax.lax.scan(body, (jnp.zeros((), jnp.float32), zeros, state.rest), tokens)
       loss = loss_sum / accum
       grads = jax.tree.map(lambda g, p: (g / accum).astype(p.dtype), grad_sum, state.params)
+    if axis_name is not None:
+      grads, loss, rest = (_pmean_floats(t, axis_name) for t in (grads, loss, rest))
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     metrics = {

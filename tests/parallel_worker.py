@@ -1,0 +1,58 @@
+"""Runs trainer jobs in a process with N host CPU devices (the device count is fixed at start).
+
+  python tests/parallel_worker.py N SPEC_JSON
+
+SPEC: {"jobs": [{"kind": "train", "workdir": ..., "overrides": {...}, "out": "x.npz",
+                 "copy_to": [dirs to copy the workdir to afterwards]},
+                {"kind": "memory", "overrides": {...}, "out": "x.json"}]}
+Trained parameters go to `out` as flattened npz (key = path), with the summary beside it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sys
+
+os.environ["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={int(sys.argv[1])}"
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+
+from lowrank_jax.train import memory_report, train  # noqa: E402
+from lowrank_jax.train.checkpoint import Checkpointer  # noqa: E402
+from lowrank_jax.train.config import validate  # noqa: E402
+from lowrank_jax.train.setup import build_setup, vocab_size_of  # noqa: E402
+from train_helpers import tiny_config  # noqa: E402
+
+
+def final_params(config, workdir):
+  setup = build_setup(config, vocab_size_of(config))
+  ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), keep=100)
+  state, _, _ = ckpt.restore(setup.abstract_state)
+  flat = jax.tree_util.tree_flatten_with_path(jax.tree.map(np.asarray, state.params))[0]
+  return {jax.tree_util.keystr(k): v for k, v in flat}
+
+
+def main():
+  assert jax.device_count() == int(sys.argv[1])
+  for job in json.loads(sys.argv[2])["jobs"]:
+    config = tiny_config(**job["overrides"])
+    if job["kind"] == "memory":
+      with open(job["out"], "w") as f:
+        json.dump(memory_report(config), f)
+      continue
+    validate(config, num_devices=jax.device_count())
+    summary = train(config, job["workdir"])
+    np.savez(job["out"], **final_params(config, job["workdir"]))
+    with open(job["out"] + ".json", "w") as f:
+      json.dump(summary, f)
+    for target in job.get("copy_to", []):
+      shutil.copytree(job["workdir"], target)
+
+
+if __name__ == "__main__":
+  main()
