@@ -73,4 +73,19 @@ def get_config() -> ml_collections.ConfigDict:
   config.optimizer.eps = 1e-8
   config.optimizer.weight_decay = 0.0
   config.optimizer.grad_clip = 1.0  # global-norm clipping (0: off)
+  # lora / relora: which linears get adapters, and their shape.
+  config.optimizer.lora = ml_collections.ConfigDict()
+  config.optimizer.lora.layers = "q,k,v,o,gate,up,down"  # as the ReLoRA code; head/embeddings stay full
+  config.optimizer.lora.rank = 128
+  config.optimizer.lora.alpha = 32.0  # scale = alpha / rank
+  config.optimizer.lora.dropout = 0.0
+  # relora: merge, re-initialise and prune every merge_every steps.
+  config.optimizer.relora = ml_collections.ConfigDict()
+  config.optimizer.relora.merge_every = 5000
+  config.optimizer.relora.restart_warmup_steps = 100  # LR ramp after each merge (jagged cosine)
+  config.optimizer.relora.prune = "magnitude"  # magnitude, random (the code's default) or reset
+  config.optimizer.relora.prune_ratio = 0.9  # fraction of adapter moments zeroed (README: 0.9)
+  config.optimizer.relora.warm_start_steps = 0  # full-rank AdamW steps first (multiple of merge_every)
+  config.optimizer.relora.warm_start_from = ""  # or: a full-rank run's workdir to start from
+  config.optimizer.relora.seed = 0  # re-drawing A at merges, random pruning
   return config

@@ -264,19 +264,47 @@ def _check_untouched_and_structure(state, ref_state, history):
 
 
 def test_magnitude_pruning_exact_count(adamw_run):
+  """Coordinates are pruned: the largest |mu| survive, and nu is zeroed at the same places."""
   ratio, state, history = 0.5, adamw_run['state'], adamw_run['history']
   ref_state = adamw_run['reference'][-1][1]
   _check_untouched_and_structure(state, ref_state, history)
-  for moments, ref_moments in ((state.inner_state[0].mu, ref_state[0].mu),
-                               (state.inner_state[0].nu, ref_state[0].nu)):
-    for path in ADAPTER_PATHS:
-      got, ref = np.asarray(_get(moments, path)), np.asarray(_get(ref_moments, path))
-      assert np.all(ref != 0)
-      n_zero = int(round(ratio * ref.size))
-      assert int(np.sum(got == 0)) == n_zero
-      kept = got != 0
-      np.testing.assert_allclose(got[kept], ref[kept], rtol=1e-6)  # kept values intact
-      assert np.abs(ref[kept]).min() >= np.abs(ref[~kept]).max()  # and the largest
+  mu, nu = state.inner_state[0].mu, state.inner_state[0].nu
+  for path in ADAPTER_PATHS:
+    got_mu, ref_mu = np.asarray(_get(mu, path)), np.asarray(_get(ref_state[0].mu, path))
+    got_nu, ref_nu = np.asarray(_get(nu, path)), np.asarray(_get(ref_state[0].nu, path))
+    assert np.all(ref_mu != 0) and np.all(ref_nu != 0)
+    kept = got_mu != 0
+    assert int(np.sum(~kept)) == int(round(ratio * ref_mu.size))
+    np.testing.assert_allclose(got_mu[kept], ref_mu[kept], rtol=1e-6)  # kept values intact
+    assert np.abs(ref_mu[kept]).min() >= np.abs(ref_mu[~kept]).max()  # and the largest
+    np.testing.assert_array_equal(got_nu != 0, kept)  # the same coordinates in nu
+    np.testing.assert_allclose(got_nu[kept], ref_nu[kept], rtol=1e-6)
+
+
+@pytest.mark.parametrize('prune', ['magnitude', 'random'])
+def test_no_update_blow_up_after_a_merge(prune):
+  """Right after a merge B = 0, so A's gradient is exactly zero. Had mu survived where nu
+  was pruned, Adam would step by mu / eps there; with coordinate pruning every update stays
+  within Adam's usual bound of about lr * (1 - b1) / sqrt(1 - b2)."""
+  rng = np.random.default_rng(0)
+  params = {'l': {'kernel': _rand(rng, (16, 8), 0.1), 'lora_a': _rand(rng, (16, 4), 0.1),
+                  'lora_b': jnp.zeros((4, 8))}}
+  lr = 1e-2
+  tx = relora(optax.adam(lr), 5, scale=1.0, prune=prune, prune_ratio=0.9)
+  state = tx.init(params)
+  update = jax.jit(tx.update)
+
+  def grads(p):  # a real LoRA gradient: dL/dA = x^T (dy B^T) vanishes when B = 0
+    x = jnp.asarray(rng.normal(size=(32, 16)), jnp.float32)
+    loss = lambda q: jnp.sum((x @ q['l']['kernel'] + x @ q['l']['lora_a'] @ q['l']['lora_b']) ** 2)
+    return jax.grad(loss)(p)
+
+  for step in range(8):  # the merge is on update 5; watch the updates after it
+    u, state = update(grads(params), state, params)
+    if step >= 5:
+      for key in ('lora_a', 'lora_b'):
+        assert float(jnp.max(jnp.abs(u['l'][key]))) <= lr * 0.1 / np.sqrt(1 - 0.999) * 1.01, (step, key)
+    params = optax.apply_updates(params, u)
 
 
 def test_random_pruning_binomial():
@@ -308,7 +336,7 @@ def test_random_pruning_binomial():
       kept = got != 0
       np.testing.assert_allclose(got[kept], np.asarray(ref_moments['big'][key])[kept], rtol=1e-6)
       masks.append(kept)
-  assert not np.array_equal(masks[0], masks[2])  # mu and nu get independent masks
+  np.testing.assert_array_equal(masks[0], masks[2])  # one mask per coordinate: mu and nu alike
 
 
 def test_reset_pruning():

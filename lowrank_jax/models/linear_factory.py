@@ -62,6 +62,8 @@ def get_linear_builder(kind: str) -> LinearBuilder:
 
 
 register_linear_kind('dense', nn.Dense)
+register_linear_kind('lora', nn.LoRALinear)
+register_linear_kind('velora', nn.VeLoRALinear)
 
 
 class LinearFactory:
@@ -72,6 +74,8 @@ class LinearFactory:
       ``LAYER_NAMES`` and kinds must be registered (see ``linear_kinds()``).
     options: kind -> extra keyword arguments passed to that kind's builder
       (e.g. ``{'lora': {'rank': 8, 'alpha': 16}}``). Kinds must be registered.
+    layer_options: layer name -> keyword arguments for that layer only, applied
+      over its kind's options (e.g. ``{'down': {'sub_token_size': 16}}``).
 
   Both are validated here, so a bad configuration fails before any model is
   built.
@@ -79,8 +83,14 @@ class LinearFactory:
 
   def __init__(self,
                kinds: Mapping[str, str] | None = None,
-               options: Mapping[str, Mapping[str, Any]] | None = None):
+               options: Mapping[str, Mapping[str, Any]] | None = None,
+               layer_options: Mapping[str, Mapping[str, Any]] | None = None):
     kinds = dict(kinds or {})
+    layer_options = {k: dict(v) for k, v in (layer_options or {}).items()}
+    for name in layer_options:
+      if name not in LAYER_NAMES:
+        raise ValueError(
+            f'unknown layer name {name!r} in layer options; valid layer names: {list(LAYER_NAMES)}')
     options = {k: dict(v) for k, v in (options or {}).items()}
     for name, kind in kinds.items():
       if name not in LAYER_NAMES:
@@ -100,6 +110,7 @@ class LinearFactory:
         raise ValueError(f'options for linear kind {kind!r} must be a mapping, got {opts!r}')
     self.kinds: dict[str, str] = {name: kinds.get(name, DEFAULT_KIND) for name in LAYER_NAMES}
     self.options: dict[str, dict[str, Any]] = options
+    self.layer_options: dict[str, dict[str, Any]] = layer_options
 
   def kind_of(self, name: str) -> str:
     """The kind that ``name`` will be built as."""
@@ -112,7 +123,8 @@ class LinearFactory:
     kind = self.kind_of(name)
     builder = get_linear_builder(kind)
     return builder(in_features, out_features, dtype=dtype, param_dtype=param_dtype,
-                   kernel_init=kernel_init, rngs=rngs, **self.options.get(kind, {}))
+                   kernel_init=kernel_init, rngs=rngs,
+                   **{**self.options.get(kind, {}), **self.layer_options.get(name, {})})
 
   def __repr__(self) -> str:
     non_default = {n: k for n, k in self.kinds.items() if k != DEFAULT_KIND}

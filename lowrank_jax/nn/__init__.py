@@ -1,7 +1,26 @@
-"""lowrank_jax.nn: Flax NNX layers (no dependency on the rest of lowrank_jax)."""
+"""lowrank_jax.nn: Flax NNX layers (no dependency on the rest of lowrank_jax).
+
+* `Dense`: the plain bias-free linear every other kind mirrors.
+* `LoRALinear`: frozen kernel + trainable low-rank adapter (LoRA, ReLoRA).
+* `VeLoRALinear` / `velora_matmul`: rank-1 sub-token compression of the
+  activations saved for backward (VeLoRA), as a layer or on any matmul.
+* `RMSNorm`, `apply_rope`: LLaMA's building blocks.
+"""
 
 from lowrank_jax.nn.dense import Dense
+from lowrank_jax.nn.lora import LoRALinear, lora_a_bound, lora_a_init
 from lowrank_jax.nn.norm import RMSNorm
 from lowrank_jax.nn.rope import apply_rope, rope_frequencies
+from lowrank_jax.nn.velora import (
+    V_INITS,
+    VeLoRAInitialised,
+    VeLoRALinear,
+    VeLoRAVector,
+    next_velora_vector,
+    velora_matmul,
+)
 
-__all__ = ['Dense', 'RMSNorm', 'apply_rope', 'rope_frequencies']
+__all__ = [
+    'Dense', 'LoRALinear', 'RMSNorm', 'V_INITS', 'VeLoRAInitialised', 'VeLoRALinear', 'VeLoRAVector',
+    'apply_rope', 'lora_a_bound', 'lora_a_init', 'next_velora_vector', 'rope_frequencies', 'velora_matmul',
+]

@@ -197,12 +197,21 @@ def scale_by_galore(
         low_state = sub.rotate_state(low_state, paths, plans, projs, new)
       return sub.cast_like(new, projs), low_state
 
-    projs, low_state = jax.lax.cond(
-        do_refresh,
-        refreshed,
-        lambda operand: operand,
-        (old_projs, state.lowrank_state),
-    )
+    if moments == 'keep':  # the base state does not go through the cond
+      projs = jax.lax.cond(
+          do_refresh,
+          lambda p: refreshed((p, None))[0],
+          lambda p: p,
+          old_projs,
+      )
+      low_state = state.lowrank_state
+    else:
+      projs, low_state = jax.lax.cond(
+          do_refresh,
+          refreshed,
+          lambda operand: operand,
+          (old_projs, state.lowrank_state),
+      )
 
     low, dense = sub.split_updates(leaves, mats, projs, plans)
     low_upd, dense_upd, low_state, dense_state = sub.run_base(

@@ -241,36 +241,49 @@ def _scale_of(scale: Scale, path: tuple[str, ...]):
 # --------------------------------------------------------------------------- #
 
 
-def prune_leaf(x: jax.Array, method: str, ratio, key: jax.Array | None = None) -> jax.Array:
-  """Prunes one array as described in the module docstring (same shape and dtype).
+def prune_mask(x: jax.Array, method: str, ratio, key: jax.Array | None = None) -> jax.Array:
+  """Which entries of ``x`` survive pruning (bool, same shape). ``ratio`` may be traced.
 
-  ``ratio`` may be traced. ``key`` is needed for ``'random'``.
+  ``'magnitude'`` keeps exactly the largest ``round((1 - ratio) * n)`` by ``|x|``
+  (ties broken by position), ``'random'`` keeps each entry with probability
+  ``1 - ratio`` (``key`` needed), ``'reset'`` keeps nothing.
   """
   if method == 'reset':
-    return jnp.zeros_like(x)
+    return jnp.zeros(x.shape, bool)
   if method == 'random':
     if key is None:
-      raise ValueError("prune_leaf: 'random' needs a key")
-    keep = jax.random.uniform(key, x.shape, jnp.float32) >= ratio
-    return jnp.where(keep, x, jnp.zeros_like(x))
+      raise ValueError("prune_mask: 'random' needs a key")
+    return jax.random.uniform(key, x.shape, jnp.float32) >= ratio
   if method == 'magnitude':
     n = x.size
     if n == 0:
-      return x
+      return jnp.ones(x.shape, bool)
     n_prune = jnp.clip(jnp.round(jnp.asarray(ratio, jnp.float32) * n), 0, n).astype(jnp.int32)
     mag = jnp.abs(x).reshape(-1).astype(jnp.float32)
     order = jnp.argsort(mag, stable=True)  # ascending: smallest first
     rank = jnp.zeros((n,), jnp.int32).at[order].set(jnp.arange(n, dtype=jnp.int32))
-    keep = (rank >= n_prune).reshape(x.shape)
-    return jnp.where(keep, x, jnp.zeros_like(x))
+    return (rank >= n_prune).reshape(x.shape)
   raise ValueError(f'unknown prune method {method!r}; valid: {list(PRUNE_METHODS)}')
+
+
+def prune_leaf(x: jax.Array, method: str, ratio, key: jax.Array | None = None) -> jax.Array:
+  """``x`` with the entries :func:`prune_mask` drops set to zero."""
+  return jnp.where(prune_mask(x, method, ratio, key), x, jnp.zeros_like(x))
 
 
 def _prune_inner_state(inner_state, masked_treedef, masked_roles, masked_shapes,
                        method, ratio, key):
-  """Prunes the adapter leaves of every params-shaped sub-tree of ``inner_state``."""
+  """Prunes the adapter entries of every params-shaped sub-tree (moment) of ``inner_state``.
+
+  Pruning removes *coordinates*: one mask per adapter leaf, applied to all of
+  its moments (Adam's mu and nu alike). The mask comes from the first moment
+  found (Adam's mu) for ``'magnitude'``, or from one random draw. Pruning each
+  moment on its own, as the official code does, leaves coordinates whose
+  momentum survives while their second moment is zeroed; right after a merge
+  B = 0 makes A's gradient exactly zero, so such a coordinate's Adam update is
+  ``mu / eps`` and the model blows up on the first step after the merge.
+  """
   n_leaves = len(masked_roles)
-  found = [0]
 
   def is_param_tree(node):
     if isinstance(node, optax.MaskedNode):
@@ -283,18 +296,19 @@ def _prune_inner_state(inner_state, masked_treedef, masked_roles, masked_shapes,
       return False
     return all(tuple(jnp.shape(x)) == s for x, s in zip(leaves, masked_shapes))
 
+  moments = [n for n in jax.tree.leaves(inner_state, is_leaf=is_param_tree) if is_param_tree(n)]
+  if not moments:
+    return inner_state
+  reference = jax.tree.leaves(moments[0])
+  masks = {i: prune_mask(reference[i], method, ratio, jax.random.fold_in(key, i))
+           for i, role in enumerate(masked_roles) if role in (_A, _B)}
+
   def visit(node):
     if not is_param_tree(node):
       return node
     leaves, treedef = jax.tree.flatten(node)
-    tree_key = jax.random.fold_in(key, found[0])
-    found[0] += 1
-    out = []
-    for i, (x, role) in enumerate(zip(leaves, masked_roles)):
-      if role in (_A, _B):
-        x = prune_leaf(x, method, ratio, jax.random.fold_in(tree_key, i))
-      out.append(x)
-    return jax.tree.unflatten(treedef, out)
+    return jax.tree.unflatten(treedef, [jnp.where(masks[i], x, jnp.zeros_like(x)) if i in masks else x
+                                        for i, x in enumerate(leaves)])
 
   return jax.tree.map(visit, inner_state, is_leaf=is_param_tree)
 
@@ -302,6 +316,52 @@ def _prune_inner_state(inner_state, masked_treedef, masked_roles, masked_shapes,
 # --------------------------------------------------------------------------- #
 # The transform
 # --------------------------------------------------------------------------- #
+
+
+def freeze_adapted_kernels(
+    inner: optax.GradientTransformation,
+    *,
+    adapter_keys: Sequence[str] = ('kernel', 'lora_a', 'lora_b'),
+    layer_filter: Callable[[tuple[str, ...], Any], bool] | None = None,
+) -> optax.GradientTransformationExtraArgs:
+  """LoRA training: ``inner`` on every leaf except the kernels of adapted layers.
+
+  Adapted layers are found as in :func:`relora` (a mapping holding the three
+  ``adapter_keys``). Their kernels get an update of exactly zero and the inner
+  optimizer never sees them, so it keeps no moments for them: the optimizer
+  state is that of the adapters plus the non-adapted leaves (embeddings, norms,
+  a dense head). :func:`relora` is this plus the periodic merge.
+
+  Example::
+
+    tx = freeze_adapted_kernels(optax.adamw(1e-3))
+    state = tx.init(params)  # params hold {'kernel', 'lora_a', 'lora_b'} layers
+    updates, state = tx.update(grads, state, params)
+  """
+  adapter_keys = tuple(adapter_keys)
+  inner = optax.with_extra_args_support(inner)
+
+  def layout_of(params):
+    if params is None:
+      raise ValueError('freeze_adapted_kernels: update needs params (tx.update(grads, state, params))')
+    layout = _layout(params, adapter_keys, layer_filter)
+    if not layout.layers:
+      raise ValueError(f'no adapted layer (a mapping with keys {list(adapter_keys)}) found in params')
+    return layout
+
+  def init_fn(params):
+    return inner.init(_masked_tree(params, layout_of(params)))
+
+  def update_fn(updates, state, params=None, **extra_args):
+    layout = layout_of(params)
+    inner_updates, state = inner.update(
+        _masked_tree(updates, layout), state, _masked_tree(params, layout), **extra_args)
+    inner_leaves = iter(jax.tree.leaves(inner_updates))
+    leaves = [jnp.zeros_like(g) if role == _KERNEL else next(inner_leaves)
+              for g, role in zip(jax.tree.leaves(updates), layout.roles)]
+    return jax.tree.unflatten(jax.tree.structure(updates), leaves), state
+
+  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
 
 def _concrete(x):
@@ -364,6 +424,8 @@ def relora(
     raise ValueError(f'relora: adapter_keys must be 3 distinct keys, got {adapter_keys!r}')
   inner = optax.with_extra_args_support(inner)
 
+  frozen = freeze_adapted_kernels(inner, adapter_keys=adapter_keys, layer_filter=layer_filter)
+
   def get_layout(params):
     if params is None:
       raise ValueError('relora: update needs params (tx.update(grads, state, params))')
@@ -378,8 +440,7 @@ def relora(
     layout = get_layout(params)
     for layer in layout.layers:  # fail early on a missing per-layer scale
       _scale_of(scale, layer.path)
-    return ReLoRAState(count=jnp.zeros([], jnp.int32),
-                       inner_state=inner.init(_masked_tree(params, layout)))
+    return ReLoRAState(count=jnp.zeros([], jnp.int32), inner_state=frozen.init(params))
 
   def update_fn(updates, state, params=None, **extra_args):
     layout = get_layout(params)
@@ -388,12 +449,10 @@ def relora(
     if len(g_leaves) != len(p_leaves):
       raise ValueError(f'relora: updates have {len(g_leaves)} leaves, params {len(p_leaves)}')
 
+    # Between merges ReLoRA is plain LoRA training.
+    frozen_updates, inner_state = frozen.update(updates, state.inner_state, params, **extra_args)
+    upd = jax.tree.leaves(frozen_updates)
     masked_params = _masked_tree(params, layout)
-    inner_updates, inner_state = inner.update(
-        _masked_tree(updates, layout), state.inner_state, masked_params, **extra_args)
-    inner_leaves = iter(jax.tree.leaves(inner_updates))
-    upd = [jnp.zeros_like(g) if role == _KERNEL else next(inner_leaves)
-           for g, role in zip(g_leaves, layout.roles)]
 
     count = optax.safe_increment(state.count)
     merge_index = count // jnp.asarray(merge_every, count.dtype)

@@ -67,6 +67,16 @@ class Checkpointer:
     )
     return state, restored.data, step
 
+  def read_json(self, step: int) -> dict[str, Any]:
+    """The JSON item (data positions, phase) of a checkpoint, without reading any array."""
+    return self._manager.restore(step, args=ocp.args.Composite(data=ocp.args.JsonRestore())).data
+
+  def restore_params(self, abstract_params: Any, step: int | None = None) -> Any:
+    """Only the parameters (e.g. of a full-rank run used as a warm start)."""
+    step = self.latest_step() if step is None else step
+    return self._manager.restore(
+        step, args=ocp.args.Composite(params=ocp.args.StandardRestore(abstract_params))).params
+
   def close(self) -> None:
     self._manager.wait_until_finished()
     self._manager.close()

@@ -129,7 +129,7 @@ def validate(config: ml_collections.ConfigDict, *, num_devices: int = 1, process
   for key in ("optimizer.b1", "optimizer.b2"):
     _in_range(config, key, 0.0, 1.0)
   if method.validate is not None:
-    method.validate(config.optimizer)
+    method.validate(config)
 
   # Data.
   _choice(config, "data.source", SOURCES)

@@ -26,7 +26,11 @@ from lowrank_jax.train.config import validate
 from lowrank_jax.train.errors import ConfigError
 from lowrank_jax.train.input import build_input
 from lowrank_jax.train.metrics import MetricsWriter
-from lowrank_jax.train.setup import Setup, build_setup, init_state, model_summary, param_count
+from lowrank_jax.train.methods import get_method
+from lowrank_jax.train.model import transfer_params
+from lowrank_jax.train.optimizer import MAIN, WARM_START
+from lowrank_jax.train.setup import (Setup, assemble_state, build_setup, init_state, model_summary, param_count,
+                                     trainable_count)
 
 # Keys whose change makes an existing checkpoint unusable for this run.
 _RESUME_KEYS = ("model", "optimizer.name", "data.seq_len", "data.source", "data.tokenizer")
@@ -98,6 +102,35 @@ def evaluate(setup: Setup, state, eval_batches: list[dict]) -> dict[str, float]:
   return {"eval_loss": loss, "eval_ppl": math.exp(min(loss, 50.0))}
 
 
+def _warm_start_source(config: ml_collections.ConfigDict) -> str:
+  relora = config.optimizer.get("relora")
+  return relora.warm_start_from if relora is not None and config.optimizer.name == "relora" else ""
+
+
+def _leave_warm_start(warm: Setup, state, vocab: int):
+  """Switch from the full-rank phase to the method: same weights, adapters added, new optimizer."""
+  setup = build_setup(warm.config, vocab, MAIN)
+  fresh = init_state(setup, vocab)
+  params = transfer_params(fresh.params, state.params)
+  return setup, assemble_state(setup, params, fresh.rest, step=state.step, rng=state.rng)
+
+
+def _start_from_full_rank(setup: Setup, state, source: str, vocab: int):
+  """Begin from the parameters of a full-rank run (its latest checkpoint)."""
+  directory = os.path.join(source, "checkpoints") if os.path.isdir(os.path.join(source, "checkpoints")) else source
+  source_ckpt = Checkpointer(directory, keep=1000)
+  if source_ckpt.latest_step() is None:
+    raise ConfigError("optimizer.relora.warm_start_from", f"no checkpoint in {directory}")
+  dense = build_setup(setup.config, vocab, WARM_START)
+  try:
+    loaded = source_ckpt.restore_params(dense.abstract_state.params)
+  except (ValueError, KeyError) as e:
+    raise ConfigError("optimizer.relora.warm_start_from",
+                      f"the checkpoint in {directory} does not hold this model's full-rank parameters: {e}") from None
+  params = transfer_params(state.params, loaded)
+  return assemble_state(setup, params, state.rest, step=0, rng=state.rng)
+
+
 def _peak_device_memory() -> int | None:
   stats = jax.local_devices()[0].memory_stats() or {}
   return stats.get("peak_bytes_in_use")
@@ -109,15 +142,22 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   os.makedirs(workdir, exist_ok=True)
   inputs = build_input(config, process_index=jax.process_index(), process_count=jax.process_count())
   vocab = inputs.tokenizer.vocab_size
-  setup = build_setup(config, vocab)
   tcfg = config.train
   total_steps = tcfg.steps
+  method = get_method(config.optimizer.name)
+  warm_steps = method.warm_start_steps(config) if method.warm_start_steps else 0
   checkpointer = Checkpointer(os.path.join(workdir, "checkpoints"), keep=tcfg.keep_checkpoints)
   latest = checkpointer.latest_step()
   _check_resumable(workdir, config, latest is not None)
+  if latest is not None:
+    phase = checkpointer.read_json(latest).get("phase", MAIN)
+  else:
+    phase = WARM_START if warm_steps > 0 else MAIN
+  setup = build_setup(config, vocab, phase)
 
   _say(f"model   {model_summary(setup)}")
-  _say(f"method  {config.optimizer.name}, peak lr {config.optimizer.lr:g}, {config.optimizer.schedule} schedule")
+  _say(f"method  {config.optimizer.name}, peak lr {config.optimizer.lr:g}, {config.optimizer.schedule} schedule"
+       f"{f'; full-rank warm start for {warm_steps} steps' if warm_steps else ''}")
   _say(f"data    {inputs.description}; {tcfg.batch_size} x {config.data.seq_len} tokens per step"
        f"{f' ({tcfg.grad_accum} micro-batches)' if tcfg.grad_accum > 1 else ''}; vocab {vocab}")
   _say(f"devices {jax.device_count()} x {jax.devices()[0].device_kind} over {jax.process_count()} process(es), "
@@ -133,13 +173,17 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     _say(f"resumed from the checkpoint at step {step} in {checkpointer.directory}")
   else:
     state, step = init_state(setup, vocab), 0
+    warm_from = _warm_start_source(config)
+    if warm_from:
+      state = _start_from_full_rank(setup, state, warm_from, vocab)
+      _say(f"started from the full-rank parameters in {warm_from}")
   writer = MetricsWriter(workdir, resume_step=step if latest is not None else None,
                          enabled=jax.process_index() == 0)
 
   def save(at_step: int) -> None:
     # Every process reads its own share of the data, so each one's position is kept.
     positions = parallel.gather_json(inputs.train_iter.get_state())
-    checkpointer.save(state, {"processes": positions}, at_step)
+    checkpointer.save(state, {"processes": positions, "phase": setup.phase}, at_step)
 
   accum, _, seq_len = setup.tokens_shape
   tokens_per_step = tcfg.batch_size * seq_len
@@ -154,6 +198,11 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   stopped_early = False
   with _StopRequest() as stop:
     while step < total_steps:
+      if setup.phase == WARM_START and step >= warm_steps:
+        setup, state = _leave_warm_start(setup, state, vocab)
+        _say(f"step {step}: full-rank warm start done; {config.optimizer.name} from here "
+             f"({model_summary(setup)})")
+        mark_time = time.perf_counter()  # keep the recompilation out of the throughput
       local = next(inputs.train_iter)["tokens"]
       local = local.reshape(accum, local.shape[0] // accum, seq_len)
       state, metrics = setup.train_step(state, local)
@@ -201,6 +250,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
       "method": config.optimizer.name,
       "model": f"llama-{config.model.size}",
       "params": param_count(setup),
+      "trainable_params": trainable_count(setup),
       "train_loss": last_train.get("loss"),
       **last_eval,
       "entropy_floor": inputs.entropy_floor,

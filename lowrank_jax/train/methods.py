@@ -19,6 +19,7 @@ from lowrank_jax.train.errors import ConfigError
 # build(optimizer_config, learning_rate_schedule) -> the method's transform. Clipping is
 # chained in front by the trainer, so a method builds only its own update rule.
 OptimizerBuilder = Callable[[ml_collections.ConfigDict, optax.Schedule], optax.GradientTransformation]
+ConfigFn = Callable[[ml_collections.ConfigDict], Any]  # of the whole config
 
 
 @dataclasses.dataclass(frozen=True)
@@ -27,9 +28,15 @@ class Method:
   build_optimizer: OptimizerBuilder
   description: str = ""
   # Optional: layer name -> linear kind the method needs in the model (e.g. LoRA).
-  linear_kinds: Callable[[ml_collections.ConfigDict], Mapping[str, str]] | None = None
+  linear_kinds: ConfigFn | None = None
+  # Optional: linear kind -> builder options (e.g. {'lora': {'rank': 128, 'alpha': 32}}).
+  linear_options: ConfigFn | None = None
+  # Optional: the learning-rate schedule, when the method needs its own (ReLoRA's jagged cosine).
+  make_schedule: ConfigFn | None = None
+  # Optional: steps of full-rank AdamW training (dense linears) before the method takes over.
+  warm_start_steps: ConfigFn | None = None
   # Optional: check the method's own config keys; raise ConfigError.
-  validate: Callable[[ml_collections.ConfigDict], None] | None = None
+  validate: ConfigFn | None = None
 
 
 _METHODS: dict[str, Method] = {}
@@ -75,5 +82,136 @@ register_method(
         name="adamw",
         build_optimizer=_build_adamw,
         description="full-rank AdamW (decoupled weight decay on matrices): the baseline",
+    )
+)
+
+
+# --- LoRA and ReLoRA ---------------------------------------------------------------------------
+
+def _lora_layers(config: ml_collections.ConfigDict) -> list[str]:
+  return [name.strip() for name in config.optimizer.lora.layers.split(",") if name.strip()]
+
+
+def _lora_kinds(config: ml_collections.ConfigDict) -> dict[str, str]:
+  return {name: "lora" for name in _lora_layers(config)}
+
+
+def _lora_options(config: ml_collections.ConfigDict) -> dict[str, dict]:
+  lora = config.optimizer.lora
+  return {"lora": {"rank": lora.rank, "alpha": float(lora.alpha), "dropout": float(lora.dropout)}}
+
+
+def _validate_lora(config: ml_collections.ConfigDict) -> None:
+  from lowrank_jax import models  # the trainer may import models; methods stay light otherwise
+
+  lora = config.optimizer.lora
+  layers = _lora_layers(config)
+  if not layers:
+    raise ConfigError("optimizer.lora.layers", "names no layer", models.LAYER_NAMES)
+  for name in layers:
+    if name not in models.LAYER_NAMES:
+      raise ConfigError("optimizer.lora.layers", f"unknown layer name {name!r}", models.LAYER_NAMES)
+  if isinstance(lora.rank, bool) or not isinstance(lora.rank, int) or lora.rank <= 0:
+    raise ConfigError("optimizer.lora.rank", f"must be a positive integer, got {lora.rank!r}")
+  if not isinstance(lora.alpha, (int, float)) or lora.alpha <= 0:
+    raise ConfigError("optimizer.lora.alpha", f"must be > 0, got {lora.alpha!r}")
+  if not isinstance(lora.dropout, (int, float)) or not 0 <= lora.dropout < 1:
+    raise ConfigError("optimizer.lora.dropout", f"must be in [0, 1), got {lora.dropout!r}")
+  if lora.dropout > 0:
+    raise ConfigError("optimizer.lora.dropout", "> 0 is not supported by the trainer yet (the layer "
+                      "supports it: lowrank_jax.nn.LoRALinear(dropout=...)); use 0")
+
+
+def _build_lora(cfg: ml_collections.ConfigDict, schedule: optax.Schedule) -> optax.GradientTransformation:
+  from lowrank_jax.optim.relora import freeze_adapted_kernels
+
+  return freeze_adapted_kernels(_build_adamw(cfg, schedule))
+
+
+register_method(
+    Method(
+        name="lora",
+        build_optimizer=_build_lora,
+        description="LoRA: frozen kernels, AdamW on the adapters and on the non-adapted leaves",
+        linear_kinds=_lora_kinds,
+        linear_options=_lora_options,
+        validate=_validate_lora,
+    )
+)
+
+
+def _relora_schedule(config: ml_collections.ConfigDict) -> optax.Schedule:
+  """Warmup + global cosine; restarts (drop to 0, linear ramp) at every merge, from the switch on."""
+  from lowrank_jax.optim.schedules import jagged_cosine_schedule
+
+  opt, relora = config.optimizer, config.optimizer.relora
+  total = config.train.steps
+  warmup = int(round(opt.warmup * total))
+  jagged = jagged_cosine_schedule(
+      peak_value=opt.lr, total_steps=total, warmup_steps=warmup, restart_every=relora.merge_every,
+      restart_warmup_steps=relora.restart_warmup_steps, min_ratio=opt.min_lr_ratio)
+  w = relora.warm_start_steps
+  if w == 0:
+    return jagged
+  # During the full-rank warm start there are no merges, hence no restarts. warm_start_steps is a
+  # multiple of merge_every, so the switch itself is a restart and so is every merge after it.
+  smooth = jagged_cosine_schedule(
+      peak_value=opt.lr, total_steps=total, warmup_steps=warmup, restart_every=total + 1,
+      restart_warmup_steps=1, min_ratio=opt.min_lr_ratio)
+  import jax.numpy as jnp
+
+  return lambda step: jnp.where(step < w, smooth(step), jagged(step))
+
+
+def _validate_relora(config: ml_collections.ConfigDict) -> None:
+  _validate_lora(config)
+  r, steps = config.optimizer.relora, config.train.steps
+  for key in ("merge_every", "restart_warmup_steps"):
+    value = r[key]
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+      raise ConfigError(f"optimizer.relora.{key}", f"must be a positive integer, got {value!r}")
+  if r.prune not in ("magnitude", "random", "reset"):
+    raise ConfigError("optimizer.relora.prune", f"unknown value {r.prune!r}", ["magnitude", "random", "reset"])
+  if not isinstance(r.prune_ratio, (int, float)) or not 0 <= r.prune_ratio <= 1:
+    raise ConfigError("optimizer.relora.prune_ratio", f"must be in [0, 1], got {r.prune_ratio!r}")
+  if r.restart_warmup_steps >= r.merge_every:
+    raise ConfigError("optimizer.relora.restart_warmup_steps",
+                      f"must be < optimizer.relora.merge_every={r.merge_every}, got {r.restart_warmup_steps}")
+  w = r.warm_start_steps
+  if isinstance(w, bool) or not isinstance(w, int) or w < 0 or w >= steps:
+    raise ConfigError("optimizer.relora.warm_start_steps", f"must be an integer in [0, train.steps={steps}), "
+                      f"got {w!r}")
+  if w % r.merge_every:
+    raise ConfigError("optimizer.relora.warm_start_steps",
+                      f"must be a multiple of optimizer.relora.merge_every={r.merge_every} (so restarts "
+                      f"line up with merges), got {w}")
+  if w and r.warm_start_from:
+    raise ConfigError("optimizer.relora.warm_start_from", "give either warm_start_steps or warm_start_from")
+
+
+def _build_relora(cfg: ml_collections.ConfigDict, schedule: optax.Schedule) -> optax.GradientTransformation:
+  from lowrank_jax.optim.relora import relora
+
+  return relora(
+      _build_adamw(cfg, schedule),
+      merge_every=cfg.relora.merge_every,
+      scale=float(cfg.lora.alpha) / cfg.lora.rank,
+      prune=cfg.relora.prune,
+      prune_ratio=float(cfg.relora.prune_ratio),
+      seed=int(cfg.relora.seed),
+  )
+
+
+register_method(
+    Method(
+        name="relora",
+        build_optimizer=_build_relora,
+        description="ReLoRA: LoRA merged into the kernels every merge_every steps, adapters re-drawn, "
+                    "adapter moments pruned, jagged cosine schedule, optional full-rank warm start",
+        linear_kinds=_lora_kinds,
+        linear_options=_lora_options,
+        make_schedule=_relora_schedule,
+        warm_start_steps=lambda config: config.optimizer.relora.warm_start_steps,
+        validate=_validate_relora,
     )
 )

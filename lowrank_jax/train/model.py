@@ -17,6 +17,7 @@ import ml_collections
 
 from lowrank_jax import models
 from lowrank_jax.train import methods
+from lowrank_jax.train.optimizer import MAIN
 
 
 def padded_vocab(vocab_size: int, multiple: int) -> int:
@@ -36,22 +37,67 @@ def model_config(config: ml_collections.ConfigDict, vocab_size: int) -> models.L
   )
 
 
-def linear_factory(config: ml_collections.ConfigDict) -> models.LinearFactory:
-  """Linear kinds per layer: the method's needs first, explicit `model.linear` entries win."""
+def linear_factory(config: ml_collections.ConfigDict, phase: str = MAIN) -> models.LinearFactory:
+  """Linear kinds per layer: the method's needs first, explicit `model.linear` entries win.
+
+  In a full-rank warm-start phase the method's kinds (e.g. LoRA) are not used yet.
+  """
   method = methods.get_method(config.optimizer.name)
-  kinds = dict(method.linear_kinds(config) if method.linear_kinds else {})
+  kinds = dict(method.linear_kinds(config) if method.linear_kinds and phase == MAIN else {})
   kinds.update(dict(config.model.linear))
-  return models.LinearFactory(kinds)
+  options = dict(method.linear_options(config) if method.linear_options else {})
+  return models.LinearFactory(kinds, options={k: v for k, v in options.items() if k in kinds.values()})
 
 
-def build_model(config: ml_collections.ConfigDict, vocab_size: int, *, seed: int) -> nnx.Module:
-  return models.Llama(model_config(config, vocab_size), linear_factory=linear_factory(config),
+def build_model(config: ml_collections.ConfigDict, vocab_size: int, *, seed: int, phase: str = MAIN) -> nnx.Module:
+  return models.Llama(model_config(config, vocab_size), linear_factory=linear_factory(config, phase),
                       rngs=nnx.Rngs(seed))
 
 
-def abstract_model(config: ml_collections.ConfigDict, vocab_size: int) -> nnx.Module:
+def abstract_model(config: ml_collections.ConfigDict, vocab_size: int, phase: str = MAIN) -> nnx.Module:
   """The model with ShapeDtypeStructs for arrays: any size, nothing allocated."""
-  return nnx.eval_shape(lambda: build_model(config, vocab_size, seed=0))
+  return nnx.eval_shape(lambda: build_model(config, vocab_size, seed=0, phase=phase))
+
+
+def transfer_params(dst: Any, src: Any) -> Any:
+  """`dst` with every leaf that `src` has at the same path taken from `src`.
+
+  Moves full-rank weights into a model with adapters: a dense layer's
+  `.../q/kernel` becomes the LoRA layer's base `.../q/kernel`, while the
+  adapters keep their fresh initialisation.
+  """
+  by_path = {jax.tree_util.keystr(p): x for p, x in jax.tree_util.tree_flatten_with_path(src)[0]}
+  missing = set(by_path)
+
+  def take(path, leaf):
+    key = jax.tree_util.keystr(path)
+    if key not in by_path:
+      return leaf
+    missing.discard(key)
+    if tuple(by_path[key].shape) != tuple(leaf.shape):
+      raise ValueError(f"parameter {key}: shape {by_path[key].shape} cannot replace {leaf.shape}")
+    return by_path[key].astype(leaf.dtype)
+
+  out = jax.tree_util.tree_map_with_path(take, dst)
+  if missing:
+    raise ValueError(f"parameters with no place in the new model: {sorted(missing)[:5]}")
+  return out
+
+
+def frozen_kernel_count(params: Any) -> int:
+  """Scalars in the kernels of adapted (LoRA) layers: trained only through merges."""
+  total = 0
+
+  def visit(node):
+    nonlocal total
+    if isinstance(node, dict):
+      if "lora_a" in node and "kernel" in node:
+        total += int(node["kernel"].size)
+      for child in node.values():
+        visit(child)
+
+  visit(params)
+  return total
 
 
 @dataclasses.dataclass(frozen=True)

@@ -23,12 +23,21 @@ def make_schedule(opt: ml_collections.ConfigDict, total_steps: int) -> optax.Sch
   )
 
 
-def build_optimizer(config: ml_collections.ConfigDict) -> tuple[optax.GradientTransformation, optax.Schedule]:
-  """Gradient clipping (if any) chained in front of the registered method's transform."""
+WARM_START, MAIN = "warm_start", "main"
+
+
+def build_optimizer(config: ml_collections.ConfigDict, phase: str = MAIN
+                    ) -> tuple[optax.GradientTransformation, optax.Schedule]:
+  """Gradient clipping (if any) chained in front of the registered method's transform.
+
+  In a method's full-rank warm-start phase the transform is AdamW, on the same
+  schedule as the method (one schedule over the whole run).
+  """
   opt = config.optimizer
-  schedule = make_schedule(opt, config.train.steps)
   method = methods.get_method(opt.name)
-  tx = method.build_optimizer(opt, schedule)
+  schedule = method.make_schedule(config) if method.make_schedule else make_schedule(opt, config.train.steps)
+  builder = methods.get_method("adamw") if phase == WARM_START else method
+  tx = builder.build_optimizer(opt, schedule)
   if opt.grad_clip > 0:
     tx = optax.chain(optax.clip_by_global_norm(opt.grad_clip), tx)
   return tx, schedule

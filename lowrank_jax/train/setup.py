@@ -25,8 +25,8 @@ import optax
 
 from lowrank_jax import data as data_lib
 from lowrank_jax.train import parallel
-from lowrank_jax.train.model import ModelSplit, abstract_model, build_model, split_model
-from lowrank_jax.train.optimizer import build_optimizer
+from lowrank_jax.train.model import ModelSplit, abstract_model, build_model, frozen_kernel_count, split_model
+from lowrank_jax.train.optimizer import MAIN, build_optimizer
 from lowrank_jax.train.step import TrainState, make_eval_step, make_train_step
 
 
@@ -47,6 +47,7 @@ class Setup:
   compiled_step: Callable  # jit or pmap of the train step; donates the state
   eval_step: Callable  # jitted
   abstract_state: TrainState  # ShapeDtypeStructs carrying the state's shardings
+  phase: str = MAIN  # or WARM_START: a method's full-rank warm start (dense linears, AdamW)
 
   @property
   def mode(self) -> str:
@@ -95,11 +96,11 @@ def _shardings(abstract: Any) -> Any:
   return jax.tree.map(lambda x: x.sharding, abstract)
 
 
-def build_setup(config: ml_collections.ConfigDict, vocab_size: int) -> Setup:
+def build_setup(config: ml_collections.ConfigDict, vocab_size: int, phase: str = MAIN) -> Setup:
   mesh = parallel.make_mesh()
   repl = parallel.replicated(mesh)
-  tx, schedule = build_optimizer(config)
-  split, params, rest = split_model(abstract_model(config, vocab_size))
+  tx, schedule = build_optimizer(config, phase)
+  split, params, rest = split_model(abstract_model(config, vocab_size, phase))
   abstract_state = _abstract_state(params, rest, tx, mesh, fsdp=config.parallel.fsdp)
   state_sh = _shardings(abstract_state)
   if config.parallel.mode == "pmap":
@@ -118,23 +119,29 @@ def build_setup(config: ml_collections.ConfigDict, vocab_size: int) -> Setup:
       in_shardings=(state_sh.params, state_sh.rest, parallel.eval_sharding(mesh)),
       out_shardings=(repl, repl),
   )
-  return Setup(config, mesh, split, tx, schedule, compiled_step, eval_step, abstract_state)
+  return Setup(config, mesh, split, tx, schedule, compiled_step, eval_step, abstract_state, phase)
 
 
 def init_state(setup: Setup, vocab_size: int) -> TrainState:
   """Real parameters and optimizer state, placed as the abstract state says."""
   config = setup.config
-  model = build_model(config, vocab_size, seed=config.seed)
+  model = build_model(config, vocab_size, seed=config.seed, phase=setup.phase)
   _, params, rest = split_model(model)
   del model
+  return assemble_state(setup, params, rest, step=0,
+                        rng=jax.random.key_data(jax.random.key(config.seed + 1)).astype(jnp.uint32))
+
+
+def assemble_state(setup: Setup, params: Any, rest: Any, *, step: Any, rng: Any) -> TrainState:
+  """A train state from parameters, with a fresh optimizer state, placed as the setup says."""
   shardings = _shardings(setup.abstract_state)
   params = jax.device_put(params, shardings.params)
   state = TrainState(
-      step=jnp.zeros((), jnp.int32),
+      step=jnp.asarray(step, jnp.int32),
       params=params,
       rest=rest,
       opt_state=jax.jit(setup.tx.init, out_shardings=shardings.opt_state)(params),
-      rng=jax.random.key_data(jax.random.key(config.seed + 1)).astype(jnp.uint32),
+      rng=rng,
   )
   return jax.device_put(state, shardings)
 
@@ -147,8 +154,15 @@ def param_count(setup: Setup) -> int:
   return count(setup.abstract_state.params)
 
 
+def trainable_count(setup: Setup) -> int:
+  """Parameters the optimizer trains directly: all but the kernels under LoRA adapters."""
+  return param_count(setup) - frozen_kernel_count(setup.abstract_state.params)
+
+
 def model_summary(setup: Setup) -> str:
   m = setup.config.model
   dtypes = sorted({str(x.dtype) for x in jax.tree.leaves(setup.abstract_state.params)})
-  return (f"llama-{m.size}: {param_count(setup) / 1e6:.2f}M parameters ({', '.join(dtypes)}), "
+  total, trained = param_count(setup), trainable_count(setup)
+  trained_note = f", {trained / 1e6:.2f}M trained" if trained != total else ""
+  return (f"llama-{m.size}: {total / 1e6:.2f}M parameters{trained_note} ({', '.join(dtypes)}), "
           f"compute {m.dtype}{', remat' if m.remat else ''}")
