@@ -19,6 +19,10 @@ Usage::
   python bench/bench_galore.py --quick   # 130m refresh shapes, 2-layer tree
   python bench/bench_galore.py           # everything
 
+On a shared CPU machine run with ``OPENBLAS_NUM_THREADS=1``: jaxlib's CPU
+LAPACK (SVD/QR/eigh) uses scipy's OpenBLAS, whose busy-waiting threads make
+some refreshes 20x slower when the cores are oversubscribed.
+
 Writes ``bench/results/galore_refresh[_quick].json`` and
 ``bench/results/galore_update[_quick].json``.
 """
@@ -58,6 +62,10 @@ def _meta(args):
       'cpu_count': os.cpu_count(),
       'machine': platform.machine(),
       'quick': args.quick,
+      # jaxlib's CPU LAPACK (SVD, QR, eigh) runs on scipy's OpenBLAS; on a
+      # shared machine its threads busy-wait and a refresh can take 20x
+      # longer. The figures in the report were taken with 1 thread.
+      'OPENBLAS_NUM_THREADS': os.environ.get('OPENBLAS_NUM_THREADS'),
   }
 
 
