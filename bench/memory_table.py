@@ -47,7 +47,7 @@ def load_config(path: str, overrides: list[str]):
 
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-  parser.add_argument("configs", nargs="+", help="config files; CONFIG:KEY=VALUE,KEY=VALUE adds row overrides")
+  parser.add_argument("configs", nargs="+", help="config files; CONFIG:KEY=VALUE;KEY=VALUE adds row overrides")
   parser.add_argument("--set", action="append", default=[], help="KEY=VALUE override for every row")
   parser.add_argument("--name", required=True, help="results go to bench/results/memory_<name>.json")
   args = parser.parse_args()
@@ -55,7 +55,7 @@ def main() -> None:
   rows = []
   for entry in args.configs:
     path, _, extra = entry.partition(":")
-    row_overrides = [x for x in extra.split(",") if x]
+    row_overrides = [x for x in extra.split(";") if x]
     config = load_config(path, args.set + row_overrides)
     start = time.perf_counter()
     report = memory_report(config)

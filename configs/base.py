@@ -23,6 +23,14 @@ def get_config() -> ml_collections.ConfigDict:
   # Linear layer kind per layer name (q, k, v, o, gate, up, down, head); unnamed layers are
   # 'dense'. Methods such as LoRA fill this in; set it directly to override.
   config.model.linear = ml_collections.ConfigDict()
+  # VeLoRA: compress the activations these linears save for backward to rank-1 sub-token
+  # projections. "layer[:sub_token_size],..." e.g. "v:8,down:16" (the official choice); empty = off.
+  # Works on dense and LoRA linears; composes with any optimizer method.
+  config.model.velora = ml_collections.ConfigDict()
+  config.model.velora.layers = ""
+  config.model.velora.sub_token_size = 16  # for layers listed without a size
+  config.model.velora.scale = 1.0  # multiplies the compressed weight gradient
+  config.model.velora.v_init = "batch_average_once"  # batch_average_once, batch_average, random
 
   # --- data --------------------------------------------------------------------
   config.data = ml_collections.ConfigDict()

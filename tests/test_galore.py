@@ -412,7 +412,7 @@ def test_weight_decay_in_full_space():
   zeros = jax.tree.map(jnp.zeros_like, params)
   opt = optim.galore(0.1, rank=2, weight_decay=0.5, weight_decay_mask={'w': True, 'n': False},
                      mask={'w': True, 'n': False})
-  u, _ = opt.update(zeros, opt.init(params), params)
+  u, _ = jax.jit(opt.update)(zeros, opt.init(params), params)
   np.testing.assert_allclose(u['w'], -0.05 * params['w'], atol=1e-7)
   np.testing.assert_allclose(u['n'], 0.0)
 

@@ -38,6 +38,7 @@ import numpy as np
 from flax import nnx
 
 from lowrank_jax.nn.dense import default_kernel_init
+from lowrank_jax.nn.velora import VeLoRAInput
 
 Initializer = Any  # (key, shape, dtype) -> Array
 DTypeLike = Any
@@ -64,7 +65,7 @@ def _check_positive_int(name: str, value: Any) -> int:
   return int(value)
 
 
-class LoRALinear(nnx.Module):
+class LoRALinear(nnx.Module, VeLoRAInput):
   """``y = x @ kernel + (alpha / rank) * dropout(x) @ lora_a @ lora_b`` (no bias).
 
   Args:
@@ -88,6 +89,13 @@ class LoRALinear(nnx.Module):
       trainable factors (the official code sets ``requires_grad=False`` on the
       base weight). The kernel still changes through ReLoRA merges or
       :meth:`merge`. Set False to train kernel and adapters jointly.
+    velora_sub_token_size: compress the adapter's input as VeLoRA does
+      (:func:`lowrank_jax.nn.velora.velora_matmul`): the ``x @ lora_a`` product
+      saves only the rank-1 sub-token projections of ``x`` for backward. With
+      a frozen kernel the base path needs no ``x`` for its backward either, so
+      the layer then keeps no full copy of its input. ``None``: off.
+    velora_scale, velora_v_init: VeLoRA's gradient scale and the choice of its
+      projection vector (``'batch_average_once'``, ``'batch_average'``, ``'random'``).
 
   Attributes: ``in_features, out_features, rank, alpha, scale, dropout_rate``,
   ``kernel`` (Param), ``lora_a`` / ``lora_b`` (LoRAParam).
@@ -110,6 +118,9 @@ class LoRALinear(nnx.Module):
       alpha: float = 32.0,
       dropout: float = 0.0,
       freeze_kernel: bool = True,
+      velora_sub_token_size: int | None = None,
+      velora_scale: float = 1.0,
+      velora_v_init: str = 'batch_average_once',
   ):
     self.in_features = _check_positive_int('in_features', in_features)
     self.out_features = _check_positive_int('out_features', out_features)
@@ -134,6 +145,10 @@ class LoRALinear(nnx.Module):
       self.dropout = nnx.Dropout(self.dropout_rate, rngs=rngs)
     else:
       self.dropout = None
+    self.compress_input = velora_sub_token_size is not None
+    if self.compress_input:
+      self.init_velora(self.in_features, num_groups=None, sub_token_size=velora_sub_token_size,
+                       scale=velora_scale, v_init=velora_v_init, key=rngs.params())
 
   def __call__(self, x: jax.Array, *, deterministic: bool | None = None,
                rngs: nnx.Rngs | jax.Array | None = None) -> jax.Array:
@@ -147,7 +162,11 @@ class LoRALinear(nnx.Module):
     if self.dropout is not None:
       h = self.dropout(h, deterministic=deterministic, rngs=rngs)
     # (x A) is the small [.., r] activation: scale it there, then project up.
-    low = jnp.dot(h, self.lora_a[...].astype(self.dtype)) * jnp.asarray(self.scale, self.dtype)
+    lora_a = self.lora_a[...].astype(self.dtype)
+    if self.compress_input:
+      low = self.velora_dot(h, lora_a) * jnp.asarray(self.scale, self.dtype)
+    else:
+      low = jnp.dot(h, lora_a) * jnp.asarray(self.scale, self.dtype)
     return y + jnp.dot(low, self.lora_b[...].astype(self.dtype))
 
   def delta(self) -> jax.Array:

@@ -238,7 +238,37 @@ def resolve_num_groups(in_features: int, num_groups: int | None,
 # Module.
 
 
-class VeLoRALinear(nnx.Module):
+class VeLoRAInput:
+  """Mixin: VeLoRA compression of a layer's input, with its state on the layer itself.
+
+  ``init_velora`` creates ``v`` (:class:`VeLoRAVector`) and ``initialised``
+  (:class:`VeLoRAInitialised`); ``velora_dot(x, kernel)`` is ``x @ kernel``
+  whose backward keeps only the sub-token projections of ``x``, updating ``v``
+  as ``v_init`` says. Used by :class:`VeLoRALinear` (on its kernel) and by
+  ``LoRALinear`` (on its adapter's input).
+  """
+
+  def init_velora(self, in_features: int, *, num_groups: int | None, sub_token_size: int | None,
+                  scale: float, v_init: str, key: jax.Array) -> None:
+    if v_init not in V_INITS:
+      raise ValueError(f'unknown v_init {v_init!r}; valid: {list(V_INITS)}')
+    self.num_groups = resolve_num_groups(int(in_features), num_groups, sub_token_size)
+    self.sub_token_size = int(in_features) // self.num_groups
+    self.velora_scale = float(scale)
+    self.v_init = v_init
+    self.v = VeLoRAVector(random_unit_vector(key, self.sub_token_size))
+    self.initialised = VeLoRAInitialised(jnp.asarray(v_init == 'random', jnp.int32))
+
+  def velora_dot(self, x: jax.Array, kernel: jax.Array) -> jax.Array:
+    v, initialised = next_velora_vector(x, self.v[...], self.initialised[...], self.num_groups,
+                                        self.v_init)
+    if self.v_init != 'random':
+      self.v[...] = v
+      self.initialised[...] = initialised
+    return velora_matmul(x, kernel, jax.lax.stop_gradient(v), self.num_groups, self.velora_scale)
+
+
+class VeLoRALinear(nnx.Module, VeLoRAInput):
   """``Dense`` with VeLoRA-compressed saved input: ``y = x @ kernel`` (exact forward).
 
   Same constructor as :class:`~lowrank_jax.nn.Dense` (the kernel is drawn with
@@ -278,28 +308,20 @@ class VeLoRALinear(nnx.Module):
       kernel_init: Initializer = default_kernel_init,
       rngs: nnx.Rngs,
   ):
-    if v_init not in V_INITS:
-      raise ValueError(f'unknown v_init {v_init!r}; valid: {list(V_INITS)}')
     self.in_features = int(in_features)
     self.out_features = int(out_features)
-    self.num_groups = resolve_num_groups(self.in_features, num_groups, sub_token_size)
-    self.sub_token_size = self.in_features // self.num_groups
-    self.scale = float(scale)
-    self.v_init = v_init
     self.dtype = jnp.dtype(dtype)
     self.param_dtype = jnp.dtype(param_dtype)
     key = rngs.params()  # one draw, as Dense: the rest of the model inits identically.
     self.kernel = nnx.Param(
         kernel_init(key, (self.in_features, self.out_features), self.param_dtype))
-    self.v = VeLoRAVector(random_unit_vector(jax.random.fold_in(key, 1), self.sub_token_size))
-    self.initialised = VeLoRAInitialised(jnp.asarray(v_init == 'random', jnp.int32))
+    self.init_velora(self.in_features, num_groups=num_groups, sub_token_size=sub_token_size,
+                     scale=scale, v_init=v_init, key=jax.random.fold_in(key, 1))
+
+  @property
+  def scale(self) -> float:
+    return self.velora_scale
 
   def __call__(self, x: jax.Array) -> jax.Array:
     x = x.astype(self.dtype)
-    kernel = self.kernel[...].astype(self.dtype)
-    v, initialised = next_velora_vector(x, self.v[...], self.initialised[...], self.num_groups,
-                                        self.v_init)
-    if self.v_init != 'random':
-      self.v[...] = v
-      self.initialised[...] = initialised
-    return velora_matmul(x, kernel, jax.lax.stop_gradient(v), self.num_groups, self.scale)
+    return self.velora_dot(x, self.kernel[...].astype(self.dtype))

@@ -397,7 +397,9 @@ def online_pca_grad(
   inv = 1.0 / jnp.maximum(n, jnp.finfo(jnp.float32).tiny)
   b = jnp.matmul(_swap(p), a) if pa is None else pa.astype(jnp.float32)
   ab = jnp.matmul(a, _swap(b))  # (d, r)
-  bb = jnp.matmul(b, _swap(b))  # (r, r)
+  d, k = a.shape[-2:]
+  # B B^T = P^T (A B^T): the cheaper of the two products (d vs k rows).
+  bb = jnp.matmul(_swap(p), ab) if d <= k else jnp.matmul(b, _swap(b))  # (r, r)
   ptp = jnp.matmul(_swap(p), p)  # (r, r)
   grad = -2.0 * inv * (2.0 * ab - jnp.matmul(ab, ptp) - jnp.matmul(p, bb))
   if not (isinstance(orthogonality, (int, float)) and orthogonality == 0):

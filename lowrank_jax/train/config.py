@@ -76,6 +76,33 @@ def _check_files(key: str, spec: str) -> None:
       raise ConfigError(key, f"no file matches {pattern!r} (working directory: {os.getcwd()})")
 
 
+VELORA_LAYERS = ("q", "k", "v", "o", "gate", "up", "down")
+V_INITS = ("batch_average_once", "batch_average", "random")
+
+
+def _validate_velora(config: ml_collections.ConfigDict) -> None:
+  from lowrank_jax.train.model import linear_in_features, velora_layers
+
+  _choice(config, "model.velora.v_init", V_INITS)
+  _positive(config, "model.velora.sub_token_size")
+  _positive(config, "model.velora.scale", kind=float)
+  try:
+    layers = velora_layers(config)
+  except ValueError:
+    raise ConfigError("model.velora.layers", f"expected 'layer[:sub_token_size],...' such as 'v:8,down:16', "
+                      f"got {config.model.velora.layers!r}") from None
+  for name, size in layers.items():
+    if name not in VELORA_LAYERS:
+      raise ConfigError("model.velora.layers", f"unknown layer name {name!r}", VELORA_LAYERS)
+    if name in config.model.linear and config.model.linear[name] not in ("dense", "lora"):
+      raise ConfigError("model.velora.layers", f"layer {name!r} is a {config.model.linear[name]!r} linear; "
+                        "VeLoRA applies to dense and lora linears")
+    width = linear_in_features(config, name)
+    if size <= 0 or width % size:
+      raise ConfigError("model.velora.layers", f"sub-token size {size} of layer {name!r} must divide its input "
+                        f"width {width}", [d for d in range(1, min(width, 256) + 1) if width % d == 0])
+
+
 def validate(config: ml_collections.ConfigDict, *, num_devices: int = 1, process_count: int = 1) -> None:
   """Raise `ConfigError` for the first value that cannot work."""
   # Model.
@@ -89,6 +116,8 @@ def validate(config: ml_collections.ConfigDict, *, num_devices: int = 1, process
       raise ConfigError(f"model.linear.{name}", "unknown layer name", models.LAYER_NAMES)
     if kind not in models.linear_kinds():
       raise ConfigError(f"model.linear.{name}", f"unknown linear kind {kind!r}", models.linear_kinds())
+
+  _validate_velora(config)
 
   # Parallelism.
   _choice(config, "parallel.mode", parallel.MODES)

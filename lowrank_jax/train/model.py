@@ -46,7 +46,35 @@ def linear_factory(config: ml_collections.ConfigDict, phase: str = MAIN) -> mode
   kinds = dict(method.linear_kinds(config) if method.linear_kinds and phase == MAIN else {})
   kinds.update(dict(config.model.linear))
   options = dict(method.linear_options(config) if method.linear_options else {})
-  return models.LinearFactory(kinds, options={k: v for k, v in options.items() if k in kinds.values()})
+  layer_options = {}
+  vel = config.model.velora
+  for name, size in velora_layers(config).items():
+    kind = kinds.get(name, "dense")
+    if kind == "dense":  # a dense linear becomes a VeLoRA linear
+      kinds[name] = "velora"
+      layer_options[name] = {"sub_token_size": size, "scale": float(vel.scale), "v_init": vel.v_init}
+    else:  # a LoRA linear compresses its adapter's input
+      layer_options[name] = {"velora_sub_token_size": size, "velora_scale": float(vel.scale),
+                             "velora_v_init": vel.v_init}
+  return models.LinearFactory(kinds, options={k: v for k, v in options.items() if k in kinds.values()},
+                              layer_options=layer_options)
+
+
+def velora_layers(config: ml_collections.ConfigDict) -> dict[str, int]:
+  """`model.velora.layers` ("v:8,down:16") as {layer name: sub-token size}."""
+  out = {}
+  for item in config.model.velora.layers.split(","):
+    if not item.strip():
+      continue
+    name, _, size = item.strip().partition(":")
+    out[name.strip()] = int(size) if size.strip() else int(config.model.velora.sub_token_size)
+  return out
+
+
+def linear_in_features(config: ml_collections.ConfigDict, name: str) -> int:
+  """The input width of a LLaMA linear of this config's size."""
+  dims = models.LLAMA_SIZES[config.model.size]
+  return dims["d_ff"] if name == "down" else dims["d_model"]
 
 
 def build_model(config: ml_collections.ConfigDict, vocab_size: int, *, seed: int, phase: str = MAIN) -> nnx.Module:
