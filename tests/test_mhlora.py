@@ -305,9 +305,8 @@ class _TwoLayer(nnx.Module):
     return self.l1(jnp.tanh(self.l0(x)))
 
 
-@pytest.mark.parametrize('merge_every', [1, 3])
-def test_one_head_with_merges_equals_lora(merge_every):
-  """N=1: W + s (A B - V) with merges follows exactly LoRA's W0 + s A B trajectory."""
+def test_one_head_with_merges_equals_lora():
+  """N=1: W + s (A B - V) with merges (every step, every 3) follows LoRA's W0 + s A B."""
   rank, alpha = 2, 4.0
   init = nnx.initializers.normal(0.4)
   lte_model = _TwoLayer(lambda i, o, r: MultiHeadLoRALinear(
@@ -343,11 +342,16 @@ def test_one_head_with_merges_equals_lora(merge_every):
       history.append(params)
     return losses, history
 
-  lte_losses, lte_hist = run(lte_model, lte_merge(optax.adam(3e-2), merge_every, scale=alpha / rank))
   lora_losses, lora_hist = run(lora_model, freeze_adapted_kernels(optax.adam(3e-2)))
-  np.testing.assert_allclose(lte_losses, lora_losses, rtol=1e-5)
   assert lora_losses[-1] < lora_losses[0] - 1e-3  # it trained
-  s = alpha / rank
+  for merge_every in (1, 3):
+    lte_losses, lte_hist = run(lte_model, lte_merge(optax.adam(3e-2), merge_every,
+                                                    scale=alpha / rank))
+    np.testing.assert_allclose(lte_losses, lora_losses, rtol=1e-5)
+    _check_lora_trajectory(lte_model, lte_hist, lora_hist, alpha / rank, merge_every)
+
+
+def _check_lora_trajectory(lte_model, lte_hist, lora_hist, s, merge_every):
   previous = [{n: {'kernel': getattr(lte_model, n).kernel[...]} for n in ('l0', 'l1')}] + lte_hist
   for step, (p_lte, p_lora) in enumerate(zip(lte_hist, lora_hist), start=1):
     for name in ('l0', 'l1'):
@@ -373,9 +377,9 @@ def test_jit_no_recompilation_merge_schedule_and_orbax(tmp_path):
   state = tx.init(params)
   for i in range(5):
     updates, state = update(_grads_like(params, 10 * i), state, params)
-    changed = not np.array_equal(updates['l0']['kernel'], 0.0)
+    changed = bool(np.any(updates['l0']['kernel']))
     assert changed == ((i + 1) % 2 == 0)  # merges after updates 2 and 4
-    assert (not np.array_equal(updates['blocks']['l1']['lora_v_b'], 0.0)) == changed
+    assert bool(np.any(updates['blocks']['l1']['lora_v_b'])) == changed
     params = optax.apply_updates(params, updates)
   assert update._cache_size() == 1  # one executable across merges
   assert isinstance(state, LTEState) and int(state.count) == 5
@@ -465,13 +469,14 @@ def test_gpt2_lte_through_factory_and_train_step():
   assert step._cache_size() == 1
   assert losses[-1] < losses[0]
   # After the last (merge) step, V = A B and W alone is the model: the eval-mode forward
-  # (parallel heads off) equals the training forward.
+  # (parallel heads off, as the official layer outside training) equals the training one.
   q = state.params['layers'][0]['attn']['q']
   np.testing.assert_allclose(q['lora_v_a'], q['lora_a'], rtol=1e-6, atol=1e-7)
   trained = split.merge(state.params, state.rest)
-  train_logits = trained(tokens[0])
-  trained.eval()
-  np.testing.assert_allclose(np.asarray(trained(tokens[0])), np.asarray(train_logits),
-                             rtol=1e-4, atol=1e-4)
-  np.testing.assert_allclose(np.asarray(trained(tokens[0][:3])), np.asarray(train_logits[:3]),
-                             rtol=1e-4, atol=1e-4)  # any batch size in eval
+  trained.eval()  # reaches every adapted linear of the model
+  layers = [m for _, m in trained.iter_modules() if isinstance(m, MultiHeadLoRALinear)]
+  assert len(layers) == len(names) and all(m.deterministic for m in layers)
+  x = jnp.asarray(_rand(5, (4, t, d)))
+  q_layer = trained.layers[0].attn.q
+  np.testing.assert_allclose(np.asarray(q_layer(x)), np.asarray(q_layer(x, use_heads=True)),
+                             rtol=1e-5, atol=1e-5)
