@@ -81,6 +81,21 @@ def get_config() -> ml_collections.ConfigDict:
   config.optimizer.eps = 1e-8
   config.optimizer.weight_decay = 0.0
   config.optimizer.grad_clip = 1.0  # global-norm clipping (0: off)
+  # galore: Adam on gradients projected to rank-r subspaces (attention and MLP kernels).
+  config.optimizer.galore = ml_collections.ConfigDict()
+  config.optimizer.galore.rank = 128
+  config.optimizer.galore.update_proj_gap = 200  # steps between projector refreshes
+  config.optimizer.galore.scale = 0.25  # alpha: the projected-back update is scaled by it
+  config.optimizer.galore.proj_type = "std"  # std, reverse_std, left, right, full
+  config.optimizer.galore.refresh = "svd"  # svd (exact, the paper) or randomized (warm-started)
+  config.optimizer.galore.moments = "keep"  # at a refresh: keep (the paper), reset or rotate
+  # osd: the projector follows the gradients by one online-PCA step per step.
+  config.optimizer.osd = ml_collections.ConfigDict()
+  config.optimizer.osd.rank = 128
+  config.optimizer.osd.proj_type = "std"
+  config.optimizer.osd.scale = 0.25
+  config.optimizer.osd.projector_lr_ratio = 0.5  # projector LR = ratio x the weight LR schedule
+  config.optimizer.osd.orthogonality = 0.0  # lambda of ||P^T P - I||^2 (the paper's; 0 as the code)
   # lora / relora: which linears get adapters, and their shape.
   config.optimizer.lora = ml_collections.ConfigDict()
   config.optimizer.lora.layers = "q,k,v,o,gate,up,down"  # as the ReLoRA code; head/embeddings stay full

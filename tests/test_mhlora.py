@@ -474,7 +474,7 @@ def test_gpt2_lte_through_factory_and_train_step():
   np.testing.assert_allclose(q['lora_v_a'], q['lora_a'], rtol=1e-6, atol=1e-7)
   trained = split.merge(state.params, state.rest)
   trained.eval()  # reaches every adapted linear of the model
-  layers = [m for _, m in trained.iter_modules() if isinstance(m, MultiHeadLoRALinear)]
+  layers = [m for _, m in nnx.iter_modules(trained) if isinstance(m, MultiHeadLoRALinear)]
   assert len(layers) == len(names) and all(m.deterministic for m in layers)
   x = jnp.asarray(_rand(5, (4, t, d)))
   q_layer = trained.layers[0].attn.q

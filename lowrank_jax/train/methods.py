@@ -215,3 +215,86 @@ register_method(
         validate=_validate_relora,
     )
 )
+
+
+# --- GaLore and Online Subspace Descent -----------------------------------------------------
+
+PROJ_TYPES = ("std", "reverse_std", "left", "right", "full")
+
+
+def _check_positive_int(key: str, value: Any) -> None:
+  if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+    raise ConfigError(key, f"must be a positive integer, got {value!r}")
+
+
+def _check_choice(key: str, value: Any, choices) -> None:
+  if value not in choices:
+    raise ConfigError(key, f"unknown value {value!r}", choices)
+
+
+def _validate_galore(config: ml_collections.ConfigDict) -> None:
+  g = config.optimizer.galore
+  _check_positive_int("optimizer.galore.rank", g.rank)
+  _check_positive_int("optimizer.galore.update_proj_gap", g.update_proj_gap)
+  _check_choice("optimizer.galore.proj_type", g.proj_type, PROJ_TYPES)
+  _check_choice("optimizer.galore.refresh", g.refresh, ("svd", "randomized"))
+  _check_choice("optimizer.galore.moments", g.moments, ("keep", "reset", "rotate"))
+  if not isinstance(g.scale, (int, float)) or g.scale <= 0:
+    raise ConfigError("optimizer.galore.scale", f"must be > 0, got {g.scale!r}")
+
+
+def _adam(cfg: ml_collections.ConfigDict) -> optax.GradientTransformation:
+  return optax.scale_by_adam(b1=cfg.b1, b2=cfg.b2, eps=cfg.eps)
+
+
+def _build_galore(cfg: ml_collections.ConfigDict, schedule: optax.Schedule) -> optax.GradientTransformation:
+  from lowrank_jax import optim
+
+  g = cfg.galore
+  return optim.galore(
+      schedule, rank=g.rank, update_proj_gap=g.update_proj_gap, scale=float(g.scale), proj_type=g.proj_type,
+      refresh=g.refresh, moments=g.moments, base=_adam(cfg), weight_decay=cfg.weight_decay,
+      weight_decay_mask=decay_mask)
+
+
+register_method(
+    Method(
+        name="galore",
+        build_optimizer=_build_galore,
+        description="GaLore: Adam on gradients projected to a rank-r subspace refreshed every "
+                    "update_proj_gap steps (SVD or randomized)",
+        validate=_validate_galore,
+    )
+)
+
+
+def _validate_osd(config: ml_collections.ConfigDict) -> None:
+  o = config.optimizer.osd
+  _check_positive_int("optimizer.osd.rank", o.rank)
+  _check_choice("optimizer.osd.proj_type", o.proj_type, PROJ_TYPES)
+  for key in ("scale", "projector_lr_ratio"):
+    if not isinstance(o[key], (int, float)) or o[key] <= 0:
+      raise ConfigError(f"optimizer.osd.{key}", f"must be > 0, got {o[key]!r}")
+  if not isinstance(o.orthogonality, (int, float)) or o.orthogonality < 0:
+    raise ConfigError("optimizer.osd.orthogonality", f"must be >= 0, got {o.orthogonality!r}")
+
+
+def _build_osd(cfg: ml_collections.ConfigDict, schedule: optax.Schedule) -> optax.GradientTransformation:
+  from lowrank_jax import optim
+
+  o = cfg.osd
+  return optim.osd(
+      schedule, rank=o.rank, proj_type=o.proj_type, projector_lr_ratio=float(o.projector_lr_ratio),
+      orthogonality=float(o.orthogonality), base=_adam(cfg), scale=float(o.scale),
+      weight_decay=cfg.weight_decay, weight_decay_mask=decay_mask)
+
+
+register_method(
+    Method(
+        name="osd",
+        build_optimizer=_build_osd,
+        description="Online Subspace Descent: as GaLore, the projector updated every step by online PCA "
+                    "(no SVD after the first step)",
+        validate=_validate_osd,
+    )
+)

@@ -1,0 +1,17 @@
+"""LLaMA-1b + GaLore on C4: the GaLore paper's recipe (rank 512, projector refreshed every 200 steps, scale 0.25, lr 0.01).
+
+  python train.py --config configs/llama_1b_galore.py
+"""
+
+from configs import c4_recipe
+
+
+def get_config():
+  config = c4_recipe.get_config("1b", steps=100_000)
+  config.optimizer.name = "galore"
+  config.optimizer.lr = 0.01
+  config.optimizer.galore.rank = 512
+  config.optimizer.galore.scale = 0.25
+  config.optimizer.galore.update_proj_gap = 200
+  config.train.grad_accum = 8  # micro-batches of 64 sequences, as the paper's per-GPU batch
+  return config

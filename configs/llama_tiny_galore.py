@@ -1,0 +1,15 @@
+"""Tiny LLaMA + GaLore (rank 32, refresh every 50 steps) on the synthetic language (CPU, about a minute).
+
+  python train.py --config configs/llama_tiny_galore.py
+"""
+
+from configs import llama_tiny_adamw
+
+
+def get_config():
+  config = llama_tiny_adamw.get_config()
+  config.optimizer.name = "galore"
+  config.optimizer.lr = 1e-2
+  config.optimizer.galore.rank = 32
+  config.optimizer.galore.update_proj_gap = 50
+  return config
