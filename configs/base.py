@@ -89,6 +89,9 @@ def get_config() -> ml_collections.ConfigDict:
   config.optimizer.galore.proj_type = "std"  # std, reverse_std, left, right, full
   config.optimizer.galore.refresh = "svd"  # svd (exact, the paper) or randomized (warm-started)
   config.optimizer.galore.moments = "keep"  # at a refresh: keep (the paper), reset or rotate
+  # Projector (and so low-rank moment) dtype: float32 (default) or bfloat16 (as the official
+  # code in bf16 training, which casts the projector to the weights' dtype).
+  config.optimizer.galore.projector_dtype = "float32"
   # osd: the projector follows the gradients by one online-PCA step per step.
   config.optimizer.osd = ml_collections.ConfigDict()
   config.optimizer.osd.rank = 128
@@ -96,6 +99,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.optimizer.osd.scale = 0.25
   config.optimizer.osd.projector_lr_ratio = 0.5  # projector LR = ratio x the weight LR schedule
   config.optimizer.osd.orthogonality = 0.0  # lambda of ||P^T P - I||^2 (the paper's; 0 as the code)
+  config.optimizer.osd.projector_dtype = "float32"  # or bfloat16
   # lora / relora: which linears get adapters, and their shape.
   config.optimizer.lora = ml_collections.ConfigDict()
   config.optimizer.lora.layers = "q,k,v,o,gate,up,down"  # as the ReLoRA code; head/embeddings stay full

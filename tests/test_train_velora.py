@@ -74,3 +74,11 @@ def test_bad_velora_specs(tmp_path, layers, hint):
   with pytest.raises(ConfigError) as info:
     train(tiny_config(**{"model.velora.layers": layers}), str(tmp_path))
   assert info.value.key == "model.velora.layers" and hint in str(info.value)
+
+
+@pytest.mark.parametrize("method", ["galore", "osd"])
+def test_velora_with_projected_optimizers(tmp_path, method):
+  config = tiny_config(**{**FAST, "optimizer.name": method, f"optimizer.{method}.rank": 16,
+                          "model.velora.layers": "o:8,down:8", "train.steps": 6, "train.log_every": 1})
+  summary = train(config, str(tmp_path))
+  assert np.isfinite(summary["eval_loss"]) and summary["train_loss"] < np.log(384)

@@ -11,6 +11,8 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Callable, Mapping
 
+import jax
+import jax.numpy as jnp
 import ml_collections
 import optax
 
@@ -61,8 +63,6 @@ def get_method(name: str) -> Method:
 
 def decay_mask(params: Any) -> Any:
   """Weight decay on matrices only: norms' scales (1-D) are not decayed."""
-  import jax
-
   return jax.tree.map(lambda p: p.ndim >= 2, params)
 
 
@@ -158,8 +158,6 @@ def _relora_schedule(config: ml_collections.ConfigDict) -> optax.Schedule:
   smooth = jagged_cosine_schedule(
       peak_value=opt.lr, total_steps=total, warmup_steps=warmup, restart_every=total + 1,
       restart_warmup_steps=1, min_ratio=opt.min_lr_ratio)
-  import jax.numpy as jnp
-
   return lambda step: jnp.where(step < w, smooth(step), jagged(step))
 
 
@@ -239,6 +237,7 @@ def _validate_galore(config: ml_collections.ConfigDict) -> None:
   _check_choice("optimizer.galore.proj_type", g.proj_type, PROJ_TYPES)
   _check_choice("optimizer.galore.refresh", g.refresh, ("svd", "randomized"))
   _check_choice("optimizer.galore.moments", g.moments, ("keep", "reset", "rotate"))
+  _check_choice("optimizer.galore.projector_dtype", g.projector_dtype, ("float32", "bfloat16"))
   if not isinstance(g.scale, (int, float)) or g.scale <= 0:
     raise ConfigError("optimizer.galore.scale", f"must be > 0, got {g.scale!r}")
 
@@ -254,7 +253,7 @@ def _build_galore(cfg: ml_collections.ConfigDict, schedule: optax.Schedule) -> o
   return optim.galore(
       schedule, rank=g.rank, update_proj_gap=g.update_proj_gap, scale=float(g.scale), proj_type=g.proj_type,
       refresh=g.refresh, moments=g.moments, base=_adam(cfg), weight_decay=cfg.weight_decay,
-      weight_decay_mask=decay_mask)
+      weight_decay_mask=decay_mask, projector_dtype=jnp.dtype(g.projector_dtype))
 
 
 register_method(
@@ -272,6 +271,7 @@ def _validate_osd(config: ml_collections.ConfigDict) -> None:
   o = config.optimizer.osd
   _check_positive_int("optimizer.osd.rank", o.rank)
   _check_choice("optimizer.osd.proj_type", o.proj_type, PROJ_TYPES)
+  _check_choice("optimizer.osd.projector_dtype", o.projector_dtype, ("float32", "bfloat16"))
   for key in ("scale", "projector_lr_ratio"):
     if not isinstance(o[key], (int, float)) or o[key] <= 0:
       raise ConfigError(f"optimizer.osd.{key}", f"must be > 0, got {o[key]!r}")
@@ -286,7 +286,7 @@ def _build_osd(cfg: ml_collections.ConfigDict, schedule: optax.Schedule) -> opta
   return optim.osd(
       schedule, rank=o.rank, proj_type=o.proj_type, projector_lr_ratio=float(o.projector_lr_ratio),
       orthogonality=float(o.orthogonality), base=_adam(cfg), scale=float(o.scale),
-      weight_decay=cfg.weight_decay, weight_decay_mask=decay_mask)
+      weight_decay=cfg.weight_decay, weight_decay_mask=decay_mask, projector_dtype=jnp.dtype(o.projector_dtype))
 
 
 register_method(
