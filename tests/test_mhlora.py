@@ -1,6 +1,5 @@
 """Tests of lowrank_jax.nn.mhlora (multi-head LoRA layer) and lowrank_jax.optim.lte (LTE merges)."""
 
-import math
 
 import jax
 import jax.numpy as jnp

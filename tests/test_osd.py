@@ -7,7 +7,6 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import orbax.checkpoint as ocp
-import pytest
 import scipy.linalg
 
 from lowrank_jax import optim
@@ -108,7 +107,6 @@ def test_projector_moves_every_step_after_the_first():
   opt = optim.scale_by_osd(rank=3, projector_lr=1e-2, mask={'w': True})
   state = opt.init(params)
   upd = jax.jit(opt.update)
-  prev = None
   for t, g in enumerate(_grads(params, 4)):
     state_new = upd(g, state)[1]
     p_old, p_new = np.asarray(state.projector['w']['in']), np.asarray(state_new.projector['w']['in'])

@@ -50,6 +50,7 @@ import numpy as np
 from flax import nnx
 
 from lowrank_jax.models.linear_factory import LinearFactory
+from lowrank_jax.models.transformer import CausalSelfAttention, PreNormBlock, run_blocks
 
 DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
 
@@ -143,28 +144,6 @@ def _layer_norm(config: GPT2Config, rngs: nnx.Rngs) -> nnx.LayerNorm:
                        param_dtype=config.storage_dtype, rngs=rngs)
 
 
-class Attention(nnx.Module):
-  """Causal multi-head self-attention (no rotary embedding: positions are learned)."""
-
-  def __init__(self, config: GPT2Config, linear_factory: LinearFactory, *, rngs: nnx.Rngs):
-    d = config.d_model
-    kw = _linear_kw(config, config.init_std, rngs)
-    self.n_heads = config.n_heads
-    self.head_dim = config.head_dim
-    self.dtype = config.compute_dtype
-    self.q = linear_factory('q', d, d, **kw)
-    self.k = linear_factory('k', d, d, **kw)
-    self.v = linear_factory('v', d, d, **kw)
-    self.o = linear_factory('o', d, d, **_linear_kw(config, _residual_std(config), rngs))
-
-  def __call__(self, x: jax.Array) -> jax.Array:
-    b, t, _ = x.shape
-    heads = lambda y: y.reshape(b, t, self.n_heads, self.head_dim).astype(self.dtype)
-    q, k, v = heads(self.q(x)), heads(self.k(x)), heads(self.v(x))
-    out = jax.nn.dot_product_attention(q, k, v, is_causal=True)  # scale 1/sqrt(head_dim)
-    return self.o(out.reshape(b, t, self.n_heads * self.head_dim))
-
-
 class MLP(nnx.Module):
   """``down(gelu(up(x)))`` with the tanh-approximate GELU."""
 
@@ -178,24 +157,15 @@ class MLP(nnx.Module):
     return self.down(jax.nn.gelu(self.up(x), approximate=True))
 
 
-class Block(nnx.Module):
-  """Pre-norm block: ``x + attn(ln(x))``, then ``x + mlp(ln(x))``."""
-
-  def __init__(self, config: GPT2Config, linear_factory: LinearFactory, *, rngs: nnx.Rngs):
-    self.attn_norm = _layer_norm(config, rngs)
-    self.attn = Attention(config, linear_factory, rngs=rngs)
-    self.mlp_norm = _layer_norm(config, rngs)
-    self.mlp = MLP(config, linear_factory, rngs=rngs)
-    self.dtype = config.compute_dtype
-
-  def __call__(self, x: jax.Array) -> jax.Array:
-    x = (x + self.attn(self.attn_norm(x))).astype(self.dtype)
-    return (x + self.mlp(self.mlp_norm(x))).astype(self.dtype)
-
-
-@nnx.remat
-def _remat_block(block: Block, x: jax.Array) -> jax.Array:
-  return block(x)
+def _block(config: GPT2Config, linear_factory: LinearFactory, *, rngs: nnx.Rngs) -> PreNormBlock:
+  return PreNormBlock(
+      attn_norm=_layer_norm(config, rngs),
+      attn=CausalSelfAttention(config.d_model, config.n_heads, linear_factory, dtype=config.compute_dtype,
+                               rope_theta=None, q_kw=_linear_kw(config, config.init_std, rngs),
+                               o_kw=_linear_kw(config, _residual_std(config), rngs)),
+      mlp_norm=_layer_norm(config, rngs),
+      mlp=MLP(config, linear_factory, rngs=rngs),
+      dtype=config.compute_dtype)
 
 
 class GPT2(nnx.Module):
@@ -212,7 +182,7 @@ class GPT2(nnx.Module):
     self.embed = nnx.Embed(config.vocab_size, config.d_model, **emb_kw)
     self.pos_embed = nnx.Embed(config.max_seq_len, config.d_model, **emb_kw)
     self.layers = nnx.List(
-        [Block(config, linear_factory, rngs=rngs) for _ in range(config.n_layers)])
+        [_block(config, linear_factory, rngs=rngs) for _ in range(config.n_layers)])
     self.final_norm = _layer_norm(config, rngs)
     if not config.tie_embeddings:
       self.head = linear_factory('head', config.d_model, config.vocab_size,
@@ -227,8 +197,7 @@ class GPT2(nnx.Module):
           f'sequence length {tokens.shape[1]} exceeds max_seq_len {cfg.max_seq_len}')
     positions = jnp.arange(tokens.shape[1], dtype=jnp.int32)
     x = (self.embed(tokens) + self.pos_embed(positions)[None]).astype(cfg.compute_dtype)
-    for block in self.layers:
-      x = _remat_block(block, x) if cfg.remat else block(x)
+    x = run_blocks(self.layers, x, remat=cfg.remat)
     x = self.final_norm(x)
     if cfg.tie_embeddings:
       logits = self.embed.attend(x)  # x @ embedding.T, in the compute dtype

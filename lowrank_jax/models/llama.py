@@ -29,6 +29,7 @@ from flax import nnx
 
 from lowrank_jax import nn
 from lowrank_jax.models.linear_factory import LinearFactory
+from lowrank_jax.models.transformer import CausalSelfAttention, PreNormBlock, run_blocks
 
 DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
 
@@ -107,35 +108,6 @@ def llama_config(size: str, vocab_size: int, **overrides: Any) -> LlamaConfig:
   return LlamaConfig(**{**LLAMA_SIZES[size], 'vocab_size': vocab_size, **overrides})
 
 
-class Attention(nnx.Module):
-  """Causal multi-head self-attention with rotary embeddings on q and k."""
-
-  def __init__(self, config: LlamaConfig, linear_factory: LinearFactory, *, rngs: nnx.Rngs):
-    d = config.d_model
-    kw = dict(dtype=config.compute_dtype, param_dtype=config.storage_dtype,
-              kernel_init=nnx.initializers.normal(config.init_std), rngs=rngs)
-    self.n_heads = config.n_heads
-    self.head_dim = config.head_dim
-    self.rope_theta = float(config.rope_theta)
-    self.dtype = config.compute_dtype
-    self.q = linear_factory('q', d, d, **kw)
-    self.k = linear_factory('k', d, d, **kw)
-    self.v = linear_factory('v', d, d, **kw)
-    self.o = linear_factory('o', d, d, **kw)
-
-  def __call__(self, x: jax.Array) -> jax.Array:
-    b, t, _ = x.shape
-    heads = lambda y: y.reshape(b, t, self.n_heads, self.head_dim)
-    q, k, v = heads(self.q(x)), heads(self.k(x)), heads(self.v(x))
-    positions = jnp.arange(t, dtype=jnp.int32)
-    q = nn.apply_rope(q, positions, self.rope_theta).astype(self.dtype)
-    k = nn.apply_rope(k, positions, self.rope_theta).astype(self.dtype)
-    v = v.astype(self.dtype)
-    # [B, T, N, H] layout; XLA on CPU/TPU, cuDNN flash kernels eligible on GPU.
-    out = jax.nn.dot_product_attention(q, k, v, is_causal=True)
-    return self.o(out.reshape(b, t, self.n_heads * self.head_dim))
-
-
 class MLP(nnx.Module):
   """SwiGLU: ``down(silu(gate(x)) * up(x))``."""
 
@@ -150,26 +122,17 @@ class MLP(nnx.Module):
     return self.down(jax.nn.silu(self.gate(x)) * self.up(x))
 
 
-class Block(nnx.Module):
-  """Pre-norm transformer block: ``x + attn(norm(x))``, then ``x + mlp(norm(x))``."""
-
-  def __init__(self, config: LlamaConfig, linear_factory: LinearFactory, *, rngs: nnx.Rngs):
-    norm_kw = dict(eps=config.norm_eps, dtype=config.compute_dtype,
-                   param_dtype=config.storage_dtype)
-    self.attn_norm = nn.RMSNorm(config.d_model, **norm_kw)
-    self.attn = Attention(config, linear_factory, rngs=rngs)
-    self.mlp_norm = nn.RMSNorm(config.d_model, **norm_kw)
-    self.mlp = MLP(config, linear_factory, rngs=rngs)
-    self.dtype = config.compute_dtype
-
-  def __call__(self, x: jax.Array) -> jax.Array:
-    x = (x + self.attn(self.attn_norm(x))).astype(self.dtype)
-    return (x + self.mlp(self.mlp_norm(x))).astype(self.dtype)
-
-
-@nnx.remat
-def _remat_block(block: Block, x: jax.Array) -> jax.Array:
-  return block(x)
+def _block(config: LlamaConfig, linear_factory: LinearFactory, *, rngs: nnx.Rngs) -> PreNormBlock:
+  kw = dict(dtype=config.compute_dtype, param_dtype=config.storage_dtype,
+            kernel_init=nnx.initializers.normal(config.init_std), rngs=rngs)
+  norm_kw = dict(eps=config.norm_eps, dtype=config.compute_dtype, param_dtype=config.storage_dtype)
+  return PreNormBlock(
+      attn_norm=nn.RMSNorm(config.d_model, **norm_kw),
+      attn=CausalSelfAttention(config.d_model, config.n_heads, linear_factory, dtype=config.compute_dtype,
+                               rope_theta=config.rope_theta, q_kw=kw),
+      mlp_norm=nn.RMSNorm(config.d_model, **norm_kw),
+      mlp=MLP(config, linear_factory, rngs=rngs),
+      dtype=config.compute_dtype)
 
 
 class Llama(nnx.Module):
@@ -184,7 +147,7 @@ class Llama(nnx.Module):
     self.embed = nnx.Embed(config.vocab_size, config.d_model, dtype=config.compute_dtype,
                            param_dtype=config.storage_dtype, embedding_init=init, rngs=rngs)
     self.layers = nnx.List(
-        [Block(config, linear_factory, rngs=rngs) for _ in range(config.n_layers)])
+        [_block(config, linear_factory, rngs=rngs) for _ in range(config.n_layers)])
     self.final_norm = nn.RMSNorm(config.d_model, eps=config.norm_eps,
                                  dtype=config.compute_dtype, param_dtype=config.storage_dtype)
     if not config.tie_embeddings:
@@ -200,8 +163,7 @@ class Llama(nnx.Module):
       raise ValueError(
           f'sequence length {tokens.shape[1]} exceeds max_seq_len {cfg.max_seq_len}')
     x = self.embed(tokens).astype(cfg.compute_dtype)
-    for block in self.layers:
-      x = _remat_block(block, x) if cfg.remat else block(x)
+    x = run_blocks(self.layers, x, remat=cfg.remat)
     x = self.final_norm(x)
     if cfg.tie_embeddings:
       logits = self.embed.attend(x)  # x @ embedding.T, in the compute dtype

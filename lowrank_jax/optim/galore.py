@@ -6,7 +6,7 @@ Projection", ICML 2024, https://arxiv.org/abs/2403.03507.
 
 from __future__ import annotations
 
-from typing import Any, Callable, NamedTuple, Optional, Union
+from typing import Any, NamedTuple, Optional, Union
 
 import jax
 import jax.numpy as jnp
