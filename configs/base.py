@@ -115,4 +115,12 @@ def get_config() -> ml_collections.ConfigDict:
   config.optimizer.relora.warm_start_steps = 0  # full-rank AdamW steps first (multiple of merge_every)
   config.optimizer.relora.warm_start_from = ""  # or: a full-rank run's workdir to start from
   config.optimizer.relora.seed = 0  # re-drawing A at merges, random pruning
+  # mhlora (LTE): N LoRA heads per linear, merged into the main weight every merge_every steps.
+  config.optimizer.mhlora = ml_collections.ConfigDict()
+  config.optimizer.mhlora.layers = "q,k,v,o"  # attention linears, as the motivating GPT-2 runs
+  config.optimizer.mhlora.num_heads = 4
+  config.optimizer.mhlora.rank = 32
+  config.optimizer.mhlora.alpha = 128.0  # scale = alpha / rank
+  config.optimizer.mhlora.mode = "parallel"  # parallel (each head its own batch share) or mhlora
+  config.optimizer.mhlora.merge_every = 10
   return config

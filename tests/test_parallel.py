@@ -30,7 +30,10 @@ def method_overrides(method: str) -> dict:
   extra = {"relora": {"optimizer.relora.merge_every": 2, "optimizer.relora.restart_warmup_steps": 1},
            "lora": {"optimizer.lora.rank": 8}, "galore": {"optimizer.galore.rank": 16,
                                                           "optimizer.galore.update_proj_gap": 2},
-           "osd": {"optimizer.osd.rank": 16}}
+           "osd": {"optimizer.osd.rank": 16},
+           # Sequential heads: every example sees every head, so data parallelism is exact.
+           "mhlora": {"optimizer.mhlora.mode": "mhlora", "optimizer.mhlora.merge_every": 2,
+                      "optimizer.mhlora.rank": 4}}
   return {"optimizer.name": method, **extra.get(method, {})}
 
 

@@ -136,6 +136,7 @@ C4_METHODS = {
     "relora": ("llama_tiny_relora", {"optimizer.relora.warm_start_steps": 10, "optimizer.relora.merge_every": 10,
                                      "optimizer.relora.restart_warmup_steps": 2}),
     "velora": ("llama_tiny_velora", {}),
+    "mhlora": ("llama_tiny_mhlora", {}),
 }
 
 

@@ -64,6 +64,7 @@ def get_linear_builder(kind: str) -> LinearBuilder:
 register_linear_kind('dense', nn.Dense)
 register_linear_kind('lora', nn.LoRALinear)
 register_linear_kind('velora', nn.VeLoRALinear)
+register_linear_kind('mhlora', nn.MultiHeadLoRALinear)
 
 
 class LinearFactory:

@@ -4,11 +4,13 @@
 * `LoRALinear`: frozen kernel + trainable low-rank adapter (LoRA, ReLoRA).
 * `VeLoRALinear` / `velora_matmul`: rank-1 sub-token compression of the
   activations saved for backward (VeLoRA), as a layer or on any matmul.
+* `MultiHeadLoRALinear`: N parallel LoRA heads merged into W (LTE).
 * `RMSNorm`, `apply_rope`: LLaMA's building blocks.
 """
 
 from lowrank_jax.nn.dense import Dense
 from lowrank_jax.nn.lora import LoRALinear, lora_a_bound, lora_a_init
+from lowrank_jax.nn.mhlora import MultiHeadLoRALinear
 from lowrank_jax.nn.norm import RMSNorm
 from lowrank_jax.nn.rope import apply_rope, rope_frequencies
 from lowrank_jax.nn.velora import (
@@ -21,6 +23,6 @@ from lowrank_jax.nn.velora import (
 )
 
 __all__ = [
-    'Dense', 'LoRALinear', 'RMSNorm', 'V_INITS', 'VeLoRAInitialised', 'VeLoRALinear', 'VeLoRAVector',
+    'Dense', 'LoRALinear', 'MultiHeadLoRALinear', 'RMSNorm', 'V_INITS', 'VeLoRAInitialised', 'VeLoRALinear', 'VeLoRAVector',
     'apply_rope', 'lora_a_bound', 'lora_a_init', 'next_velora_vector', 'rope_frequencies', 'velora_matmul',
 ]

@@ -298,3 +298,59 @@ register_method(
         validate=_validate_osd,
     )
 )
+
+
+# --- LTE multi-head LoRA ----------------------------------------------------------------------
+
+def _mhlora_layers(config: ml_collections.ConfigDict) -> list[str]:
+  return [name.strip() for name in config.optimizer.mhlora.layers.split(",") if name.strip()]
+
+
+def _validate_mhlora(config: ml_collections.ConfigDict) -> None:
+  from lowrank_jax import models
+
+  m = config.optimizer.mhlora
+  layers = _mhlora_layers(config)
+  if not layers:
+    raise ConfigError("optimizer.mhlora.layers", "names no layer", models.LAYER_NAMES)
+  for name in layers:
+    if name not in models.LAYER_NAMES:
+      raise ConfigError("optimizer.mhlora.layers", f"unknown layer name {name!r}", models.LAYER_NAMES)
+  for key in ("num_heads", "rank", "merge_every"):
+    _check_positive_int(f"optimizer.mhlora.{key}", m[key])
+  if not isinstance(m.alpha, (int, float)) or m.alpha <= 0:
+    raise ConfigError("optimizer.mhlora.alpha", f"must be > 0, got {m.alpha!r}")
+  _check_choice("optimizer.mhlora.mode", m.mode, ("parallel", "mhlora"))
+  micro = config.train.batch_size // config.train.grad_accum
+  if m.mode == "parallel" and micro % m.num_heads:
+    raise ConfigError("optimizer.mhlora.num_heads", f"parallel heads each train on their own share of the "
+                      f"micro-batch, so it ({micro} sequences) must be divisible by num_heads={m.num_heads}")
+  if m.mode == "parallel" and config.parallel.mode == "pmap":
+    raise ConfigError("optimizer.mhlora.mode", "parallel heads under parallel.mode='pmap' would split each "
+                      "device's share of the batch, not the global batch; use parallel.mode='mesh' (heads "
+                      "spread over devices are not implemented yet) or mode 'mhlora'")
+  if config.model.velora.layers and set(_mhlora_layers(config)) & {
+      item.partition(":")[0].strip() for item in config.model.velora.layers.split(",")}:
+    raise ConfigError("model.velora.layers", "VeLoRA does not apply to multi-head LoRA linears yet")
+
+
+def _build_mhlora(cfg: ml_collections.ConfigDict, schedule: optax.Schedule) -> optax.GradientTransformation:
+  from lowrank_jax.optim.lte import lte_merge
+
+  m = cfg.mhlora
+  return lte_merge(_build_adamw(cfg, schedule), merge_every=m.merge_every, scale=float(m.alpha) / m.rank)
+
+
+register_method(
+    Method(
+        name="mhlora",
+        build_optimizer=_build_mhlora,
+        description="LTE multi-head LoRA: N LoRA heads (each on its own share of the batch in parallel "
+                    "mode) merged into the main weights every merge_every steps",
+        linear_kinds=lambda config: {name: "mhlora" for name in _mhlora_layers(config)},
+        linear_options=lambda config: {"mhlora": {
+            "num_heads": config.optimizer.mhlora.num_heads, "rank": config.optimizer.mhlora.rank,
+            "alpha": float(config.optimizer.mhlora.alpha), "mode": config.optimizer.mhlora.mode}},
+        validate=_validate_mhlora,
+    )
+)

@@ -113,7 +113,8 @@ def transfer_params(dst: Any, src: Any) -> Any:
 
 
 def frozen_kernel_count(params: Any) -> int:
-  """Scalars in the kernels of adapted (LoRA) layers: trained only through merges."""
+  """Scalars that only merges change: kernels of adapted (LoRA, multi-head LoRA) layers and
+  LTE's snapshots of the heads at the last merge (`lora_v_a`, `lora_v_b`)."""
   total = 0
 
   def visit(node):
@@ -121,6 +122,7 @@ def frozen_kernel_count(params: Any) -> int:
     if isinstance(node, dict):
       if "lora_a" in node and "kernel" in node:
         total += int(node["kernel"].size)
+        total += sum(int(node[k].size) for k in ("lora_v_a", "lora_v_b") if k in node)
       for child in node.values():
         visit(child)
 
@@ -135,11 +137,13 @@ class ModelSplit:
   graphdef: Any
   params_treedef: Any
   rest_treedef: Any
+  eval_graphdef: Any = None  # the model after `.eval()` (e.g. LTE parallel heads: W only)
 
-  def merge(self, params: Any, rest: Any) -> nnx.Module:
+  def merge(self, params: Any, rest: Any, *, evaluation: bool = False) -> nnx.Module:
     p = jax.tree.unflatten(self.params_treedef, jax.tree.leaves(params))
     r = jax.tree.unflatten(self.rest_treedef, jax.tree.leaves(rest))
-    return nnx.merge(self.graphdef, p, r)
+    graphdef = self.eval_graphdef if evaluation and self.eval_graphdef is not None else self.graphdef
+    return nnx.merge(graphdef, p, r)
 
   def rest_of(self, model: nnx.Module) -> Any:
     _, _, rest = nnx.split(model, nnx.Param, ...)
@@ -152,5 +156,8 @@ def split_model(model: nnx.Module) -> tuple[ModelSplit, Any, Any]:
   params_dict, rest_dict = nnx.to_pure_dict(params), nnx.to_pure_dict(rest)
   # The dict and the State must flatten to the same leaf order for merge() to be right.
   assert len(jax.tree.leaves(params_dict)) == len(jax.tree.leaves(params))
-  split = ModelSplit(graphdef, jax.tree.structure(params), jax.tree.structure(rest))
+  model.eval()  # layers with train/eval behaviour (deterministic flags) record it in the graph
+  eval_graphdef, _, _ = nnx.split(model, nnx.Param, ...)
+  model.train()
+  split = ModelSplit(graphdef, jax.tree.structure(params), jax.tree.structure(rest), eval_graphdef)
   return split, params_dict, rest_dict

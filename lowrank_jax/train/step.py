@@ -94,7 +94,7 @@ def make_eval_step(split: ModelSplit):
   """eval(params, rest, tokens[B, T]) -> (summed loss, token count)."""
 
   def eval_step(params, rest, tokens):
-    model = split.merge(params, rest)
+    model = split.merge(params, rest, evaluation=True)
     return next_token_loss(model(tokens), tokens)
 
   return eval_step
