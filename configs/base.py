@@ -13,8 +13,8 @@ def get_config() -> ml_collections.ConfigDict:
 
   # --- model -------------------------------------------------------------------
   config.model = ml_collections.ConfigDict()
-  config.model.family = "llama"
-  config.model.size = "tiny"  # tiny, 60m, 130m, 350m, 1b, 7b (GaLore paper shapes)
+  config.model.family = "llama"  # llama or gpt2
+  config.model.size = "tiny"  # llama: tiny, 60m, 130m, 350m, 1b, 7b (GaLore paper shapes); gpt2: tiny, 124m, ...
   config.model.dtype = "float32"  # compute dtype: float32 or bfloat16
   config.model.param_dtype = "float32"  # storage dtype of parameters (and so of Adam moments)
   config.model.tie_embeddings = False

@@ -62,3 +62,14 @@ def test_bad_mhlora_values(tmp_path, overrides, key):
   with pytest.raises(ConfigError) as info:
     train(tiny_config(**{**FAST, **overrides}), str(tmp_path))
   assert info.value.key == key
+
+
+def test_gpt2_family_trains_with_mhlora(tmp_path):
+  config = tiny_config(**{**FAST, "model.family": "gpt2", "model.tie_embeddings": True, "train.steps": 8,
+                          "train.log_every": 1})
+  summary = train(config, str(tmp_path))
+  assert summary["model"] == "gpt2-tiny"
+  assert np.isfinite(summary["eval_loss"]) and summary["train_loss"] < np.log(384)
+  with pytest.raises(ConfigError) as info:
+    train(tiny_config(**{"model.family": "gpt2", "model.size": "60m"}), str(tmp_path / "bad"))
+  assert info.value.key == "model.size" and "124m" in str(info.value)

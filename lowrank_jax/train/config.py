@@ -19,7 +19,7 @@ from lowrank_jax.train import methods, parallel
 from lowrank_jax.train.errors import ConfigError
 
 SOURCES = ("synthetic", "jsonl", "text", "tfds")
-FAMILIES = ("llama",)
+FAMILIES = tuple(models.FAMILIES)
 DTYPES = ("float32", "bfloat16")
 SCHEDULES = ("cosine", "constant")
 
@@ -92,8 +92,9 @@ def _validate_velora(config: ml_collections.ConfigDict) -> None:
     raise ConfigError("model.velora.layers", f"expected 'layer[:sub_token_size],...' such as 'v:8,down:16', "
                       f"got {config.model.velora.layers!r}") from None
   for name, size in layers.items():
-    if name not in VELORA_LAYERS:
-      raise ConfigError("model.velora.layers", f"unknown layer name {name!r}", VELORA_LAYERS)
+    valid = [n for n in VELORA_LAYERS if not (n == "gate" and config.model.family == "gpt2")]
+    if name not in valid:
+      raise ConfigError("model.velora.layers", f"unknown layer name {name!r} for {config.model.family}", valid)
     if name in config.model.linear and config.model.linear[name] not in ("dense", "lora"):
       raise ConfigError("model.velora.layers", f"layer {name!r} is a {config.model.linear[name]!r} linear; "
                         "VeLoRA applies to dense and lora linears")
@@ -107,7 +108,7 @@ def validate(config: ml_collections.ConfigDict, *, num_devices: int = 1, process
   """Raise `ConfigError` for the first value that cannot work."""
   # Model.
   _choice(config, "model.family", FAMILIES)
-  _choice(config, "model.size", sorted(models.LLAMA_SIZES))
+  _choice(config, "model.size", sorted(models.FAMILIES[config.model.family][0]))
   _choice(config, "model.dtype", DTYPES)
   _choice(config, "model.param_dtype", DTYPES)
   _positive(config, "model.vocab_multiple")

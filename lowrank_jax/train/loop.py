@@ -248,7 +248,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   summary = {
       "steps": step,
       "method": config.optimizer.name,
-      "model": f"llama-{config.model.size}",
+      "model": f"{config.model.family}-{config.model.size}",
       "params": param_count(setup),
       "trainable_params": trainable_count(setup),
       "train_loss": last_train.get("loss"),

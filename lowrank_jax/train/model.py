@@ -24,9 +24,11 @@ def padded_vocab(vocab_size: int, multiple: int) -> int:
   return -(-vocab_size // multiple) * multiple
 
 
-def model_config(config: ml_collections.ConfigDict, vocab_size: int) -> models.LlamaConfig:
+def model_config(config: ml_collections.ConfigDict, vocab_size: int):
+  """The model family's config dataclass (`LlamaConfig`, `GPT2Config`) for this run."""
   m = config.model
-  return models.llama_config(
+  _, make_config, _ = models.FAMILIES[m.family]
+  return make_config(
       m.size,
       padded_vocab(vocab_size, m.vocab_multiple),
       max_seq_len=config.data.seq_len,
@@ -72,14 +74,17 @@ def velora_layers(config: ml_collections.ConfigDict) -> dict[str, int]:
 
 
 def linear_in_features(config: ml_collections.ConfigDict, name: str) -> int:
-  """The input width of a LLaMA linear of this config's size."""
-  dims = models.LLAMA_SIZES[config.model.size]
-  return dims["d_ff"] if name == "down" else dims["d_model"]
+  """The input width of a linear of this config's model family and size."""
+  sizes, _, _ = models.FAMILIES[config.model.family]
+  dims = sizes[config.model.size]
+  d_ff = dims.get("d_ff", 4 * dims["d_model"])  # GPT-2: 4 d
+  return d_ff if name == "down" else dims["d_model"]
 
 
 def build_model(config: ml_collections.ConfigDict, vocab_size: int, *, seed: int, phase: str = MAIN) -> nnx.Module:
-  return models.Llama(model_config(config, vocab_size), linear_factory=linear_factory(config, phase),
-                      rngs=nnx.Rngs(seed))
+  _, _, model_class = models.FAMILIES[config.model.family]
+  return model_class(model_config(config, vocab_size), linear_factory=linear_factory(config, phase),
+                     rngs=nnx.Rngs(seed))
 
 
 def abstract_model(config: ml_collections.ConfigDict, vocab_size: int, phase: str = MAIN) -> nnx.Module:

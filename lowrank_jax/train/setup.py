@@ -164,5 +164,5 @@ def model_summary(setup: Setup) -> str:
   dtypes = sorted({str(x.dtype) for x in jax.tree.leaves(setup.abstract_state.params)})
   total, trained = param_count(setup), trainable_count(setup)
   trained_note = f", {trained / 1e6:.2f}M trained" if trained != total else ""
-  return (f"llama-{m.size}: {total / 1e6:.2f}M parameters{trained_note} ({', '.join(dtypes)}), "
+  return (f"{m.family}-{m.size}: {total / 1e6:.2f}M parameters{trained_note} ({', '.join(dtypes)}), "
           f"compute {m.dtype}{', remat' if m.remat else ''}")
