@@ -57,6 +57,7 @@ def test_resume_exactly_across_merges(tmp_path):
     ({"optimizer.mhlora.num_heads": 3}, "optimizer.mhlora.num_heads"),
     ({"parallel.mode": "pmap"}, "optimizer.mhlora.mode"),
     ({"optimizer.mhlora.layers": "q,zz"}, "optimizer.mhlora.layers"),
+    ({"model.velora.layers": "q:8"}, "model.velora.layers"),  # q is a multi-head LoRA linear here
 ])
 def test_bad_mhlora_values(tmp_path, overrides, key):
   with pytest.raises(ConfigError) as info:

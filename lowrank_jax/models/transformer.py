@@ -6,7 +6,7 @@ the attention and residual structure are written once here.
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -76,5 +76,3 @@ def run_blocks(blocks: Any, x: jax.Array, *, remat: bool) -> jax.Array:
     x = _remat_block(block, x) if remat else block(x)
   return x
 
-
-BlockBuilder = Callable[..., nnx.Module]

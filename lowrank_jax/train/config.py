@@ -80,6 +80,14 @@ VELORA_LAYERS = ("q", "k", "v", "o", "gate", "up", "down")
 V_INITS = ("batch_average_once", "batch_average", "random")
 
 
+def _linear_kind(config: ml_collections.ConfigDict, name: str) -> str:
+  """The kind a layer is built as: `model.linear` over the method's needs over 'dense'."""
+  method = methods.get_method(config.optimizer.name)
+  kinds = dict(method.linear_kinds(config) if method.linear_kinds else {})
+  kinds.update(dict(config.model.linear))
+  return kinds.get(name, "dense")
+
+
 def _validate_velora(config: ml_collections.ConfigDict) -> None:
   from lowrank_jax.train.model import linear_in_features, velora_layers
 
@@ -95,8 +103,9 @@ def _validate_velora(config: ml_collections.ConfigDict) -> None:
     valid = [n for n in VELORA_LAYERS if not (n == "gate" and config.model.family == "gpt2")]
     if name not in valid:
       raise ConfigError("model.velora.layers", f"unknown layer name {name!r} for {config.model.family}", valid)
-    if name in config.model.linear and config.model.linear[name] not in ("dense", "lora"):
-      raise ConfigError("model.velora.layers", f"layer {name!r} is a {config.model.linear[name]!r} linear; "
+    kind = _linear_kind(config, name)
+    if kind not in ("dense", "lora"):
+      raise ConfigError("model.velora.layers", f"layer {name!r} is a {kind!r} linear; "
                         "VeLoRA applies to dense and lora linears")
     width = linear_in_features(config, name)
     if size <= 0 or width % size:

@@ -66,6 +66,32 @@ def decay_mask(params: Any) -> Any:
   return jax.tree.map(lambda p: p.ndim >= 2, params)
 
 
+def _check_positive_int(key: str, value: Any) -> None:
+  if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+    raise ConfigError(key, f"must be a positive integer, got {value!r}")
+
+
+def _check_choice(key: str, value: Any, choices) -> None:
+  if value not in choices:
+    raise ConfigError(key, f"unknown value {value!r}", choices)
+
+
+def _layer_names(spec: str) -> list[str]:
+  """A comma-separated list of layer names, e.g. "q,k,v,o"."""
+  return [name.strip() for name in spec.split(",") if name.strip()]
+
+
+def _check_layer_names(key: str, spec: str) -> None:
+  from lowrank_jax import models  # the trainer may import models; methods stay light otherwise
+
+  names = _layer_names(spec)
+  if not names:
+    raise ConfigError(key, "names no layer", models.LAYER_NAMES)
+  for name in names:
+    if name not in models.LAYER_NAMES:
+      raise ConfigError(key, f"unknown layer name {name!r}", models.LAYER_NAMES)
+
+
 def _build_adamw(cfg: ml_collections.ConfigDict, schedule: optax.Schedule) -> optax.GradientTransformation:
   return optax.adamw(
       learning_rate=schedule,
@@ -88,12 +114,8 @@ register_method(
 
 # --- LoRA and ReLoRA ---------------------------------------------------------------------------
 
-def _lora_layers(config: ml_collections.ConfigDict) -> list[str]:
-  return [name.strip() for name in config.optimizer.lora.layers.split(",") if name.strip()]
-
-
 def _lora_kinds(config: ml_collections.ConfigDict) -> dict[str, str]:
-  return {name: "lora" for name in _lora_layers(config)}
+  return {name: "lora" for name in _layer_names(config.optimizer.lora.layers)}
 
 
 def _lora_options(config: ml_collections.ConfigDict) -> dict[str, dict]:
@@ -102,17 +124,9 @@ def _lora_options(config: ml_collections.ConfigDict) -> dict[str, dict]:
 
 
 def _validate_lora(config: ml_collections.ConfigDict) -> None:
-  from lowrank_jax import models  # the trainer may import models; methods stay light otherwise
-
   lora = config.optimizer.lora
-  layers = _lora_layers(config)
-  if not layers:
-    raise ConfigError("optimizer.lora.layers", "names no layer", models.LAYER_NAMES)
-  for name in layers:
-    if name not in models.LAYER_NAMES:
-      raise ConfigError("optimizer.lora.layers", f"unknown layer name {name!r}", models.LAYER_NAMES)
-  if isinstance(lora.rank, bool) or not isinstance(lora.rank, int) or lora.rank <= 0:
-    raise ConfigError("optimizer.lora.rank", f"must be a positive integer, got {lora.rank!r}")
+  _check_layer_names("optimizer.lora.layers", lora.layers)
+  _check_positive_int("optimizer.lora.rank", lora.rank)
   if not isinstance(lora.alpha, (int, float)) or lora.alpha <= 0:
     raise ConfigError("optimizer.lora.alpha", f"must be > 0, got {lora.alpha!r}")
   if not isinstance(lora.dropout, (int, float)) or not 0 <= lora.dropout < 1:
@@ -165,11 +179,8 @@ def _validate_relora(config: ml_collections.ConfigDict) -> None:
   _validate_lora(config)
   r, steps = config.optimizer.relora, config.train.steps
   for key in ("merge_every", "restart_warmup_steps"):
-    value = r[key]
-    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-      raise ConfigError(f"optimizer.relora.{key}", f"must be a positive integer, got {value!r}")
-  if r.prune not in ("magnitude", "random", "reset"):
-    raise ConfigError("optimizer.relora.prune", f"unknown value {r.prune!r}", ["magnitude", "random", "reset"])
+    _check_positive_int(f"optimizer.relora.{key}", r[key])
+  _check_choice("optimizer.relora.prune", r.prune, ("magnitude", "random", "reset"))
   if not isinstance(r.prune_ratio, (int, float)) or not 0 <= r.prune_ratio <= 1:
     raise ConfigError("optimizer.relora.prune_ratio", f"must be in [0, 1], got {r.prune_ratio!r}")
   if r.restart_warmup_steps >= r.merge_every:
@@ -218,16 +229,6 @@ register_method(
 # --- GaLore and Online Subspace Descent -----------------------------------------------------
 
 PROJ_TYPES = ("std", "reverse_std", "left", "right", "full")
-
-
-def _check_positive_int(key: str, value: Any) -> None:
-  if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-    raise ConfigError(key, f"must be a positive integer, got {value!r}")
-
-
-def _check_choice(key: str, value: Any, choices) -> None:
-  if value not in choices:
-    raise ConfigError(key, f"unknown value {value!r}", choices)
 
 
 def _validate_galore(config: ml_collections.ConfigDict) -> None:
@@ -302,20 +303,9 @@ register_method(
 
 # --- LTE multi-head LoRA ----------------------------------------------------------------------
 
-def _mhlora_layers(config: ml_collections.ConfigDict) -> list[str]:
-  return [name.strip() for name in config.optimizer.mhlora.layers.split(",") if name.strip()]
-
-
 def _validate_mhlora(config: ml_collections.ConfigDict) -> None:
-  from lowrank_jax import models
-
   m = config.optimizer.mhlora
-  layers = _mhlora_layers(config)
-  if not layers:
-    raise ConfigError("optimizer.mhlora.layers", "names no layer", models.LAYER_NAMES)
-  for name in layers:
-    if name not in models.LAYER_NAMES:
-      raise ConfigError("optimizer.mhlora.layers", f"unknown layer name {name!r}", models.LAYER_NAMES)
+  _check_layer_names("optimizer.mhlora.layers", m.layers)
   for key in ("num_heads", "rank", "merge_every"):
     _check_positive_int(f"optimizer.mhlora.{key}", m[key])
   if not isinstance(m.alpha, (int, float)) or m.alpha <= 0:
@@ -329,9 +319,6 @@ def _validate_mhlora(config: ml_collections.ConfigDict) -> None:
     raise ConfigError("optimizer.mhlora.mode", "parallel heads under parallel.mode='pmap' would split each "
                       "device's share of the batch, not the global batch; use parallel.mode='mesh' (heads "
                       "spread over devices are not implemented yet) or mode 'mhlora'")
-  if config.model.velora.layers and set(_mhlora_layers(config)) & {
-      item.partition(":")[0].strip() for item in config.model.velora.layers.split(",")}:
-    raise ConfigError("model.velora.layers", "VeLoRA does not apply to multi-head LoRA linears yet")
 
 
 def _build_mhlora(cfg: ml_collections.ConfigDict, schedule: optax.Schedule) -> optax.GradientTransformation:
@@ -347,7 +334,7 @@ register_method(
         build_optimizer=_build_mhlora,
         description="LTE multi-head LoRA: N LoRA heads (each on its own share of the batch in parallel "
                     "mode) merged into the main weights every merge_every steps",
-        linear_kinds=lambda config: {name: "mhlora" for name in _mhlora_layers(config)},
+        linear_kinds=lambda config: {name: "mhlora" for name in _layer_names(config.optimizer.mhlora.layers)},
         linear_options=lambda config: {"mhlora": {
             "num_heads": config.optimizer.mhlora.num_heads, "rank": config.optimizer.mhlora.rank,
             "alpha": float(config.optimizer.mhlora.alpha), "mode": config.optimizer.mhlora.mode}},
