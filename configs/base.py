@@ -68,6 +68,10 @@ def get_config() -> ml_collections.ConfigDict:
   config.parallel = ml_collections.ConfigDict()
   config.parallel.mode = "mesh"  # mesh (jit over a device mesh) or pmap (jax.pmap + lax.pmean)
   config.parallel.fsdp = False  # mesh only: shard parameters and optimizer state over devices
+  # mhlora parallel mode: each device holds its own heads (A, B, snapshots, optimizer state)
+  # on a `heads` mesh axis and trains them on its own part of the batch; only merges
+  # communicate. Needs optimizer.mhlora.num_heads to be a multiple of the device count.
+  config.parallel.shard_heads = False
 
   # --- optimizer ---------------------------------------------------------------
   config.optimizer = ml_collections.ConfigDict()

@@ -4,8 +4,11 @@
 
 SPEC: {"jobs": [{"kind": "train", "workdir": ..., "overrides": {...}, "out": "x.npz",
                  "copy_to": [dirs to copy the workdir to afterwards]},
-                {"kind": "memory", "overrides": {...}, "out": "x.json"}]}
+                {"kind": "memory", "overrides": {...}, "out": "x.json"},
+                {"kind": "collectives", "overrides": {...}, "out": "x.json"}]}
 Trained parameters go to `out` as flattened npz (key = path), with the summary beside it.
+"collectives" writes the compiled step's collectives and the shapes of the LTE head and
+kernel variables (whole, and one device's block).
 """
 
 from __future__ import annotations
@@ -37,13 +40,33 @@ def final_params(config, workdir):
   return {jax.tree_util.keystr(k): v for k, v in flat}
 
 
+def collectives(config):
+  from lowrank_jax.optim.lte import lte_leaf_roles
+  from lowrank_jax.train.collectives import collectives as collectives_of
+
+  setup = build_setup(config, vocab_size_of(config))
+  hlo = setup.compiled_step.lower(setup.abstract_state, setup.abstract_tokens()).compile().as_text()
+  params = setup.abstract_state.params
+  shapes = {"head": set(), "head_block": set(), "kernel": set()}
+  for role, leaf in zip(jax.tree.leaves(lte_leaf_roles(params)), jax.tree.leaves(params)):
+    if role == "kernel":
+      shapes["kernel"].add(tuple(leaf.shape))
+    elif role:
+      shapes["head"].add(tuple(leaf.shape))
+      shapes["head_block"].add(tuple(leaf.sharding.shard_shape(leaf.shape)))
+  return {"collectives": [{"kind": c.kind, "conditional": c.conditional, "shapes": [list(s) for _, s in c.shapes]}
+                          for c in collectives_of(hlo)],
+          **{k: sorted(list(s) for s in v) for k, v in shapes.items()}}
+
+
 def main():
   assert jax.device_count() == int(sys.argv[1])
   for job in json.loads(sys.argv[2])["jobs"]:
     config = tiny_config(**job["overrides"])
-    if job["kind"] == "memory":
+    if job["kind"] in ("memory", "collectives"):
+      validate(config, num_devices=jax.device_count())
       with open(job["out"], "w") as f:
-        json.dump(memory_report(config), f)
+        json.dump(memory_report(config) if job["kind"] == "memory" else collectives(config), f)
       continue
     validate(config, num_devices=jax.device_count())
     summary = train(config, job["workdir"])

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from lowrank_jax.train import ConfigError, train
+from lowrank_jax.train.config import validate
 from lowrank_jax.train.setup import build_setup, init_state, param_count, trainable_count
 from train_helpers import saved_params, tiny_config
 
@@ -58,11 +59,22 @@ def test_resume_exactly_across_merges(tmp_path):
     ({"parallel.mode": "pmap"}, "optimizer.mhlora.mode"),
     ({"optimizer.mhlora.layers": "q,zz"}, "optimizer.mhlora.layers"),
     ({"model.velora.layers": "q:8"}, "model.velora.layers"),  # q is a multi-head LoRA linear here
+    ({"parallel.shard_heads": True, "optimizer.name": "adamw"}, "parallel.shard_heads"),
+    ({"parallel.shard_heads": True, "optimizer.mhlora.mode": "mhlora"}, "parallel.shard_heads"),
+    ({"parallel.shard_heads": True, "parallel.fsdp": True}, "parallel.fsdp"),
 ])
 def test_bad_mhlora_values(tmp_path, overrides, key):
   with pytest.raises(ConfigError) as info:
     train(tiny_config(**{**FAST, **overrides}), str(tmp_path))
   assert info.value.key == key
+
+
+def test_heads_over_devices_need_a_multiple_of_the_device_count():
+  config = tiny_config(**{**FAST, "parallel.shard_heads": True})
+  validate(config, num_devices=4)  # one head per device
+  with pytest.raises(ConfigError) as info:
+    validate(config, num_devices=8)
+  assert info.value.key == "optimizer.mhlora.num_heads" and "multiple of the device count (8)" in str(info.value)
 
 
 def test_gpt2_family_trains_with_mhlora(tmp_path):

@@ -62,7 +62,12 @@ the result is bit-for-bit ``Dense``'s.
 Heads across devices: the heads axis is the leading axis of every head
 variable and, in ``'parallel'`` mode, of the reshaped input ``(N, B/N, ...)``,
 so sharding the head variables and the batch over one mesh axis keeps each
-head's adapter product on the device holding its part of the batch.
+head's adapter product on the device holding its part of the batch. Inside
+``jax.shard_map`` / ``jax.pmap`` a ``'parallel'`` layer may hold only its
+device's block of heads (the variables' leading axis, not ``num_heads``, is
+the number of heads used) and then splits that device's part of the batch
+among them; ``lowrank_jax.optim.lte.lte_merge(axis_name=...)`` merges such
+heads.
 """
 
 from __future__ import annotations
@@ -200,11 +205,14 @@ class MultiHeadLoRALinear(nnx.Module):
       raise ValueError(
           f"MultiHeadLoRALinear(mode='parallel'): input must have a leading batch axis, "
           f'got shape {x.shape}')
+    # The heads this layer holds: all N, or under shard_map / pmap with the
+    # heads split over devices, this device's block (and x is its share of the batch).
+    n = a.shape[0]
     batch = x.shape[0]
     if batch % n:
       raise ValueError(
           f"MultiHeadLoRALinear(mode='parallel'): batch size {batch} (leading axis of input "
-          f'{x.shape}) must be divisible by num_heads={n}')
+          f'{x.shape}) must be divisible by the number of heads {n}')
     xs = x.reshape(n, -1, self.in_features)  # (N, B/N * ..., in)
     low = jnp.einsum('nti,nir->ntr', xs, a) * jnp.asarray(self.scale, self.dtype)
     delta = jnp.einsum('ntr,nro->nto', low, b)

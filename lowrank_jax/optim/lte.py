@@ -67,6 +67,18 @@ the learning rate belongs in ``inner``), and it needs ``params``. Wrap it
 *inside* ``optax.MultiSteps`` so that merges count real steps.
 ``optax.inject_hyperparams(lte_merge)`` works for ``merge_every`` and a numeric
 ``scale`` (callables must be listed in ``static_args``).
+
+Heads spread over devices
+-------------------------
+In a per-device program (``jax.shard_map`` or ``jax.pmap``) whose named axis
+``axis_name`` splits every layer's heads into equal contiguous blocks (device
+``d`` of ``D`` holds heads ``d N/D, ..., (d+1) N/D - 1`` of A, B, V_a, V_b and
+their optimizer state, plus a full copy of the kernel), pass ``axis_name``:
+the merge sums its own heads' ``A'_h B'_h - V_h`` and all-reduces that one
+(in, out) matrix over the axis, dividing by the global ``N``. That ``psum``,
+inside the merge branch, is the only communication between heads; between
+merges each device updates its heads alone. :func:`lte_head_mask` marks the
+split leaves (e.g. for :func:`lowrank_jax.optim.clipping.clip_by_global_norm`).
 """
 
 from __future__ import annotations
@@ -91,7 +103,7 @@ from lowrank_jax.optim.relora import (
     _scale_of,
 )
 
-__all__ = ['LTE_KEYS', 'LTEState', 'lte_layer_paths', 'lte_merge']
+__all__ = ['LTE_KEYS', 'LTEState', 'lte_head_mask', 'lte_layer_paths', 'lte_leaf_roles', 'lte_merge']
 
 # (kernel, A, B, snapshot of A, snapshot of B): the variable names of
 # lowrank_jax.nn.mhlora.MultiHeadLoRALinear.
@@ -174,6 +186,34 @@ def lte_layer_paths(params, *, keys: Sequence[str] = LTE_KEYS, layer_filter=None
   return ['/'.join(l.path) for l in layers]
 
 
+def lte_leaf_roles(params, *, keys: Sequence[str] = LTE_KEYS, layer_filter=None) -> Any:
+  """A tree like ``params`` naming each leaf's role in its multi-head layer.
+
+  Leaves of the layers :func:`lte_merge` merges get their variable's name from
+  ``keys`` (``'kernel'``, ``'lora_a'``, ``'lora_b'``, ``'lora_v_a'``,
+  ``'lora_v_b'`` by default); every other leaf gets ``''``. Works on any tree
+  shaped like the params (gradients, updates).
+  """
+  keys = tuple(keys)
+  layers, mask = _heads_layout(params, keys, layer_filter)
+  roles = [''] * len(mask.roles)
+  for layer in layers:
+    for key, i in zip(keys, (layer.kernel, layer.a, layer.b, layer.v_a, layer.v_b)):
+      roles[i] = key
+  return jax.tree.unflatten(mask.treedef, roles)
+
+
+def lte_head_mask(params, *, keys: Sequence[str] = LTE_KEYS, layer_filter=None) -> Any:
+  """A tree of bools like ``params``: True for every head variable (A, B and their snapshots).
+
+  These are the leaves a ``heads`` device axis splits (see "Heads spread over
+  devices" in the module docstring); kernels and all other leaves are False.
+  """
+  keys = tuple(keys)
+  return jax.tree.map(lambda role: role in keys[1:],
+                      lte_leaf_roles(params, keys=keys, layer_filter=layer_filter))
+
+
 def lte_merge(
     inner: optax.GradientTransformation,
     merge_every: int,
@@ -181,6 +221,7 @@ def lte_merge(
     scale: Scale,
     keys: Sequence[str] = LTE_KEYS,
     layer_filter: Callable[[tuple[str, ...], Any], bool] | None = None,
+    axis_name: str | None = None,
 ) -> optax.GradientTransformationExtraArgs:
   """Reset-less LTE around ``inner`` (see the module docstring for the exact behaviour).
 
@@ -195,10 +236,23 @@ def lte_merge(
     keys: names of (kernel, A, B, snapshot of A, snapshot of B).
     layer_filter: optional ``(path, node) -> bool``; layers for which it
       returns False are trained as ordinary leaves.
+    axis_name: inside ``shard_map`` / ``pmap`` with the heads split over this
+      named axis (each device holding an equal contiguous block of every
+      layer's heads), the merge all-reduces the heads' sum over it. ``None``:
+      all heads are local.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs`` whose state is an
     :class:`LTEState`; its ``update`` requires ``params``.
+
+  Example (a model of ``lowrank_jax.nn.MultiHeadLoRALinear`` layers with rank
+  8 and alpha 32)::
+
+    params = nnx.state(model, nnx.Param)  # kernels, heads and snapshots
+    tx = lte_merge(optax.adamw(1e-3), merge_every=10, scale=32 / 8)
+    opt_state = tx.init(params)
+    updates, opt_state = tx.update(grads, opt_state, params)
+    params = optax.apply_updates(params, updates)
   """
   me = _concrete(merge_every)
   if me is not None and (isinstance(merge_every, bool) or me < 1 or me != int(me)):
@@ -256,13 +310,17 @@ def lte_merge(
         v_a, v_b = p_leaves[layer.v_a], p_leaves[layer.v_b]
         a1 = (a + upd[layer.a]).astype(a.dtype)  # what apply_updates gives
         b1 = (b + upd[layer.b]).astype(b.dtype)
-        n = a.shape[-3]
+        n = a.shape[-3]  # this device's heads
+        if axis_name is not None:
+          n = n * jax.lax.axis_size(axis_name)
         s = jnp.asarray(_scale_of(scale, layer.path), jnp.float32)
         # sum_h (A'_h B'_h - V_a,h V_b,h) as one product of rank 2r per head.
         left = jnp.concatenate([f32(a1), f32(v_a)], -1)
         right = jnp.concatenate([f32(b1), -f32(v_b)], -2)
         total = jnp.einsum('...nir,...nro->...io', left, right,
                            precision=jax.lax.Precision.HIGHEST)
+        if axis_name is not None:  # the only communication between heads
+          total = jax.lax.psum(total, axis_name)
         upd[layer.kernel] = (total * (s / n)).astype(upd[layer.kernel].dtype)
         upd[layer.v_a] = (f32(a1) - f32(v_a)).astype(upd[layer.v_a].dtype)
         upd[layer.v_b] = (f32(b1) - f32(v_b)).astype(upd[layer.v_b].dtype)

@@ -113,6 +113,30 @@ def _validate_velora(config: ml_collections.ConfigDict) -> None:
                         f"width {width}", [d for d in range(1, min(width, 256) + 1) if width % d == 0])
 
 
+def _validate_shard_heads(config: ml_collections.ConfigDict, num_devices: int, process_count: int) -> None:
+  if not isinstance(_get(config, "parallel.shard_heads"), bool):
+    raise ConfigError("parallel.shard_heads", f"must be True or False, got {config.parallel.shard_heads!r}")
+  if not config.parallel.shard_heads:
+    return
+  name = _get(config, "optimizer.name")
+  split = methods.get_method(name).split_heads
+  if split is None:
+    raise ConfigError("parallel.shard_heads", f"method {name!r} has no heads to spread over devices",
+                      [m for m in methods.method_names() if methods.get_method(m).split_heads])
+  if config.parallel.fsdp:
+    raise ConfigError("parallel.fsdp", "cannot be combined with parallel.shard_heads (the heads are already "
+                      "split over devices; the shared weights stay whole)")
+  if config.parallel.mode == "pmap" and process_count > 1:
+    raise ConfigError("parallel.mode", "parallel.shard_heads under 'pmap' runs on one host; use 'mesh' "
+                      "(jit + shard_map) for several hosts")
+  if split.validate is not None:
+    split.validate(config)
+  heads = split.num_heads(config)
+  if heads % num_devices:
+    raise ConfigError(split.num_heads_key, f"with parallel.shard_heads every device holds the same number of "
+                      f"heads, so {heads} must be a multiple of the device count ({num_devices})")
+
+
 def validate(config: ml_collections.ConfigDict, *, num_devices: int = 1, process_count: int = 1) -> None:
   """Raise `ConfigError` for the first value that cannot work."""
   # Model.
@@ -135,6 +159,7 @@ def validate(config: ml_collections.ConfigDict, *, num_devices: int = 1, process
     raise ConfigError("parallel.fsdp", f"must be True or False, got {config.parallel.fsdp!r}")
   if config.parallel.fsdp and config.parallel.mode != "mesh":
     raise ConfigError("parallel.fsdp", "needs parallel.mode='mesh' (pmap keeps a full replica per device)")
+  _validate_shard_heads(config, num_devices, process_count)
 
   # Training loop sizes.
   for key in ("train.steps", "train.batch_size", "train.grad_accum", "train.eval_batches",

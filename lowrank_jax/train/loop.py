@@ -161,7 +161,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   _say(f"data    {inputs.description}; {tcfg.batch_size} x {config.data.seq_len} tokens per step"
        f"{f' ({tcfg.grad_accum} micro-batches)' if tcfg.grad_accum > 1 else ''}; vocab {vocab}")
   _say(f"devices {jax.device_count()} x {jax.devices()[0].device_kind} over {jax.process_count()} process(es), "
-       f"{config.parallel.mode}{' + fsdp' if config.parallel.fsdp else ''}")
+       f"{parallel.describe(config.parallel)}")
   if latest is not None:
     state, data_state, step = checkpointer.restore(setup.abstract_state)
     positions = data_state["processes"]

@@ -43,7 +43,7 @@ def memory_report(config: ml_collections.ConfigDict) -> dict[str, Any]:
       "model": model_summary(setup),
       "method": config.optimizer.name,
       "devices": jax.device_count(),
-      "parallel": config.parallel.mode + (" + fsdp" if config.parallel.fsdp else ""),
+      "parallel": parallel.describe(config.parallel),
       "batch_tokens": list(setup.tokens_shape),
       "params_bytes": parallel.bytes_per_device(state.params),
       "opt_state_bytes": parallel.bytes_per_device(state.opt_state),

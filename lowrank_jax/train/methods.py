@@ -25,6 +25,25 @@ ConfigFn = Callable[[ml_collections.ConfigDict], Any]  # of the whole config
 
 
 @dataclasses.dataclass(frozen=True)
+class SplitHeads:
+  """How a method trains with its heads spread over devices (`parallel.shard_heads`).
+
+  The trainer then runs a per-device program (`shard_map` or `pmap`) over a `heads`
+  axis: the leaves `head_mask` marks, and their optimizer state, are split along
+  their heads axis (ndim - 3); every other leaf is replicated and all-reduced.
+  """
+  # Config key of the head count, and the count (a multiple of the device count).
+  num_heads_key: str
+  num_heads: ConfigFn
+  # (optimizer config, schedule, axis name) -> the method's transform in that program.
+  build_optimizer: Callable[[ml_collections.ConfigDict, optax.Schedule, str], optax.GradientTransformation]
+  # params -> tree of bools: the leaves split over the axis.
+  head_mask: Callable[[Any], Any]
+  # Optional: raise ConfigError when this config cannot split its heads.
+  validate: ConfigFn | None = None
+
+
+@dataclasses.dataclass(frozen=True)
 class Method:
   name: str
   build_optimizer: OptimizerBuilder
@@ -39,6 +58,8 @@ class Method:
   warm_start_steps: ConfigFn | None = None
   # Optional: check the method's own config keys; raise ConfigError.
   validate: ConfigFn | None = None
+  # Optional: heads that can live on separate devices (LTE), for parallel.shard_heads.
+  split_heads: SplitHeads | None = None
 
 
 _METHODS: dict[str, Method] = {}
@@ -315,17 +336,31 @@ def _validate_mhlora(config: ml_collections.ConfigDict) -> None:
   if m.mode == "parallel" and micro % m.num_heads:
     raise ConfigError("optimizer.mhlora.num_heads", f"parallel heads each train on their own share of the "
                       f"micro-batch, so it ({micro} sequences) must be divisible by num_heads={m.num_heads}")
-  if m.mode == "parallel" and config.parallel.mode == "pmap":
+  if m.mode == "parallel" and config.parallel.mode == "pmap" and not config.parallel.shard_heads:
     raise ConfigError("optimizer.mhlora.mode", "parallel heads under parallel.mode='pmap' would split each "
-                      "device's share of the batch, not the global batch; use parallel.mode='mesh' (heads "
-                      "spread over devices are not implemented yet) or mode 'mhlora'")
+                      "device's share of the batch, not the global batch; set parallel.shard_heads=True "
+                      "(each device trains its own heads), use parallel.mode='mesh', or mode 'mhlora'")
 
 
-def _build_mhlora(cfg: ml_collections.ConfigDict, schedule: optax.Schedule) -> optax.GradientTransformation:
+def _validate_mhlora_split(config: ml_collections.ConfigDict) -> None:
+  if config.optimizer.mhlora.mode != "parallel":
+    raise ConfigError("parallel.shard_heads", "needs optimizer.mhlora.mode='parallel' (sequential heads "
+                      f"see every example, so they cannot live apart), got {config.optimizer.mhlora.mode!r}")
+
+
+def _build_mhlora(cfg: ml_collections.ConfigDict, schedule: optax.Schedule,
+                  axis_name: str | None = None) -> optax.GradientTransformation:
   from lowrank_jax.optim.lte import lte_merge
 
   m = cfg.mhlora
-  return lte_merge(_build_adamw(cfg, schedule), merge_every=m.merge_every, scale=float(m.alpha) / m.rank)
+  return lte_merge(_build_adamw(cfg, schedule), merge_every=m.merge_every, scale=float(m.alpha) / m.rank,
+                   axis_name=axis_name)
+
+
+def _lte_head_mask(params: Any) -> Any:
+  from lowrank_jax.optim.lte import lte_head_mask
+
+  return lte_head_mask(params)
 
 
 register_method(
@@ -339,5 +374,12 @@ register_method(
             "num_heads": config.optimizer.mhlora.num_heads, "rank": config.optimizer.mhlora.rank,
             "alpha": float(config.optimizer.mhlora.alpha), "mode": config.optimizer.mhlora.mode}},
         validate=_validate_mhlora,
+        split_heads=SplitHeads(
+            num_heads_key="optimizer.mhlora.num_heads",
+            num_heads=lambda config: config.optimizer.mhlora.num_heads,
+            build_optimizer=_build_mhlora,
+            head_mask=_lte_head_mask,
+            validate=_validate_mhlora_split,
+        ),
     )
 )

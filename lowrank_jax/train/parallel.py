@@ -3,6 +3,11 @@
 The batch is split over a `data` mesh axis spanning every device of every
 process; the train state is replicated. The compiler inserts the gradient
 all-reduce. On one device all of this is a no-op.
+
+With `parallel.shard_heads` (LTE heads spread over devices) the one axis is
+named `heads` instead: the batch is split over it as before, and so is every
+head variable (and its optimizer state) along its heads axis, so each device
+holds its own heads and trains them on its own part of the batch.
 """
 
 from __future__ import annotations
@@ -14,12 +19,19 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 DATA_AXIS = "data"
+HEADS_AXIS = "heads"
 
 
-def make_mesh() -> Mesh:
+def make_mesh(axis: str = DATA_AXIS) -> Mesh:
+  """A 1-D mesh over every device: `data` (data parallel) or `heads` (LTE heads per device)."""
   # Auto axes: the compiler propagates the batch sharding through the model and
   # inserts the gradient all-reduce; the model code stays sharding-agnostic.
-  return jax.make_mesh((jax.device_count(),), (DATA_AXIS,), axis_types=(jax.sharding.AxisType.Auto,))
+  return jax.make_mesh((jax.device_count(),), (axis,), axis_types=(jax.sharding.AxisType.Auto,))
+
+
+def _axis(mesh: Mesh) -> str:
+  (axis,) = mesh.axis_names
+  return axis
 
 
 def replicated(mesh: Mesh) -> NamedSharding:
@@ -28,12 +40,12 @@ def replicated(mesh: Mesh) -> NamedSharding:
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:
   """Tokens are [grad_accum, micro_batch, seq_len]: split the micro-batch over devices."""
-  return NamedSharding(mesh, P(None, DATA_AXIS, None))
+  return NamedSharding(mesh, P(None, _axis(mesh), None))
 
 
 def eval_sharding(mesh: Mesh) -> NamedSharding:
   """Eval tokens are [batch, seq_len]."""
-  return NamedSharding(mesh, P(DATA_AXIS, None))
+  return NamedSharding(mesh, P(_axis(mesh), None))
 
 
 def global_array(local: np.ndarray, sharding: NamedSharding) -> jax.Array:
@@ -60,6 +72,13 @@ def bytes_per_device(tree: Any) -> int:
 
 MODES = ("mesh", "pmap")
 
+
+def describe(parallel_config: Any) -> str:
+  """`config.parallel` in a few words, for logs and reports: 'mesh', 'pmap + heads per device'."""
+  extras = [name for name, on in (("fsdp", parallel_config.fsdp), ("heads per device", parallel_config.shard_heads))
+            if on]
+  return " + ".join([parallel_config.mode, *extras])
+
 # Leaves smaller than this stay replicated under FSDP: sharding a norm scale saves
 # nothing and costs a collective.
 FSDP_MIN_SIZE = 2**12
@@ -77,13 +96,47 @@ def fsdp_spec(shape: tuple[int, ...], num_devices: int) -> P:
   return P()
 
 
-def state_shardings(mesh: Mesh, state: Any, *, fsdp: bool) -> Any:
-  """A sharding per leaf of the train state: replicated, or FSDP-sharded over `data`.
+def _dict_suffix(path: tuple) -> tuple[str, ...]:
+  """The trailing dict keys of a pytree path: a parameter's path, whether the leaf is the
+  parameter itself or its Adam moment deep inside an optimizer state."""
+  names = []
+  for entry in reversed(path):
+    if not isinstance(entry, jax.tree_util.DictKey):
+      break
+    names.append(str(entry.key))
+  return tuple(reversed(names))
+
+
+def split_leaf_mask(tree: Any, params: Any, param_mask: Any) -> Any:
+  """Bools over any tree (train state, optimizer state): True where a leaf belongs to a
+  parameter that `param_mask` (bools over `params`) marks as split over devices.
+
+  Optimizer states mirror the params below their own nodes (Adam's `mu` is a params-
+  shaped dict), so a leaf is matched by its trailing dict keys, and only when its shape
+  is that of the parameter (scalars and factored statistics stay whole).
+  """
+  flat_params = jax.tree_util.tree_flatten_with_path(params)[0]
+  marked = {_dict_suffix(path): tuple(leaf.shape)
+            for (path, leaf), flag in zip(flat_params, jax.tree.leaves(param_mask)) if flag}
+  return jax.tree_util.tree_map_with_path(
+      lambda path, leaf: marked.get(_dict_suffix(path)) == tuple(leaf.shape), tree)
+
+
+def heads_spec(ndim: int) -> P:
+  """A head variable (..., N, in, r) split over `heads` along N."""
+  return P(*([None] * (ndim - 3) + [HEADS_AXIS, None, None]))
+
+
+def state_shardings(mesh: Mesh, state: Any, *, fsdp: bool, split: Any = None) -> Any:
+  """A sharding per leaf of the train state: replicated, FSDP-sharded over `data`, or
+  (leaves marked True in `split`, a tree of bools like `state`) split over `heads`.
 
   Under FSDP every large leaf (parameters, Adam moments, GaLore/OSD projectors and
   low-rank moments alike) is split along its largest divisible axis; the compiler
   gathers what each step needs. Scalars (step, counts) and small leaves stay replicated.
   """
+  if split is not None:
+    return jax.tree.map(lambda x, s: NamedSharding(mesh, heads_spec(len(x.shape)) if s else P()), state, split)
   if not fsdp:
     return jax.tree.map(lambda _: replicated(mesh), state)
   n = mesh.devices.size

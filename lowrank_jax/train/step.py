@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from lowrank_jax.optim import clipping
 from lowrank_jax.train.model import ModelSplit
 
 
@@ -42,14 +43,32 @@ def _pmean_floats(tree: Any, axis_name: str) -> Any:
       lambda x: jax.lax.pmean(x, axis_name) if jnp.issubdtype(x.dtype, jnp.floating) else x, tree)
 
 
+def _reduce_split_grads(grads: Any, split: Any, axis_name: str) -> Any:
+  """Per-device gradients -> those of the global mean loss, leaving split leaves local.
+
+  Every device's loss is the mean over an equal share of the batch, so the global
+  loss is their mean: replicated leaves take the mean of the devices' gradients
+  (one all-reduce); a split leaf (a head living only on this device, used only by
+  this device's share) takes its own gradient divided by the device count, with no
+  communication at all.
+  """
+  n = jax.lax.axis_size(axis_name)
+  return jax.tree.map(lambda g, s: g / n if s else jax.lax.pmean(g, axis_name), grads, split)
+
+
 def make_train_step(split: ModelSplit, tx: optax.GradientTransformation, schedule: optax.Schedule,
-                    *, axis_name: str | None = None):
+                    *, axis_name: str | None = None, split_params: Any = None):
   """step(state, tokens[accum, micro, T]) -> (state, metrics); not yet jitted.
 
-  With `axis_name` the step is a per-device program for `jax.pmap`: gradients,
-  the loss and floating model variables are averaged over that axis before the
-  update, so every replica applies the same update. Without it (jit over a mesh)
-  the compiler inserts the same all-reduce from the shardings.
+  With `axis_name` the step is a per-device program for `jax.pmap` / `jax.shard_map`:
+  gradients, the loss and floating model variables are averaged over that axis
+  before the update, so every replica applies the same update. Without it (jit over
+  a mesh) the compiler inserts the same all-reduce from the shardings.
+
+  `split_params` (with `axis_name`; bools over the params) marks the leaves that
+  hold only this device's block (LTE heads spread over devices): their gradients
+  stay local (see `_reduce_split_grads`) and the reported gradient norm sums them
+  over the axis. The optimizer `tx` must be the matching per-device one.
   """
 
   def loss_fn(params, rest, tokens):
@@ -77,12 +96,17 @@ def make_train_step(split: ModelSplit, tx: optax.GradientTransformation, schedul
       loss = loss_sum / accum
       grads = jax.tree.map(lambda g, p: (g / accum).astype(p.dtype), grad_sum, state.params)
     if axis_name is not None:
-      grads, loss, rest = (_pmean_floats(t, axis_name) for t in (grads, loss, rest))
+      loss, rest = (_pmean_floats(t, axis_name) for t in (loss, rest))
+      if split_params is None:
+        grads = _pmean_floats(grads, axis_name)
+      else:
+        grads = _reduce_split_grads(grads, split_params, axis_name)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
+    norm_axis = None if split_params is None else axis_name
     metrics = {
         "loss": loss,
-        "grad_norm": optax.tree.norm(grads),
+        "grad_norm": clipping.global_norm(grads, norm_axis, split_params),
         "lr": jnp.asarray(schedule(state.step), jnp.float32),
     }
     return TrainState(state.step + 1, params, rest, opt_state, state.rng), metrics
