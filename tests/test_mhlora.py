@@ -152,7 +152,7 @@ def test_parallel_forward_matches_per_chunk_reference():
   np.testing.assert_allclose(np.asarray(layer(jnp.asarray(x), use_heads=True)), ref,
                              rtol=1e-5, atol=1e-5)
   layer.train()
-  with pytest.raises(ValueError, match='divisible by num_heads=3'):
+  with pytest.raises(ValueError, match='divisible by the number of heads it holds, 3'):
     layer(x5)
   with pytest.raises(ValueError, match='leading batch axis'):
     layer(jnp.asarray(x[0, 0]))

@@ -212,7 +212,7 @@ class MultiHeadLoRALinear(nnx.Module):
     if batch % n:
       raise ValueError(
           f"MultiHeadLoRALinear(mode='parallel'): batch size {batch} (leading axis of input "
-          f'{x.shape}) must be divisible by the number of heads {n}')
+          f'{x.shape}) must be divisible by the number of heads it holds, {n} (num_heads={self.num_heads})')
     xs = x.reshape(n, -1, self.in_features)  # (N, B/N * ..., in)
     low = jnp.einsum('nti,nir->ntr', xs, a) * jnp.asarray(self.scale, self.dtype)
     delta = jnp.einsum('ntr,nro->nto', low, b)
