@@ -1,4 +1,5 @@
-"""Multi-device training on 8 host CPU devices: mesh, pmap and FSDP agree with one device.
+"""Multi-device training on 8 host CPU devices: mesh, pmap, FSDP and LTE heads spread over
+devices agree with one device; the heads communicate only at merges.
 
 Each multi-device case runs in a subprocess (tests/parallel_worker.py) because the
 number of host devices is fixed when JAX starts; the one-device references run here.
