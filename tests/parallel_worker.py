@@ -63,12 +63,11 @@ def main():
   assert jax.device_count() == int(sys.argv[1])
   for job in json.loads(sys.argv[2])["jobs"]:
     config = tiny_config(**job["overrides"])
+    validate(config, num_devices=jax.device_count())
     if job["kind"] in ("memory", "collectives"):
-      validate(config, num_devices=jax.device_count())
       with open(job["out"], "w") as f:
         json.dump(memory_report(config) if job["kind"] == "memory" else collectives(config), f)
       continue
-    validate(config, num_devices=jax.device_count())
     summary = train(config, job["workdir"])
     np.savez(job["out"], **final_params(config, job["workdir"]))
     with open(job["out"] + ".json", "w") as f:

@@ -66,10 +66,8 @@ def collectives(hlo: str) -> list[Collective]:
   """Every collective of an optimized HLO module (`compiled.as_text()`)."""
   comps = _computations(hlo)
   # Computations reachable from a conditional's branches run only when it is taken.
-  pending = [n.strip().lstrip("%") for lines in comps.values() for line in lines
-             for group in _BRANCHES.findall(line) for n in group.split(",") if n.strip()]
-  pending += [n for lines in comps.values() for line in lines if " conditional(" in line
-              for n in re.findall(r"(?:true|false)_computation=%?([\w.\-]+)", line)]
+  pending = [n for lines in comps.values() for line in lines if " conditional(" in line
+             for n in _callees([line])]
   conditional: set[str] = set()
   while pending:
     name = pending.pop()

@@ -56,11 +56,15 @@ class Setup:
   eval_step: Callable  # jitted
   abstract_state: TrainState  # ShapeDtypeStructs carrying the state's shardings
   phase: str = MAIN  # or WARM_START: a method's full-rank warm start (dense linears, AdamW)
-  heads_split: bool = False  # heads spread over the devices of a `heads` axis
 
   @property
   def mode(self) -> str:
     return self.config.parallel.mode
+
+  @property
+  def heads_split(self) -> bool:
+    """Whether the heads are spread over the devices of a `heads` axis."""
+    return split_heads(self.config, self.phase) is not None
 
   @property
   def _pmap_tokens(self) -> bool:
@@ -178,8 +182,7 @@ def build_setup(config: ml_collections.ConfigDict, vocab_size: int, phase: str =
       in_shardings=(state_sh.params, state_sh.rest, parallel.eval_sharding(mesh)),
       out_shardings=(repl, repl),
   )
-  return Setup(config, mesh, split, tx, schedule, compiled_step, eval_step, abstract_state, phase,
-               heads_split=heads is not None)
+  return Setup(config, mesh, split, tx, schedule, compiled_step, eval_step, abstract_state, phase)
 
 
 def init_state(setup: Setup, vocab_size: int) -> TrainState:
