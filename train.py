@@ -20,31 +20,119 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Checkpoints, metrics.jsonl and 
                                "(default: runs/<config file name>).")
 _MEMORY_REPORT = flags.DEFINE_bool("memory_report", False, "Compile the train step on abstract shapes, print "
                                    "its per-device memory and exit; trains nothing, allocates nothing.")
+_MEMORY_TARGET = flags.DEFINE_string("memory_target", "cpu", "With --memory_report: the accelerator to compile for: "
+                                     "cpu, tpu-v5e, tpu-v5p, tpu-v6e (compiled ahead of time on this host; needs "
+                                     "pip install -e '.[aot]') or gpu (also runs one real step).")
+_MEMORY_DEVICES = flags.DEFINE_integer("memory_devices", 0, "With --memory_report: devices the run is spread "
+                                       "over (default: this host's device count).")
+_RESTART = flags.DEFINE_bool("restart", False, "Start over (from step 0) in a workdir that has metrics but no "
+                             "readable checkpoint; the old metrics.jsonl is kept beside the new one.")
+_MEMORY_PROGRAMS = flags.DEFINE_list("memory_programs", None, "With --memory_report: which programs to compile "
+                                     "(step, refresh; default: every program the run executes).")
 flags.mark_flag_as_required("config")
+
+# Per-layer linear kinds are a dict the config starts empty, which --config.KEY overrides cannot
+# add to; these flags are taken out before parsing and set afterwards.
+_LINEAR_FLAG = "--config.model.linear."
+
+
+def _parse_flags(argv: list[str]) -> list[str]:
+  """absl's flag parsing, every failure said in one line (exit 2) instead of a traceback."""
+  linear = [a for a in argv[1:] if a.startswith(_LINEAR_FLAG)]
+  argv = [a for a in argv if a not in linear]
+  sys.argv = [a for a in sys.argv if a not in linear]  # config_flags reads its overrides from sys.argv
+  try:
+    rest = flags.FLAGS(argv)
+  except flags.Error as e:  # unknown flag, bad value, no --config, a config file that does not load
+    _fail(" ".join(str(e).split()))
+  except Exception as e:  # noqa: BLE001 -- the config file or an override: unknown key, missing file
+    _fail(_config_flag_error(e))
+  try:
+    _CONFIG.value.keys()  # a config file that failed to load raises only when first read
+  except Exception as e:  # noqa: BLE001
+    reason = [line.strip() for line in str(e).splitlines() if line.strip()][-1]
+    _fail(f"--config {flags.FLAGS['config'].config_filename}: cannot load it ({reason})")
+  for arg in linear:
+    name, _, kind = arg[len(_LINEAR_FLAG):].partition("=")
+    if not name or "." in name or not kind:
+      _fail(f"config.model.linear: expected --config.model.linear.LAYER=KIND, got {arg!r}")
+    with _CONFIG.value.unlocked():  # (the key is checked with the rest when the config is resolved)
+      _CONFIG.value.model.linear[name] = kind
+  return rest
+
+
+def _config_flag_error(e: Exception) -> str:
+  """The config file's loading or an override's failure, in one line naming the key or file."""
+  raw = str(e).replace("\\n", " ").replace("\\", "")
+  text = " ".join(raw.split()).strip("'\" ")
+  if "get_config" in raw:
+    return f"--config {_config_path()}: the file defines no get_config() returning the config"
+  if isinstance(e, (AttributeError, KeyError)):
+    keys = [a.split("=")[0][2:] for a in sys.argv[1:] if a.startswith("--config.")]
+    named = [k for k in keys if any(f"'{part}'" in raw for part in k.split(".")[1:])]
+    hint = raw[raw.find("Did you mean"):].strip("'\" ") if "Did you mean" in raw else ""
+    return f"{', '.join(named or keys) or 'config'}: no such key{f' ({hint})' if hint else ''}; see configs/base.py"
+  if isinstance(e, (OSError, ImportError, SyntaxError)):
+    return f"--config {_config_path()}: cannot load it ({type(e).__name__}: {text})"
+  return f"--config: {type(e).__name__}: {text}"
+
+
+def _one_line(error: Exception) -> str:
+  """A message that spans lines (a how-to with commands) joined into the one line a user gets."""
+  return "; ".join(line.strip() for line in str(error).splitlines() if line.strip())
+
+
+def _config_path() -> str:
+  """The --config file named on the command line (for messages about it)."""
+  for i, arg in enumerate(sys.argv):
+    if arg.startswith("--config="):
+      return arg.split("=", 1)[1]
+    if arg == "--config" and i + 1 < len(sys.argv):
+      return sys.argv[i + 1]
+  return "?"
+
+
+def _fail(message: str, code: int = 2) -> None:
+  print(f"error: {message}", file=sys.stderr)
+  sys.exit(code)
 
 
 def main(argv):
   if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+    _fail(f"unexpected argument(s) {' '.join(argv[1:])!r}: every setting is a flag (--config.KEY=VALUE)")
   if not flags.FLAGS["verbosity"].present:  # orbax logs every file it writes at INFO
     logging.set_verbosity(logging.WARNING)
-  from lowrank_jax.train import ConfigError, format_report, memory_report, train
+  from lowrank_jax.train import ConfigError, format_report, memory_report, resolve, train
+  from lowrank_jax.train.errors import TrainingStopped
   from lowrank_jax.train.parallel import initialize_distributed
+  from lowrank_jax.train.targets import TargetError
+
+  if _MEMORY_REPORT.value:
+    try:
+      report = memory_report(_CONFIG.value, _MEMORY_TARGET.value, _MEMORY_DEVICES.value or None,
+                             only=tuple(_MEMORY_PROGRAMS.value) if _MEMORY_PROGRAMS.value else None)
+    except (ConfigError, TargetError) as e:
+      print(f"error: {e}", file=sys.stderr)
+      return 2
+    print(format_report(report), flush=True)
+    return 0
 
   initialize_distributed()  # a no-op unless launched as a multi-host job
 
-  config = _CONFIG.value
   try:
-    if _MEMORY_REPORT.value:
-      print(format_report(memory_report(config)), flush=True)
-      return 0
+    run = resolve(_CONFIG.value)  # the one place the ConfigDict is read: typed and checked from here on
     name = os.path.splitext(os.path.basename(flags.FLAGS["config"].config_filename))[0]
-    train(config, _WORKDIR.value or os.path.join("runs", name))
+    summary = train(run, _WORKDIR.value or os.path.join("runs", name), restart=_RESTART.value)
   except ConfigError as e:
-    print(f"error: {e}", file=sys.stderr)
+    print(f"error: {_one_line(e)}", file=sys.stderr)
     return 2
-  return 0
+  except TrainingStopped as e:  # diverged, unwritable workdir, no checkpoint to resume: one line each
+    print(f"error: {_one_line(e)}", file=sys.stderr, flush=True)
+    if e.exit_code == 1:  # a failed checkpoint write: orbax's writer threads would report it again at exit
+      os._exit(1)
+    return e.exit_code
+  return 130 if summary.get("stopped_early") else 0  # 130: stopped by Ctrl-C (after saving)
 
 
 if __name__ == "__main__":
-  app.run(lambda argv: sys.exit(main(argv)))
+  app.run(lambda argv: sys.exit(main(argv)), flags_parser=_parse_flags)

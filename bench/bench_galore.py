@@ -6,8 +6,10 @@
    (768 x 768, 768 x 2048, 2048 x 768, rank 256), with the captured energy
    ``||P^T G||_F^2 / ||G||_F^2`` of each projector.
 2. Optimizer update time relative to ``optax.adamw`` on a parameter tree with
-   the LLaMA-130m shapes, amortised over the refresh gap for GaLore, every
-   step for OSD, measured side by side in one run.
+   the LLaMA-130m shapes, amortised over the refresh gap for GaLore and Fira,
+   every step for OSD, APOLLO (rank 256) and APOLLO-Mini (rank 1, whose
+   Gaussian projectors are drawn at every step), measured side by side in
+   one run.
 
 Times are medians (and minima) after ahead-of-time compilation (compile time
 is never timed), with the compared cases timed round-robin so that load on a
@@ -23,8 +25,11 @@ On a shared CPU machine run with ``OPENBLAS_NUM_THREADS=1``: jaxlib's CPU
 LAPACK (SVD/QR/eigh) uses scipy's OpenBLAS, whose busy-waiting threads make
 some refreshes 20x slower when the cores are oversubscribed.
 
-Writes ``bench/results/galore_refresh[_quick].json`` and
-``bench/results/galore_update[_quick].json``.
+3. Optimizer state bytes at LLaMA-1b (bf16 weights) as the trainer builds it,
+   per method, relative to AdamW's (exact: shapes and dtypes, no compile).
+
+Writes ``bench/results/galore_refresh[_quick].json``,
+``bench/results/galore_update[_quick].json`` and ``bench/results/state_1b.json``.
 """
 
 from __future__ import annotations
@@ -206,7 +211,13 @@ def bench_update(layers, rank, gap, reps, refresh_reps):
       'galore randomized': optim.galore(1e-3, rank=rank, update_proj_gap=gap,
                                         scale=0.25, refresh='randomized'),
       'osd': optim.osd(1e-3, rank=rank, scale=0.25),
+      'fira': optim.fira(1e-3, rank=rank, update_proj_gap=gap, scale=0.25),
+      'apollo': optim.apollo(1e-3, rank=rank, update_proj_gap=gap),
+      'apollo_mini': optim.apollo_mini(1e-3, update_proj_gap=gap),
   }
+  # Methods whose refresh is a decomposition at count 0, gap, 2 gap, ...:
+  # their time is amortised over the gap.
+  refreshing = ('galore svd', 'galore randomized', 'fira')
   if reps >= gap:
     raise ValueError('reps must be < gap (steady steps must not refresh)')
   compiled, states, rows = {}, {}, {}
@@ -234,7 +245,7 @@ def bench_update(layers, rank, gap, reps, refresh_reps):
     rows[name].update(step_s=statistics.median(v), step_min_s=min(v))
   del states
   for name, opt in opts.items():
-    if not name.startswith('galore'):
+    if name not in refreshing:
       continue
     v = []
     for _ in range(refresh_reps):
@@ -244,7 +255,7 @@ def bench_update(layers, rank, gap, reps, refresh_reps):
       v.append(time.perf_counter() - t0)
     rows[name]['refresh_step_s'] = statistics.median(v) if v else rows[name]['first_step_s']
   for name, row in rows.items():
-    if name.startswith('galore'):
+    if name in refreshing:
       t_ref = row['refresh_step_s']
       row['amortised_s'] = ((gap - 1) * row['step_s'] + t_ref) / gap
       row['amortised_min_s'] = ((gap - 1) * row['step_min_s'] + t_ref) / gap
@@ -256,6 +267,47 @@ def bench_update(layers, rank, gap, reps, refresh_reps):
     row['ratio_vs_adamw'] = row['amortised_s'] / base
     row['ratio_vs_adamw_min'] = row['amortised_min_s'] / base_min
   return list(rows.values())
+
+
+# ---------------------------------------------------------------------------
+# 3. Optimizer state at 1b, as the trainer builds it.
+
+STATE_CASES = [
+    ('adamw', {'optimizer.name': 'adamw'}),
+    ('galore rank 256', {'optimizer.name': 'galore', 'optimizer.galore.rank': 256}),
+    ('galore rank 512', {'optimizer.name': 'galore', 'optimizer.galore.rank': 512}),
+    ('apollo rank 256', {'optimizer.name': 'apollo', 'optimizer.apollo.rank': 256}),
+    ('apollo rank 512', {'optimizer.name': 'apollo', 'optimizer.apollo.rank': 512}),
+    ('apollo_mini', {'optimizer.name': 'apollo_mini'}),
+    ('fira rank 512', {'optimizer.name': 'fira', 'optimizer.fira.rank': 512}),
+    ('sgd', {'optimizer.name': 'sgd'}),
+]
+
+
+def bench_state_1b():
+  """Bytes of the optimizer state the trainer builds for configs/llama_1b_galore.py (bf16
+  weights) with each method: exact (the abstract state's shapes and dtypes), no compile."""
+  from configs import llama_1b_galore  # noqa: E402
+  from lowrank_jax.train.config import resolve
+  from lowrank_jax.train.setup import build_setup, vocab_size_of
+
+  rows = []
+  for name, overrides in STATE_CASES:
+    config = llama_1b_galore.get_config()
+    for key, value in overrides.items():
+      node = config
+      *parents, leaf = key.split('.')
+      for part in parents:
+        node = node[part]
+      node[leaf] = value
+    setup = build_setup(resolve(config), vocab_size_of(config))
+    leaves = jax.tree.leaves(setup.abstract_state.opt_state)
+    rows.append({'method': name, 'state_bytes': int(sum(x.size * x.dtype.itemsize for x in leaves))})
+    print(f'  {name}: {rows[-1]["state_bytes"] / 2**20:,.1f} MiB', flush=True)
+  base = rows[0]['state_bytes']
+  for row in rows:
+    row['ratio_vs_adamw'] = row['state_bytes'] / base
+  return rows
 
 
 # ---------------------------------------------------------------------------
@@ -280,6 +332,7 @@ def main():
                   help='timed GaLore refresh steps (0: use the first step)')
   ap.add_argument('--skip-refresh', action='store_true')
   ap.add_argument('--skip-update', action='store_true')
+  ap.add_argument('--skip-state', action='store_true')
   args = ap.parse_args()
   reps = args.reps or (3 if args.quick else 5)
   layers = args.layers or (2 if args.quick else 12)
@@ -327,6 +380,17 @@ def main():
     with open(os.path.join(RESULTS, f'galore_update{suffix}.json'), 'w') as f:
       json.dump({'meta': meta, 'layers': layers, 'rank': 256, 'gap': args.gap,
                  'rows': rows}, f, indent=1)
+
+
+  if not args.skip_state:
+    print('\noptimizer state, LLaMA-1b (configs/llama_1b_galore.py, bf16 weights)')
+    rows = bench_state_1b()
+    print()
+    print(_table(rows, ['method', 'state_bytes', 'ratio_vs_adamw'],
+                 {'method': str, 'state_bytes': lambda v: f'{v / 2**20:,.1f} MiB',
+                  'ratio_vs_adamw': lambda v: f'{v:.3f}'}))
+    with open(os.path.join(RESULTS, 'state_1b.json'), 'w') as f:
+      json.dump({'meta': meta, 'rows': rows}, f, indent=1)
 
 
 if __name__ == '__main__':

@@ -1,7 +1,9 @@
 """GPT-2 runs as in the project that motivated multi-head LoRA: GPT-2 124M, context 512.
 
 The data default to the C4 sample with the T5 vocabulary (the GPT-2 BPE vocabulary is not
-shipped); point `data.*` at your own corpus and tokenizer. Batch, steps and learning rate
+shipped); point `data.*` at your own corpus and tokenizer. With GPT-2's own vocabulary, give its
+local tiktoken file, `--config.data.tokenizer=/path/to/r50k_base.tiktoken` (50,257 tokens, EOS
+`<|endoftext|>`), or a GPT-2 model directory / `tokenizer.json`. Batch, steps and learning rate
 are our choices (the motivating project did not state them).
 """
 

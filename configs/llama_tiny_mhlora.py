@@ -12,6 +12,9 @@ from configs import llama_tiny_adamw
 def get_config():
   config = llama_tiny_adamw.get_config()
   config.optimizer.name = "mhlora"
+  # Tuned: the best of a 5-point lr sweep (factor 2) in bench/quality.py --quick, C4 sample, 200 steps
+  # (bench/results/quality_quick.json; README, Quality).
+  config.optimizer.lr = 1.5e-3
   config.optimizer.mhlora.rank = 8
   config.optimizer.mhlora.alpha = 32.0
   config.optimizer.mhlora.num_heads = 4

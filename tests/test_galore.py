@@ -66,14 +66,14 @@ def test_full_rank_identity_base_follows_full_rank_trajectory():
   ref = trajectory(optax.sgd(0.1))
   # std with rank = min dim: P is square orthogonal, so P P^T = I at any gap.
   gal = trajectory(
-      optim.galore(0.1, rank=10, update_proj_gap=4, base=optax.identity(), mask=mask)
+      optim.galore(0.1, rank=10, update_proj_gap=4, base_optimizer=optax.identity(), projection_mask=mask)
   )
   for a, b in zip(ref, gal):
     np.testing.assert_allclose(a['w'], b['w'], atol=1e-5)
     np.testing.assert_allclose(a['b'], b['b'], atol=1e-6)
   # Adam is not rotation invariant: GaLore-Adam at full rank is not Adam.
   ref_adam = trajectory(optax.adam(0.1))
-  gal_adam = trajectory(optim.galore(0.1, rank=10, update_proj_gap=4, mask=mask))
+  gal_adam = trajectory(optim.galore(0.1, rank=10, update_proj_gap=4, projection_mask=mask))
   diff = float(jnp.max(jnp.abs(ref_adam[-1]['w'] - gal_adam[-1]['w'])))
   assert diff > 1e-2, diff
   # The unprojected leaf still gets plain Adam.
@@ -87,8 +87,8 @@ def test_full_rank_identity_base_refresh_every_step_is_exact(proj_type):
   params = {'w': jnp.zeros((6, 10))}
   grads = _grads(params, 3)
   opt = optim.scale_by_galore(
-      rank=6, update_proj_gap=1, proj_type=proj_type, base=optax.identity(),
-      mask={'w': True},
+      rank=6, update_proj_gap=1, proj_type=proj_type, base_optimizer=optax.identity(),
+      projection_mask={'w': True},
   )
   updates, _, _ = _run(opt, params, grads)
   for u, g in zip(updates, grads):
@@ -102,7 +102,7 @@ def test_full_rank_identity_base_refresh_every_step_is_exact(proj_type):
 @pytest.mark.parametrize('proj_type', ['std', 'reverse_std', 'left', 'right', 'full'])
 def test_update_lies_in_projector_subspace(proj_type):
   params = {'a': jnp.zeros((8, 12)), 'b': jnp.zeros((12, 8))}
-  opt = optim.scale_by_galore(rank=3, update_proj_gap=2, proj_type=proj_type, mask=lambda p: jax.tree.map(lambda _: True, p))
+  opt = optim.scale_by_galore(rank=3, update_proj_gap=2, proj_type=proj_type, projection_mask=lambda p: jax.tree.map(lambda _: True, p))
   updates, states, _ = _run(opt, params, _grads(params, 3))
   for u, s in zip(updates, states[1:]):
     for name in ('a', 'b'):
@@ -128,11 +128,11 @@ def test_flax_and_torch_layouts_give_transposed_updates(proj_type):
   g_torch = [jax.tree.map(lambda x: x.T, g) for g in g_flax]
   common = dict(rank=3, update_proj_gap=2, proj_type=proj_type)
   u_flax, s_flax, _ = _run(
-      optim.scale_by_galore(**common, mask=jax.tree.map(lambda _: True, flax)), flax, g_flax
+      optim.scale_by_galore(**common, projection_mask=jax.tree.map(lambda _: True, flax)), flax, g_flax
   )
   u_torch, s_torch, _ = _run(
       optim.scale_by_galore(
-          **common, mask=jax.tree.map(lambda _: optim.MatrixAxes(1, 0), torch)
+          **common, projection_mask=jax.tree.map(lambda _: optim.MatrixAxes(1, 0), torch)
       ),
       torch,
       g_torch,
@@ -153,8 +153,8 @@ def test_stacked_kernel_matches_separate_kernels():
   gs = _grads(stacked, 3)
   gsep = [{'l0': g['k'][0], 'l1': g['k'][1]} for g in gs]
   kw = dict(rank=3, update_proj_gap=2)
-  u1, s1, _ = _run(optim.scale_by_galore(**kw, mask={'k': optim.MatrixAxes()}), stacked, gs)
-  u2, _, _ = _run(optim.scale_by_galore(**kw, mask={'l0': True, 'l1': True}), separate, gsep)
+  u1, s1, _ = _run(optim.scale_by_galore(**kw, projection_mask={'k': optim.MatrixAxes()}), stacked, gs)
+  u2, _, _ = _run(optim.scale_by_galore(**kw, projection_mask={'l0': True, 'l1': True}), separate, gsep)
   assert s1[-1].projector['k']['in'].shape == (2, 8, 3)
   for a, b in zip(u1, u2):
     np.testing.assert_allclose(a['k'][0], b['l0'], atol=2e-5)
@@ -164,7 +164,7 @@ def test_stacked_kernel_matches_separate_kernels():
 def test_head_axes_kernel():
   # (embed, heads, head_dim) attention kernel viewed as (embed, heads*head_dim).
   params = {'q': jnp.zeros((8, 2, 6))}
-  opt = optim.scale_by_galore(rank=3, update_proj_gap=2, mask={'q': optim.MatrixAxes(0, (1, 2))})
+  opt = optim.scale_by_galore(rank=3, update_proj_gap=2, projection_mask={'q': optim.MatrixAxes(0, (1, 2))})
   updates, states, _ = _run(opt, params, _grads(params, 2))
   assert states[-1].projector['q']['in'].shape == (8, 3)
   assert updates[-1]['q'].shape == (8, 2, 6)
@@ -223,7 +223,7 @@ def test_projector_orthonormal_and_refresh_period():
   gap = 3
   for refresh in ('svd', 'randomized'):
     opt = optim.scale_by_galore(
-        rank=4, update_proj_gap=gap, refresh=refresh, mask={'a': True, 'b': True}
+        rank=4, update_proj_gap=gap, refresh=refresh, projection_mask={'a': True, 'b': True}
     )
     _, states, upd = _run(opt, params, _grads(params, 2 * gap + 2))
     assert upd._cache_size() == 1  # no recompilation across refreshes
@@ -243,7 +243,7 @@ def test_randomized_refresh_close_to_svd_on_low_rank_gradients():
   a = jax.random.normal(KEY, (20, 4))
   params = {'w': jnp.zeros((20, 30))}
   grads = [{'w': a @ jax.random.normal(jax.random.fold_in(KEY, i), (4, 30))} for i in range(2)]
-  kw = dict(rank=4, update_proj_gap=1, mask={'w': True})
+  kw = dict(rank=4, update_proj_gap=1, projection_mask={'w': True})
   _, s1, _ = _run(optim.scale_by_galore(**kw), params, grads)
   _, s2, _ = _run(optim.scale_by_galore(**kw, refresh=optim.RandomizedRefresh(oversample=2, n_iter=1)), params, grads)
   for st in (s1[-1], s2[-1]):
@@ -262,7 +262,7 @@ def test_moments_at_refresh(moments, proj_type):
   gap = 2
   opt = optim.scale_by_galore(
       rank=3, update_proj_gap=gap, proj_type=proj_type, moments=moments,
-      base=optax.scale_by_adam(b1=b1, b2=b2), mask={'w': True, 'n': False},
+      base_optimizer=optax.scale_by_adam(b1=b1, b2=b2), projection_mask={'w': True, 'n': False},
   )
   grads = _grads(params, gap + 1)
   _, states, _ = _run(opt, params, grads)
@@ -300,8 +300,8 @@ def test_rotate_preserves_full_space_momentum_when_subspace_is_unchanged():
   res = {}
   for moments in ('keep', 'rotate'):
     opt = optim.scale_by_galore(
-        rank=3, update_proj_gap=2, moments=moments, base=optax.trace(decay=0.9),
-        mask={'w': True},
+        rank=3, update_proj_gap=2, moments=moments, base_optimizer=optax.trace(decay=0.9),
+        projection_mask={'w': True},
     )
     _, states, _ = _run(opt, params, grads)
     p = states[3].projector['w']['in']
@@ -411,7 +411,7 @@ def test_weight_decay_in_full_space():
   params = {'w': jnp.ones((8, 12)), 'n': jnp.ones((12,))}
   zeros = jax.tree.map(jnp.zeros_like, params)
   opt = optim.galore(0.1, rank=2, weight_decay=0.5, weight_decay_mask={'w': True, 'n': False},
-                     mask={'w': True, 'n': False})
+                     projection_mask={'w': True, 'n': False})
   u, _ = jax.jit(opt.update)(zeros, opt.init(params), params)
   np.testing.assert_allclose(u['w'], -0.05 * params['w'], atol=1e-7)
   np.testing.assert_allclose(u['n'], 0.0)
@@ -420,13 +420,13 @@ def test_weight_decay_in_full_space():
 def test_projector_dtype_and_other_bases():
   params = {'w': jnp.zeros((8, 12), jnp.bfloat16)}
   grads = [jax.tree.map(lambda g: g.astype(jnp.bfloat16), g) for g in _grads(params, 2)]
-  opt = optim.scale_by_galore(rank=4, projector_dtype='bfloat16', mask={'w': True},
-                              base=optax.scale_by_lion())
+  opt = optim.scale_by_galore(rank=4, projector_dtype='bfloat16', projection_mask={'w': True},
+                              base_optimizer=optax.scale_by_lion())
   updates, states, _ = _run(opt, params, grads)
   assert states[-1].projector['w']['in'].dtype == jnp.bfloat16
   assert updates[-1]['w'].dtype == jnp.bfloat16 and _finite(updates)
-  opt = optim.scale_by_galore(rank=4, mask={'w': True},
-                              base=optax.scale_by_factored_rms(min_dim_size_to_factor=2),
+  opt = optim.scale_by_galore(rank=4, projection_mask={'w': True},
+                              base_optimizer=optax.scale_by_factored_rms(min_dim_size_to_factor=2),
                               moments='rotate')
   updates, _, _ = _run(opt, {'w': jnp.zeros((8, 12))}, _grads({'w': jnp.zeros((8, 12))}, 2))
   assert _finite(updates)
@@ -478,3 +478,47 @@ def train(opt, steps=60):
 def test_tiny_mlp_trains(refresh):
   losses = train(optim.galore(2e-2, rank=4, update_proj_gap=10, refresh=refresh))
   assert losses[-1] < 0.5 * losses[0], losses[::10]
+
+
+# ---------------------------------------------------------------------------
+# Split refresh: the refresh as its own program.
+
+
+def _decompositions(fn, *args):
+  text = str(jax.make_jaxpr(fn)(*args))
+  return [p for p in ('svd', 'qr', 'eigh', 'householder_product', 'geqrf') if p + '[' in text]
+
+
+@pytest.mark.parametrize('method', ['galore_rotate', 'osd', 'fira_randomized'])
+def test_split_refresh_gives_the_same_parameters(method):
+  params = {'w': {'kernel': 0.1 * jnp.ones((8, 12))}, 'v': {'kernel': jnp.zeros((12, 8))},
+            'n': {'scale': jnp.ones((12,))}}
+  make = {
+      'galore_rotate': lambda split: optim.galore(0.1, rank=3, update_proj_gap=2, moments='rotate',
+                                                  split_refresh=split),
+      'osd': lambda split: optim.osd(0.1, rank=3, projector_lr_ratio=0.5, split_refresh=split),
+      'fira_randomized': lambda split: optim.fira(0.1, rank=3, update_proj_gap=2, refresh='randomized',
+                                                  split_refresh=split),
+  }[method]
+  one = optax.chain(optax.clip_by_global_norm(1.0), make(False))
+  split = optax.chain(optax.clip_by_global_norm(1.0), make(True))
+  grads = _grads(params, 5)
+  p1, s1 = params, one.init(params)
+  p2, s2 = params, split.init(params)
+  step1 = jax.jit(one.update)
+  step2 = jax.jit(split.update)
+  refresh = jax.jit(lambda g, s, p: optim.refresh_projectors(split, g, s, p))
+  assert not _decompositions(step2, grads[0], s2, p2)
+  due_steps = []
+  for t, g in enumerate(grads):
+    u1, s1 = step1(g, s1, p1)
+    p1 = optax.apply_updates(p1, u1)
+    if bool(optim.refresh_due(s2)):
+      due_steps.append(t)
+      s2 = refresh(g, s2, p2)
+    u2, s2 = step2(g, s2, p2)
+    p2 = optax.apply_updates(p2, u2)
+    for x, y in zip(jax.tree.leaves(p1), jax.tree.leaves(p2)):
+      np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-6, err_msg=f'step {t}')
+  assert due_steps == ([0] if method == 'osd' else [0, 2, 4])
+  assert step2._cache_size() == 1 and refresh._cache_size() == 1

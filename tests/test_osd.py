@@ -39,7 +39,7 @@ def test_projector_converges_to_top_subspace_of_gradient_stream():
   d, k, r = 24, 6, 4
   a = jnp.linalg.qr(jax.random.normal(KEY, (d, r)))[0] * jnp.array([3.0, 2.5, 2.0, 1.5])
   params = {'w': jnp.zeros((d, k))}
-  opt = optim.scale_by_osd(rank=r, proj_type='right', mask={'w': True},
+  opt = optim.scale_by_osd(rank=r, proj_type='right', projection_mask={'w': True},
                            projector_lr=optax.cosine_decay_schedule(0.02, 400))
   state = opt.init(params)
 
@@ -104,7 +104,7 @@ def test_no_svd_after_first_step():
 
 def test_projector_moves_every_step_after_the_first():
   params = {'w': jnp.zeros((10, 16))}
-  opt = optim.scale_by_osd(rank=3, projector_lr=1e-2, mask={'w': True})
+  opt = optim.scale_by_osd(rank=3, projector_lr=1e-2, projection_mask={'w': True})
   state = opt.init(params)
   upd = jax.jit(opt.update)
   for t, g in enumerate(_grads(params, 4)):
@@ -127,7 +127,7 @@ def test_orthogonality_penalty_keeps_projector_near_stiefel():
   grads = _grads(params, 30)
   errs = {}
   for lam in (0.0, 1.0):
-    opt = optim.scale_by_osd(rank=4, projector_lr=3e-2, orthogonality=lam, mask={'w': True},
+    opt = optim.scale_by_osd(rank=4, projector_lr=3e-2, orthogonality=lam, projection_mask={'w': True},
                              projector_optimizer=optax.identity())
     state = opt.init(params)
     upd = jax.jit(opt.update)
@@ -156,7 +156,7 @@ def test_projector_lr_follows_weight_schedule():
     return out
 
   # Identity projector optimizer: P_{t+1} - P_t = -alpha * lr(t) * grad_P.
-  kw = dict(rank=3, mask={'w': True}, projector_optimizer=optax.identity())
+  kw = dict(rank=3, projection_mask={'w': True}, projector_optimizer=optax.identity())
   by_ratio = deltas(optim.osd(sched, projector_lr_ratio=0.1, **kw))
   by_schedule = deltas(optim.osd(sched, projector_lr=lambda c: 0.1 * sched(c), **kw))
   for x, y in zip(by_ratio, by_schedule):
@@ -212,7 +212,7 @@ def test_optax_compositions_under_jit():
       'inject': optax.inject_hyperparams(optim.osd)(learning_rate=sched, rank=4,
                                                     projector_lr_ratio=0.5),
       'multisteps': optax.MultiSteps(optim.osd(1e-2, rank=4), every_k_schedule=2),
-      'apply_if_finite': optax.apply_if_finite(optim.osd(1e-2, rank=4, base=optax.scale_by_lion()), 3),
+      'apply_if_finite': optax.apply_if_finite(optim.osd(1e-2, rank=4, base_optimizer=optax.scale_by_lion()), 3),
   }
   for name, opt in opts.items():
     state = opt.init(params)

@@ -1,5 +1,6 @@
-"""Multi-device training on 8 host CPU devices: mesh, pmap, FSDP and LTE heads spread over
-devices agree with one device; the heads communicate only at merges.
+"""Multi-device training on host CPU devices: every method under mesh, pmap and FSDP agrees
+with one device; LTE heads spread over 8 devices agree with one device and communicate only
+at merges; checkpoints move between device counts; two jax.distributed processes resume exactly.
 
 Each multi-device case runs in a subprocess (tests/parallel_worker.py) because the
 number of host devices is fixed when JAX starts; the one-device references run here.
@@ -39,9 +40,10 @@ def method_overrides(method: str) -> dict:
 
 
 def _run_worker(devices: int, jobs: list[dict]) -> None:
+  # No timeout: the work is sized (tiny model, few steps); a loaded machine only takes longer.
   env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
   out = subprocess.run([sys.executable, str(WORKER), str(devices), json.dumps({"jobs": jobs})], cwd=REPO,
-                       capture_output=True, text=True, timeout=600, env=env)
+                       capture_output=True, text=True, env=env)
   assert out.returncode == 0, out.stderr[-4000:]
 
 
@@ -71,24 +73,27 @@ def _assert_close(a: dict, b: dict, what: str, tol: float = 2e-3):
     assert err <= tol, f"{what}: {key}: relative error {err:.2e}"
 
 
-def test_mesh_pmap_and_fsdp_on_8_devices_equal_one_device_for_every_method(tmp_path):
-  all_modes = {"mesh": {}, "pmap": {"parallel.mode": "pmap"}, "fsdp": {"parallel.fsdp": True}}
-  # FSDP for the full-rank and the projected optimizer states; mesh and pmap for every method.
-  modes_of = {m: all_modes if m in ("adamw", "galore") else {k: all_modes[k] for k in ("mesh", "pmap")}
-              for m in method_names()}
-  jobs, references = [], {}
-  for method, modes in modes_of.items():
-    overrides = {**BASE, **method_overrides(method)}
-    references[method] = _single_device(overrides, tmp_path / f"{method}_one")
-    jobs += [{"kind": "train", "workdir": str(tmp_path / f"{method}_{name}"), "overrides": {**overrides, **extra},
-              "out": str(tmp_path / f"{method}_{name}.npz")} for name, extra in modes.items()]
-  _run_worker(8, jobs)  # one process: every method under every mode
-  for method, (reference, ref_summary) in references.items():
-    for name in modes_of[method]:
-      got = dict(np.load(tmp_path / f"{method}_{name}.npz"))
-      _assert_close(got, reference, f"{method} {name} vs 1 device", tol=2e-3)
-      summary = json.loads((tmp_path / f"{method}_{name}.npz.json").read_text())
-      assert abs(summary["train_loss"] - ref_summary["train_loss"]) < 1e-3, (method, name)
+# Every method on 2 devices: what makes a layout equal one device (the gradient all-reduce,
+# pmap's explicit pmean, FSDP's sharded state and gathers) is the same on 2 devices as on 8,
+# while 8 host devices on a 2-core machine cost several times the CPU (GaLore/OSD: 8x). The
+# 8-device layouts are checked below (heads over devices; checkpoints moved from 8 to 1 and 4).
+EQUALITY_DEVICES = 2
+
+
+@pytest.mark.parametrize("method", method_names())
+def test_mesh_pmap_and_fsdp_equal_one_device(tmp_path, method):
+  modes = {"mesh": {}, "pmap": {"parallel.mode": "pmap"}}
+  if method in ("adamw", "galore"):  # FSDP for the full-rank and the projected optimizer states
+    modes["fsdp"] = {"parallel.fsdp": True}
+  overrides = {**BASE, **method_overrides(method)}
+  reference, ref_summary = _single_device(overrides, tmp_path / "one")
+  _run_worker(EQUALITY_DEVICES, [{"kind": "train", "workdir": str(tmp_path / name), "overrides": {**overrides, **extra},
+                                  "out": str(tmp_path / f"{name}.npz")} for name, extra in modes.items()])
+  for name in modes:
+    got = dict(np.load(tmp_path / f"{name}.npz"))
+    _assert_close(got, reference, f"{method} {name} on {EQUALITY_DEVICES} devices vs 1", tol=2e-3)
+    summary = json.loads((tmp_path / f"{name}.npz.json").read_text())
+    assert abs(summary["train_loss"] - ref_summary["train_loss"]) < 1e-3, (method, name)
 
 
 # LTE parallel heads, 8 of them: one per device when spread over 8 devices. Clipping is
@@ -164,43 +169,101 @@ def test_checkpoint_from_8_devices_continues_on_1_and_4(tmp_path):
   assert any(not np.allclose(first_params[k], on8[k]) for k in on8)
 
 
-def _free_port() -> int:
+def _reserve_port():
+  """A localhost port held for the whole test: bound (not listening) with SO_REUSEPORT.
+
+  The coordinator's gRPC server binds with SO_REUSEPORT too, so it can listen on the held
+  port, while the kernel hands it to no one else meanwhile. Picking a free port and closing
+  it before the coordinator starts (seconds later: two JAX imports) left a window in which
+  another socket could take it; process 1 then connected to a stranger and waited out the
+  whole initialization timeout.
+  """
   import socket
 
-  with socket.socket() as s:
-    s.bind(("127.0.0.1", 0))
-    return s.getsockname()[1]
+  sock = socket.socket()
+  sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+  sock.bind(("127.0.0.1", 0))
+  return sock
 
 
-def _two_hosts(workdir, *overrides):
-  """One training job as 2 processes x 2 CPU devices on localhost, joined by jax.distributed."""
-  port = _free_port()
-  procs = []
-  for pid in range(2):
-    env = {**{k: v for k, v in os.environ.items() if k != "XLA_FLAGS"},
-           "JAX_COORDINATOR_ADDRESS": f"127.0.0.1:{port}", "JAX_NUM_PROCESSES": "2",
-           "JAX_PROCESS_ID": str(pid), "XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
-    args = [sys.executable, str(REPO / "train.py"), "--config", str(REPO / "configs/llama_tiny_adamw.py"),
-            "--workdir", str(workdir), "--config.train.progress_bar=False", *overrides]
-    procs.append(subprocess.Popen(args, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                  text=True))
-  logs = [p.communicate(timeout=300)[0] for p in procs]
-  for p, log in zip(procs, logs):
-    assert p.returncode == 0, log[-3000:]
-  return logs
+def _cpu_seconds(pids) -> float:
+  """CPU time (user + system) the processes have used so far; 0 for one that is gone."""
+  total = 0.0
+  for pid in pids:
+    try:
+      with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+      total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, IndexError, ValueError):
+      pass
+  return total
 
 
-@pytest.mark.skipif(os.environ.get("LOWRANK_JAX_MULTIHOST") != "1",
-                    reason="set LOWRANK_JAX_MULTIHOST=1: two jax.distributed processes on localhost; "
-                           "it has hung intermittently when run inside the full suite")
+def _wait_all(procs, logs, idle_limit_s: float = 300.0) -> None:
+  """Wait for every process; stop all as soon as one fails, or when none has used any CPU
+  for `idle_limit_s` (deadlocked). No wall-clock limit: a slow machine only makes it slower."""
+  import time
+
+  last_cpu, last_change = -1.0, time.monotonic()
+  while any(p.poll() is None for p in procs):
+    if any(p.returncode not in (None, 0) for p in procs):
+      break
+    cpu = _cpu_seconds([p.pid for p in procs if p.poll() is None])
+    if cpu - last_cpu > 2.0:  # heartbeats of a deadlocked pair use far less
+      last_cpu, last_change = cpu, time.monotonic()
+    elif time.monotonic() - last_change > idle_limit_s and os.path.isdir("/proc"):
+      break
+    time.sleep(1.0)
+  failed = [(p, log) for p, log in zip(procs, logs) if p.poll() != 0]
+  failed.sort(key=lambda item: item[0].returncode is None)  # the one that failed first, if any
+  for p in procs:
+    if p.poll() is None:
+      p.kill()
+      p.wait()
+  if failed:
+    p, log = failed[0]
+    state = "deadlocked (no CPU used for a while)" if p.returncode < 0 else f"exited {p.returncode}"
+    pytest.fail(f"process {procs.index(p)} {state}:\n{log.read_text(errors='replace')[-3000:]}")
+
+
+def _two_hosts(workdir, *overrides, cache_dir):
+  """One training job as 2 processes x 2 CPU devices on localhost, joined by jax.distributed.
+
+  Each process writes its output to a file (a pipe nobody reads while the other process
+  is waited for can fill and block it mid-collective). The compilation cache is shared,
+  so a second launch of the same job does not compile again.
+  """
+  port = _reserve_port()
+  procs, logs = [], []
+  try:
+    for pid in range(2):
+      env = {**{k: v for k, v in os.environ.items() if k != "XLA_FLAGS"},
+             "JAX_COORDINATOR_ADDRESS": f"127.0.0.1:{port.getsockname()[1]}", "JAX_NUM_PROCESSES": "2",
+             "JAX_PROCESS_ID": str(pid), "XLA_FLAGS": "--xla_force_host_platform_device_count=2",
+             "JAX_COMPILATION_CACHE_DIR": str(cache_dir)}
+      args = [sys.executable, str(REPO / "train.py"), "--config", str(REPO / "configs/llama_tiny_adamw.py"),
+              "--workdir", str(workdir), "--config.train.progress_bar=False", *overrides]
+      logs.append(workdir.parent / f"{workdir.name}.process{pid}.log")
+      with open(logs[-1], "w") as out:
+        procs.append(subprocess.Popen(args, cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT))
+    _wait_all(procs, logs)
+  finally:
+    for p in procs:
+      if p.poll() is None:
+        p.kill()
+    port.close()
+  return [log.read_text() for log in logs]
+
+
 def test_two_hosts_resume_exactly(tmp_path):
   common = ["--config.data.seq_len=32", "--config.train.log_every=3", "--config.train.eval_batches=1",
             "--config.train.checkpoint_every=4", "--config.train.eval_every=0"]
-  _two_hosts(tmp_path / "straight", "--config.train.steps=8", *common)
+  cache = tmp_path / "compilation_cache"
+  _two_hosts(tmp_path / "straight", "--config.train.steps=8", *common, cache_dir=cache)
   # The same run as if it had died after its step-4 checkpoint, continued by a second launch.
   shutil.copytree(tmp_path / "straight", tmp_path / "resumed")
   shutil.rmtree(tmp_path / "resumed" / "checkpoints" / "8")
-  logs = _two_hosts(tmp_path / "resumed", "--config.train.steps=8", *common)
+  logs = _two_hosts(tmp_path / "resumed", "--config.train.steps=8", *common, cache_dir=cache)
   assert "resumed from the checkpoint at step 4" in logs[0]
   import jax
   from train_helpers import saved_params

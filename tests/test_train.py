@@ -13,7 +13,7 @@ import jax
 import numpy as np
 import pytest
 
-from lowrank_jax.train import ConfigError, memory_report, train
+from lowrank_jax.train import ConfigError, memory_report, resolve, train
 from lowrank_jax.train import loop as loop_lib
 from lowrank_jax.train.model import build_model
 from lowrank_jax.train.setup import build_setup, init_state
@@ -67,10 +67,8 @@ def test_resume_after_kill_9_equals_the_uninterrupted_run(tmp_path):
   killed = tmp_path / "killed"
   args = [f"--config.{k}={v}" for k, v in overrides.items()]
   proc = subprocess.Popen(_cli(killed, *args), cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-  deadline = time.time() + 240
-  while not (killed / "checkpoints" / "20").exists():
+  while not (killed / "checkpoints" / "20").exists():  # no wall-clock limit: a loaded machine is slow
     assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
-    assert time.time() < deadline, "no checkpoint at step 20 in time"
     time.sleep(0.05)
   proc.send_signal(signal.SIGKILL)
   proc.wait()
@@ -108,7 +106,7 @@ def test_memory_report_counts_the_real_parameters(dtype):
   report = memory_report(config)
   import flax.nnx as nnx
 
-  model = build_model(config, 258, seed=0)
+  model = build_model(resolve(config), 258, seed=0)
   params = jax.tree.leaves(nnx.state(model, nnx.Param))
   assert report["params_bytes"] == sum(p.size * p.dtype.itemsize for p in params)
   # AdamW keeps two moments shaped like the parameters (plus scalar counters).
@@ -119,13 +117,14 @@ def test_memory_report_counts_the_real_parameters(dtype):
 
 
 def test_memory_report_cli_prints_json_last_line():
-  out = subprocess.run(_cli("/nonexistent-unused", "--memory_report"), cwd=REPO, capture_output=True,
-                       text=True, timeout=300)
+  out = subprocess.run(_cli("/nonexistent-unused", "--memory_report"), cwd=REPO, capture_output=True, text=True)
   assert out.returncode == 0, out.stderr[-2000:]
   last = json.loads(out.stdout.strip().splitlines()[-1])
-  assert set(last) == {"params_bytes", "opt_state_bytes", "argument_bytes", "temp_bytes", "output_bytes",
-                       "alias_bytes", "peak_bytes"}
-  assert all(isinstance(v, int) and v > 0 for v in last.values())
+  sizes = {"params_bytes", "opt_state_bytes", "argument_bytes", "temp_bytes", "output_bytes", "alias_bytes",
+           "peak_bytes", "capacity_bytes"}
+  assert set(last) == sizes | {"target", "fits"}
+  assert all(isinstance(last[k], int) and last[k] > 0 for k in sizes)
+  assert last["target"] == "cpu" and last["fits"] is True  # the default target: this host
 
 
 C4_METHODS = {
@@ -242,8 +241,7 @@ def test_corpus_too_small_for_one_batch(tmp_path, no_compile):
 
 
 def test_cli_bad_value_is_one_line_not_a_traceback(tmp_path):
-  out = subprocess.run(_cli(tmp_path, "--config.model.size=3b"), cwd=REPO, capture_output=True, text=True,
-                       timeout=120)
+  out = subprocess.run(_cli(tmp_path, "--config.model.size=3b"), cwd=REPO, capture_output=True, text=True)
   assert out.returncode == 2
   assert "Traceback" not in out.stderr
   assert out.stderr.strip().splitlines()[-1].startswith("error: config.model.size: unknown value '3b'")

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from lowrank_jax.train import ConfigError, memory_report, train
-from lowrank_jax.train import loop as loop_lib
+from lowrank_jax.train import warm_start
 from lowrank_jax.train.setup import build_setup, init_state
 from train_helpers import saved_params, tiny_config
 
@@ -77,7 +77,7 @@ def test_warm_start_from_a_full_rank_run(tmp_path):
                                     "optimizer.relora.warm_start_from": str(full)})
   setup = build_setup(config, 258)
   fresh = init_state(setup, 258)
-  started = loop_lib._start_from_full_rank(setup, fresh, str(full), 258)
+  started = warm_start.start_from_full_rank(setup, fresh, 258)
   flat = {_names(p): np.asarray(x) for p, x in jax.tree_util.tree_flatten_with_path(started.params)[0]}
   dense_leaves = jax.tree_util.tree_flatten_with_path(dense)[0]
   assert len(dense_leaves) == 3 + 2 * (2 + 7)  # embed, final norm, head; 2 norms + 7 kernels per layer

@@ -4,8 +4,23 @@ Plain arguments in, numpy batches out; nothing here reads the trainer's
 config. See ``pipeline`` for the stream and its checkpoint state.
 """
 
-from lowrank_jax.data.errors import DataError
+from lowrank_jax.data.errors import DataError, DataFileError
 from lowrank_jax.data.packing import PackedIterDataset
+from lowrank_jax.data.instructions import (
+    InstructionSource,
+    make_instruction_eval_batches,
+    make_instruction_iterator,
+)
+from lowrank_jax.data.images import (
+    ImageFolderSource,
+    ImageTransform,
+    NpzImageSource,
+    TfdsImageSource,
+    make_image_eval_batches,
+    make_image_train_iterator,
+    offline_npz,
+    write_medmnist_npz,
+)
 from lowrank_jax.data.pipeline import make_eval_batches, make_train_iterator
 from lowrank_jax.data.sources import (
     JsonlSource,
@@ -18,12 +33,17 @@ from lowrank_jax.data.sources import (
 )
 from lowrank_jax.data.tokenizers import (
     ByteTokenizer,
+    HFTokenizer,
+    TiktokenTokenizer,
     SentencePieceTokenizer,
     make_tokenizer,
 )
 
 __all__ = [
-    "ByteTokenizer", "DataError", "JsonlSource", "PackedIterDataset",
+    "ImageFolderSource", "ImageTransform", "NpzImageSource", "TfdsImageSource",
+    "make_image_eval_batches", "make_image_train_iterator", "offline_npz", "write_medmnist_npz",
+    "HFTokenizer", "TiktokenTokenizer",
+    "ByteTokenizer", "DataError", "DataFileError", "JsonlSource", "PackedIterDataset",
     "SentencePieceTokenizer", "SourceView", "SyntheticLanguage",
     "SyntheticTokenizer", "TextSource", "TfdsSource", "make_eval_batches",
     "make_tokenizer", "make_train_iterator", "split_holdout",

@@ -21,6 +21,8 @@ from typing import Sequence
 
 import numpy as np
 
+from lowrank_jax.data.errors import DataFileError
+
 __all__ = ["JsonlSource", "TextSource"]
 
 _CHUNK = 1 << 24  # 16 MiB per scan step bounds the scan's memory (~100 MiB).
@@ -55,13 +57,31 @@ def resolve_paths(paths: str | os.PathLike | Sequence[str | os.PathLike],
   return resolved
 
 
+def line_number(path: str, offset: int) -> int:
+  """The 1-based number of the line that holds byte ``offset`` of ``path``.
+
+  The index keeps byte offsets only (16 bytes per line); line numbers are
+  counted when an error message needs one.
+  """
+  newlines, pos = 0, 0
+  with open(path, "rb") as f:
+    while pos < offset:
+      block = f.read(min(_CHUNK, offset - pos))
+      if not block:
+        break
+      newlines += block.count(b"\n")
+      pos += len(block)
+  return newlines + 1
+
+
 def scan_lines(path: str) -> tuple[np.ndarray, np.ndarray]:
   """Byte ranges ``[start, end)`` of the non-blank lines of ``path``.
 
   ``end`` excludes the newline (and a trailing ``\\r``). A line is blank when
   it holds only whitespace; the test is done on bytes, which is exact for
   UTF-8 because ASCII whitespace bytes never occur inside multi-byte
-  characters.
+  characters. A NUL byte, which no text file holds, raises ``DataFileError``
+  naming its line: a binary file given as text fails here, not mid-training.
   """
   size = os.path.getsize(path)
   newlines = []  # absolute offsets of b"\n"
@@ -71,6 +91,11 @@ def scan_lines(path: str) -> tuple[np.ndarray, np.ndarray]:
     data = np.memmap(path, dtype=np.uint8, mode="r")
     for lo in range(0, size, _CHUNK):
       chunk = np.asarray(data[lo:lo + _CHUNK])
+      nul = np.flatnonzero(chunk == 0)
+      if nul.size:
+        raise DataFileError(path, line_number(path, lo + int(nul[0])),
+                            "a NUL byte: a binary (or UTF-16) file, not UTF-8 "
+                            "text (give text or JSON-lines files)")
       counts = np.cumsum(_NOT_WHITESPACE[chunk], dtype=np.int32)
       pos = np.flatnonzero(chunk == ord("\n"))
       newlines.append(pos + lo)
@@ -104,6 +129,14 @@ class _LineFiles:
     self._ends = np.concatenate(ends)
     self._fds: dict[int, int] = {}
     self._lock = threading.Lock()
+
+  def _check_first_documents(self) -> None:
+    """Read each file's first document, so a file of the wrong kind (or a
+    wrong ``text_key``) fails when the source is built, not mid-training."""
+    first_of_file = np.flatnonzero(
+        np.diff(np.concatenate([[-1], self._file_ids])) != 0)
+    for index in first_of_file:
+      self[int(index)]
 
   def __len__(self) -> int:
     return len(self._starts)
@@ -164,16 +197,22 @@ class TextSource(_LineFiles):
   Like the Hugging Face ``text`` dataset with line sampling, except that
   blank (whitespace-only) lines are skipped instead of becoming empty
   documents. ``paths``: one path/glob or a list of them; files are read in
-  the given order, glob matches sorted.
+  the given order, glob matches sorted. Bytes that are not UTF-8 raise
+  ``DataFileError`` naming the file and line.
   """
+
+  def __init__(self, paths):
+    super().__init__(paths)
+    self._check_first_documents()
 
   def __getitem__(self, index: int) -> str:
     raw, path, offset = self._line(index)
     try:
       return raw.decode("utf-8")
     except UnicodeDecodeError as e:
-      raise ValueError(f"{path!r}: invalid UTF-8 in the line at byte offset "
-                       f"{offset}: {e}") from None
+      raise DataFileError(path, line_number(path, offset),
+                          f"not UTF-8 text ({e.reason} at byte {e.start} of "
+                          "the line)") from None
 
   def __repr__(self) -> str:
     return f"TextSource({self.paths!r}, {len(self)} documents)"
@@ -184,7 +223,7 @@ class JsonlSource(_LineFiles):
 
   Only the first record of each file is parsed up front (to fail fast on a
   wrong ``text_key``); the rest are parsed when read, and a malformed record
-  raises ``ValueError`` naming the file and byte offset.
+  raises ``DataFileError`` (a ``ValueError``) naming the file and line.
   """
 
   def __init__(self, paths, text_key: str = "text"):
@@ -192,28 +231,33 @@ class JsonlSource(_LineFiles):
     self.text_key = text_key
     if len(self) == 0:
       raise ValueError(f"No non-blank lines in {self.paths!r}.")
-    first_of_file = np.flatnonzero(
-        np.diff(np.concatenate([[-1], self._file_ids])) != 0)
-    for index in first_of_file:
-      self[int(index)]
+    self._check_first_documents()
 
   def __getitem__(self, index: int) -> str:
     raw, path, offset = self._line(index)
     try:
       record = json.loads(raw)
-    except ValueError as e:
-      raise ValueError(f"{path!r}: the line at byte offset {offset} is not "
-                       f"valid JSON: {e}") from None
-    if not isinstance(record, dict) or self.text_key not in record:
-      keys = sorted(record) if isinstance(record, dict) else type(record)
-      raise ValueError(
-          f"{path!r}: the record at byte offset {offset} has no key "
-          f"{self.text_key!r} (found: {keys}); set text_key to the field "
-          "that holds the document text.")
+    except json.JSONDecodeError as e:
+      raise DataFileError(path, line_number(path, offset),
+                          f"not valid JSON: {e.msg} (column {e.colno})") from None
+    except ValueError as e:  # bytes that are not UTF-8
+      raise DataFileError(path, line_number(path, offset),
+                          f"not valid JSON: {e}") from None
+    if not isinstance(record, dict):
+      raise DataFileError(path, line_number(path, offset),
+                          f"a JSON {type(record).__name__}, not an object "
+                          f"with a {self.text_key!r} field")
+    if self.text_key not in record:
+      raise DataFileError(
+          path, line_number(path, offset),
+          f"the record has no key {self.text_key!r} (found: "
+          f"{', '.join(map(repr, sorted(record)))}); set text_key to the "
+          "field that holds the document text")
     text = record[self.text_key]
     if not isinstance(text, str):
-      raise ValueError(f"{path!r}: {self.text_key!r} at byte offset {offset} "
-                       f"is a {type(text).__name__}, not a string.")
+      raise DataFileError(path, line_number(path, offset),
+                          f"{self.text_key!r} is {json.dumps(text)[:40]}, "
+                          "not a string")
     return text
 
   def __repr__(self) -> str:

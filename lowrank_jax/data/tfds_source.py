@@ -18,6 +18,7 @@ from __future__ import annotations
 import os
 import re
 
+from lowrank_jax.data.errors import DataError
 from lowrank_jax.data.tfrecord import TFRecordShards
 
 __all__ = ["TfdsSource", "resolve_tfds_dir"]
@@ -110,14 +111,14 @@ class TfdsSource:
     builder = tfds.builder_from_directory(self.directory)
     info = builder.info
     if self.split not in info.splits:
-      raise ValueError(
+      raise DataError(
           f"Split {self.split!r} not found in {self.directory!r}; available "
-          f"splits: {sorted(info.splits.keys())}.")
+          f"splits: {sorted(info.splits.keys())}.", argument="split")
     features = info.features
     if self.text_key not in features.keys():
-      raise ValueError(
+      raise DataError(
           f"{self.directory!r} has no feature {self.text_key!r} (features: "
-          f"{sorted(features.keys())}); set text_key.")
+          f"{sorted(features.keys())}); set text_key.", argument="text_key")
     split_info = info.splits[self.split]
     file_format = info.file_format
     if file_format == file_adapters.FileFormat.TFRECORD:
@@ -139,12 +140,14 @@ class TfdsSource:
   def __len__(self) -> int:
     return self._length
 
-  def __getitem__(self, index: int) -> str:
+  def example(self, index: int) -> dict:
+    """Every feature of example ``index``, decoded to numpy."""
     if self._records is not None:
-      example = self._decode(self._records[index])
-    else:
-      example = self._data_source[index]
-    text = example[self.text_key]
+      return self._decode(self._records[index])
+    return self._data_source[index]
+
+  def __getitem__(self, index: int) -> str:
+    text = self.example(index)[self.text_key]
     if isinstance(text, bytes):
       text = text.decode("utf-8")
     elif not isinstance(text, str):  # e.g. a 0-d numpy object array

@@ -15,16 +15,37 @@ from lowrank_jax.models.llama import (
     count_params,
     llama_config,
 )
+from lowrank_jax.models.pretrained import (
+    PretrainedError,
+    from_pretrained,
+    pretrained_config,
+    save_pretrained,
+)
+
+from lowrank_jax.models.vit import (
+    VIT_SIZES,
+    ViT,
+    ViTConfig,
+    vit_config,
+    vit_from_pretrained,
+    vit_save_pretrained,
+)
+from lowrank_jax.models.llama import DTYPES  # dtype names every family accepts (compute and storage)
+from lowrank_jax.models.transformer import REMAT_POLICIES, remat_policy  # model.remat's choices
 
 # family -> (sizes, config builder, model class): what the trainer chooses from.
 FAMILIES = {
     'llama': (LLAMA_SIZES, llama_config, Llama),
     'gpt2': (GPT2_SIZES, gpt2_config, GPT2),
+    'vit': (VIT_SIZES, vit_config, ViT),  # images -> classes: vit_config(size, num_classes, ...)
 }
 
 __all__ = [
-    'FAMILIES', 'GPT2', 'GPT2_SIZES', 'GPT2Config', 'gpt2_config',
+    'PretrainedError', 'from_pretrained', 'pretrained_config', 'save_pretrained',
+    'REMAT_POLICIES', 'remat_policy',
+    'DTYPES', 'FAMILIES', 'GPT2', 'GPT2_SIZES', 'GPT2Config', 'gpt2_config',
     'LAYER_NAMES', 'LinearFactory', 'get_linear_builder', 'linear_kinds',
     'register_linear_kind', 'LLAMA_SIZES', 'Llama', 'LlamaConfig', 'count_params',
     'llama_config',
+    'VIT_SIZES', 'ViT', 'ViTConfig', 'vit_config', 'vit_from_pretrained', 'vit_save_pretrained',
 ]

@@ -26,10 +26,11 @@ Initialisation as GPT-2 / nanoGPT: every linear and both embeddings
 
 Deviations from the original GPT-2 (on purpose):
 
-* **Bias-free linears.** Every linear of this project is bias-free (the
-  factory's kinds mirror ``Dense``), so q/k/v/o/up/down have no bias;
-  LayerNorms keep theirs. 124M has 82,944 fewer scalars than OpenAI's
-  checkpoint (124,356,864 vs 124,439,808 with vocab 50257).
+* **Bias-free linears** by default (the factory's kinds mirror ``Dense``), so
+  q/k/v/o/up/down have no bias; LayerNorms keep theirs. 124M has 82,944 fewer
+  scalars than OpenAI's checkpoint (124,356,864 vs 124,439,808 with vocab
+  50257). ``bias=True`` (set by ``from_pretrained`` for HF checkpoints) gives
+  every linear a ``.../bias`` beside its kernel, as OpenAI's GPT-2.
 * **No dropout** (GPT-2 used 0.1; modern pre-training, e.g. nanoGPT, uses 0).
 * GELU is the tanh approximation (GPT-2's ``gelu_new``); LayerNorm eps 1e-5.
 
@@ -50,7 +51,13 @@ import numpy as np
 from flax import nnx
 
 from lowrank_jax.models.linear_factory import LinearFactory
-from lowrank_jax.models.transformer import CausalSelfAttention, PreNormBlock, run_blocks
+from lowrank_jax.models.transformer import (
+    CausalSelfAttention,
+    PreNormBlock,
+    attach_bias,
+    linear_with_bias,
+    run_blocks,
+)
 
 DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
 
@@ -69,6 +76,7 @@ class GPT2Config:
   dtype: str = 'float32'        # compute dtype
   param_dtype: str = 'float32'  # storage dtype of the parameters
   remat: bool = False           # activation checkpointing per block
+  bias: bool = False            # biases on every linear (OpenAI's GPT-2 has them)
 
   def __post_init__(self):
     if self.d_ff is None:
@@ -152,9 +160,12 @@ class MLP(nnx.Module):
                              **_linear_kw(config, config.init_std, rngs))
     self.down = linear_factory('down', config.d_ff, config.d_model,
                                **_linear_kw(config, _residual_std(config), rngs))
+    if config.bias:
+      attach_bias(self.up, config.storage_dtype)
+      attach_bias(self.down, config.storage_dtype)
 
   def __call__(self, x: jax.Array) -> jax.Array:
-    return self.down(jax.nn.gelu(self.up(x), approximate=True))
+    return linear_with_bias(self.down, jax.nn.gelu(linear_with_bias(self.up, x), approximate=True))
 
 
 def _block(config: GPT2Config, linear_factory: LinearFactory, *, rngs: nnx.Rngs) -> PreNormBlock:
@@ -162,7 +173,7 @@ def _block(config: GPT2Config, linear_factory: LinearFactory, *, rngs: nnx.Rngs)
       attn_norm=_layer_norm(config, rngs),
       attn=CausalSelfAttention(config.d_model, config.n_heads, linear_factory, dtype=config.compute_dtype,
                                rope_theta=None, q_kw=_linear_kw(config, config.init_std, rngs),
-                               o_kw=_linear_kw(config, _residual_std(config), rngs)),
+                               o_kw=_linear_kw(config, _residual_std(config), rngs), bias=config.bias),
       mlp_norm=_layer_norm(config, rngs),
       mlp=MLP(config, linear_factory, rngs=rngs),
       dtype=config.compute_dtype)
@@ -188,16 +199,20 @@ class GPT2(nnx.Module):
       self.head = linear_factory('head', config.d_model, config.vocab_size,
                                  **_linear_kw(config, config.init_std, rngs))
 
-  def __call__(self, tokens: jax.Array) -> jax.Array:
+  def __call__(self, tokens: jax.Array, *, positions: jax.Array | None = None,
+               segment_ids: jax.Array | None = None) -> jax.Array:
+    """``positions`` / ``segment_ids`` int [B, T] for packed rows (learned positions restart,
+    attention stays inside a segment); None: one sequence per row."""
     cfg = self.config
     if tokens.ndim != 2:
       raise ValueError(f'tokens must have shape [batch, seq], got {tokens.shape}')
     if tokens.shape[1] > cfg.max_seq_len:
       raise ValueError(
           f'sequence length {tokens.shape[1]} exceeds max_seq_len {cfg.max_seq_len}')
-    positions = jnp.arange(tokens.shape[1], dtype=jnp.int32)
-    x = (self.embed(tokens) + self.pos_embed(positions)[None]).astype(cfg.compute_dtype)
-    x = run_blocks(self.layers, x, remat=cfg.remat)
+    if positions is None:
+      positions = jnp.arange(tokens.shape[1], dtype=jnp.int32)[None]
+    x = (self.embed(tokens) + self.pos_embed(positions)).astype(cfg.compute_dtype)
+    x = run_blocks(self.layers, x, remat=cfg.remat, segment_ids=segment_ids)
     x = self.final_norm(x)
     if cfg.tie_embeddings:
       logits = self.embed.attend(x)  # x @ embedding.T, in the compute dtype

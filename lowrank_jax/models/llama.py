@@ -9,7 +9,9 @@ Parameter paths (``nnx.state(model, nnx.Param)``)::
 
   embed/embedding                    [vocab, d_model]
   layers/{i}/attn_norm/scale         [d_model]
-  layers/{i}/attn/{q,k,v,o}/kernel   [d_model, d_model]
+  layers/{i}/attn/{q,o}/kernel       [d_model, d_model]
+  layers/{i}/attn/{k,v}/kernel       [d_model, n_kv_heads * head_dim]
+  layers/{i}/attn/{q,k,v,o}/bias     [out]   (only with attention_bias; mlp_bias alike)
   layers/{i}/mlp_norm/scale          [d_model]
   layers/{i}/mlp/{gate,up}/kernel    [d_model, d_ff]
   layers/{i}/mlp/down/kernel         [d_ff, d_model]
@@ -29,7 +31,13 @@ from flax import nnx
 
 from lowrank_jax import nn
 from lowrank_jax.models.linear_factory import LinearFactory
-from lowrank_jax.models.transformer import CausalSelfAttention, PreNormBlock, run_blocks
+from lowrank_jax.models.transformer import (
+    CausalSelfAttention,
+    PreNormBlock,
+    attach_bias,
+    linear_with_bias,
+    run_blocks,
+)
 
 DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
 
@@ -49,6 +57,9 @@ class LlamaConfig:
   dtype: str = 'float32'        # compute dtype
   param_dtype: str = 'float32'  # storage dtype of the parameters
   remat: bool = False           # activation checkpointing per block
+  n_kv_heads: int | None = None  # grouped-query attention: k/v heads (None: n_heads)
+  attention_bias: bool = False  # biases on q, k, v, o (HF `attention_bias`)
+  mlp_bias: bool = False        # biases on gate, up, down (HF `mlp_bias`)
 
   def __post_init__(self):
     for name in ('vocab_size', 'd_model', 'd_ff', 'n_heads', 'n_layers', 'max_seq_len'):
@@ -62,6 +73,11 @@ class LlamaConfig:
       raise ValueError(
           f'LlamaConfig.d_model / n_heads = {self.head_dim} (head dim) must be even for '
           'rotary embeddings')
+    if self.n_kv_heads is not None and (
+        isinstance(self.n_kv_heads, bool) or not isinstance(self.n_kv_heads, (int, np.integer))
+        or self.n_kv_heads <= 0 or self.n_heads % self.n_kv_heads):
+      raise ValueError(f'LlamaConfig.n_kv_heads must be a positive divisor of n_heads '
+                       f'({self.n_heads}) or None, got {self.n_kv_heads!r}')
     for name in ('rope_theta', 'norm_eps', 'init_std'):
       value = getattr(self, name)
       if not isinstance(value, (int, float)) or isinstance(value, bool) or not value > 0:
@@ -117,9 +133,13 @@ class MLP(nnx.Module):
     self.gate = linear_factory('gate', config.d_model, config.d_ff, **kw)
     self.up = linear_factory('up', config.d_model, config.d_ff, **kw)
     self.down = linear_factory('down', config.d_ff, config.d_model, **kw)
+    if config.mlp_bias:
+      for layer in (self.gate, self.up, self.down):
+        attach_bias(layer, config.storage_dtype)
 
   def __call__(self, x: jax.Array) -> jax.Array:
-    return self.down(jax.nn.silu(self.gate(x)) * self.up(x))
+    hidden = jax.nn.silu(linear_with_bias(self.gate, x)) * linear_with_bias(self.up, x)
+    return linear_with_bias(self.down, hidden)
 
 
 def _block(config: LlamaConfig, linear_factory: LinearFactory, *, rngs: nnx.Rngs) -> PreNormBlock:
@@ -129,7 +149,8 @@ def _block(config: LlamaConfig, linear_factory: LinearFactory, *, rngs: nnx.Rngs
   return PreNormBlock(
       attn_norm=nn.RMSNorm(config.d_model, **norm_kw),
       attn=CausalSelfAttention(config.d_model, config.n_heads, linear_factory, dtype=config.compute_dtype,
-                               rope_theta=config.rope_theta, q_kw=kw),
+                               rope_theta=config.rope_theta, q_kw=kw, bias=config.attention_bias,
+                               n_kv_heads=config.n_kv_heads),
       mlp_norm=nn.RMSNorm(config.d_model, **norm_kw),
       mlp=MLP(config, linear_factory, rngs=rngs),
       dtype=config.compute_dtype)
@@ -155,7 +176,10 @@ class Llama(nnx.Module):
                                  dtype=config.compute_dtype, param_dtype=config.storage_dtype,
                                  kernel_init=init, rngs=rngs)
 
-  def __call__(self, tokens: jax.Array) -> jax.Array:
+  def __call__(self, tokens: jax.Array, *, positions: jax.Array | None = None,
+               segment_ids: jax.Array | None = None) -> jax.Array:
+    """``positions`` / ``segment_ids`` int [B, T] for packed rows (rotary positions restart,
+    attention stays inside a segment); None: one sequence per row."""
     cfg = self.config
     if tokens.ndim != 2:
       raise ValueError(f'tokens must have shape [batch, seq], got {tokens.shape}')
@@ -163,7 +187,7 @@ class Llama(nnx.Module):
       raise ValueError(
           f'sequence length {tokens.shape[1]} exceeds max_seq_len {cfg.max_seq_len}')
     x = self.embed(tokens).astype(cfg.compute_dtype)
-    x = run_blocks(self.layers, x, remat=cfg.remat)
+    x = run_blocks(self.layers, x, remat=cfg.remat, positions=positions, segment_ids=segment_ids)
     x = self.final_norm(x)
     if cfg.tie_embeddings:
       logits = self.embed.attend(x)  # x @ embedding.T, in the compute dtype

@@ -22,31 +22,72 @@ class CausalSelfAttention(nnx.Module):
   `rope_theta`: rotary embeddings on q and k (LLaMA), or None (GPT-2, learned positions).
   `q_kw` / `o_kw`: keyword arguments for the linears (dtypes, init); `o_kw` lets GPT-2
   scale its residual projection's init.
+  `causal`: False gives bidirectional attention (ViT).
+  `bias`: each of q, k, v, o gets a bias (see `attach_bias`).
+  `n_kv_heads`: grouped-query attention (LLaMA's `num_key_value_heads`): k and v have
+  `n_kv_heads` heads, each shared by `n_heads / n_kv_heads` query heads. None: `n_heads`.
   """
 
   def __init__(self, d_model: int, n_heads: int, linear_factory: LinearFactory, *, dtype: Any,
-               rope_theta: float | None, q_kw: dict, o_kw: dict | None = None):
+               rope_theta: float | None, q_kw: dict, o_kw: dict | None = None,
+               causal: bool = True, bias: bool = False, n_kv_heads: int | None = None):
     self.n_heads = n_heads
+    self.n_kv_heads = n_heads if n_kv_heads is None else int(n_kv_heads)
+    if self.n_kv_heads <= 0 or n_heads % self.n_kv_heads:
+      raise ValueError(f'n_kv_heads ({n_kv_heads}) must be a positive divisor of n_heads ({n_heads})')
     self.head_dim = d_model // n_heads
+    kv_features = self.n_kv_heads * self.head_dim
     self.rope_theta = None if rope_theta is None else float(rope_theta)
     self.dtype = dtype
+    self.causal = bool(causal)
     self.q = linear_factory('q', d_model, d_model, **q_kw)
-    self.k = linear_factory('k', d_model, d_model, **q_kw)
-    self.v = linear_factory('v', d_model, d_model, **q_kw)
+    self.k = linear_factory('k', d_model, kv_features, **q_kw)
+    self.v = linear_factory('v', d_model, kv_features, **q_kw)
     self.o = linear_factory('o', d_model, d_model, **(o_kw or q_kw))
+    if bias:
+      for layer in (self.q, self.k, self.v, self.o):
+        attach_bias(layer, q_kw['param_dtype'])
 
-  def __call__(self, x: jax.Array) -> jax.Array:
+  def __call__(self, x: jax.Array, *, positions: jax.Array | None = None,
+               segment_ids: jax.Array | None = None) -> jax.Array:
+    """`positions` int [B, T] (rotary angles; default 0..T-1); `segment_ids` int [B, T]:
+    a token attends only to tokens of its own segment (packed examples stay apart)."""
     b, t, _ = x.shape
-    heads = lambda y: y.reshape(b, t, self.n_heads, self.head_dim)  # noqa: E731
-    q, k, v = heads(self.q(x)), heads(self.k(x)), heads(self.v(x))
+    heads = lambda y: y.reshape(b, t, -1, self.head_dim)  # noqa: E731
+    q, k, v = (heads(linear_with_bias(self.q, x)), heads(linear_with_bias(self.k, x)),
+               heads(linear_with_bias(self.v, x)))
     if self.rope_theta is not None:
-      positions = jnp.arange(t, dtype=jnp.int32)
+      if positions is None:
+        positions = jnp.arange(t, dtype=jnp.int32)
       q = nn.apply_rope(q, positions, self.rope_theta)
       k = nn.apply_rope(k, positions, self.rope_theta)
     q, k, v = (y.astype(self.dtype) for y in (q, k, v))
     # [B, T, N, H] layout; XLA on CPU/TPU, cuDNN flash kernels eligible on GPU.
-    out = jax.nn.dot_product_attention(q, k, v, is_causal=True)
-    return self.o(out.reshape(b, t, self.n_heads * self.head_dim))
+    # k, v with fewer heads (GQA) are shared by groups of query heads inside the call.
+    mask = None
+    if segment_ids is not None:
+      mask = (segment_ids[:, :, None] == segment_ids[:, None, :])[:, None]  # [B, 1, T, T]
+    out = jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=self.causal)
+    return linear_with_bias(self.o, out.reshape(b, t, self.n_heads * self.head_dim))
+
+
+def attach_bias(layer: nnx.Module, param_dtype: Any) -> nnx.Module:
+  """Gives a factory-built linear (any kind) a zero `bias` Param of its output size.
+
+  The factory's kinds are bias-free; checkpoints such as ViT's carry biases. The bias
+  lives on the layer itself, beside `kernel` (paths `.../q/kernel`, `.../q/bias`, as in
+  Flax and HF), so checkpoint mappings and optimizer masks see one layer; `lora_a` /
+  `lora_b` stay beside it. 1-D, so GaLore and weight decay leave it alone.
+  """
+  layer.bias = nnx.Param(jnp.zeros((layer.out_features,), jnp.dtype(param_dtype)))
+  return layer
+
+
+def linear_with_bias(layer: nnx.Module, x: jax.Array) -> jax.Array:
+  """`layer(x)`, plus its bias when `attach_bias` gave it one."""
+  y = layer(x)
+  bias = getattr(layer, 'bias', None)
+  return y if bias is None else y + bias[...].astype(y.dtype)
 
 
 class PreNormBlock(nnx.Module):
@@ -60,19 +101,50 @@ class PreNormBlock(nnx.Module):
     self.mlp = mlp
     self.dtype = dtype
 
-  def __call__(self, x: jax.Array) -> jax.Array:
-    x = (x + self.attn(self.attn_norm(x))).astype(self.dtype)
+  def __call__(self, x: jax.Array, **attn_kw) -> jax.Array:
+    x = (x + self.attn(self.attn_norm(x), **attn_kw)).astype(self.dtype)
     return (x + self.mlp(self.mlp_norm(x))).astype(self.dtype)
 
 
-@nnx.remat
-def _remat_block(block: nnx.Module, x: jax.Array) -> jax.Array:
-  return block(x)
+# `model.remat`: what each block keeps for the backward pass.
+#   none:          everything (no recomputation; the most memory).
+#   block:         only the block's input; the whole block is recomputed in the backward pass.
+#   matmul_inputs: the inputs of the block's linear layers (named MATMUL_INPUT by `nn.Dense`),
+#                  what the weight gradients need; the rest (norms, attention, activations,
+#                  the matmul outputs) is recomputed from them.
+REMAT_POLICIES = ('none', 'block', 'matmul_inputs')
+MATMUL_INPUT = nn.MATMUL_INPUT
+_CHECKPOINT_POLICIES = {
+    'block': jax.checkpoint_policies.nothing_saveable,
+    'matmul_inputs': jax.checkpoint_policies.save_only_these_names(MATMUL_INPUT),
+}
 
 
-def run_blocks(blocks: Any, x: jax.Array, *, remat: bool) -> jax.Array:
-  """The block stack, each block under activation checkpointing when `remat`."""
+def remat_policy(remat: bool | str) -> str:
+  """`remat` as one of REMAT_POLICIES; the old booleans mean 'block' (True) and 'none' (False)."""
+  if isinstance(remat, bool):
+    return 'block' if remat else 'none'
+  if remat not in REMAT_POLICIES:
+    raise ValueError(f'remat must be one of {list(REMAT_POLICIES)} (or a bool), got {remat!r}')
+  return remat
+
+
+def _block_call(block: nnx.Module, x: jax.Array, positions: Any, segment_ids: Any) -> jax.Array:
+  return block(x, positions=positions, segment_ids=segment_ids)
+
+
+_REMAT_BLOCK = {name: nnx.remat(_block_call, policy=policy) for name, policy in _CHECKPOINT_POLICIES.items()}
+
+
+def run_blocks(blocks: Any, x: jax.Array, *, remat: bool | str, positions: jax.Array | None = None,
+               segment_ids: jax.Array | None = None) -> jax.Array:
+  """The block stack, each block under the activation checkpointing `remat` names.
+
+  `remat`: one of REMAT_POLICIES, or a bool (True = 'block', False = 'none').
+  `positions` / `segment_ids` ([B, T] or None) go to every block's attention.
+  """
+  call = _REMAT_BLOCK.get(remat_policy(remat), _block_call)
   for block in blocks:
-    x = _remat_block(block, x) if remat else block(x)
+    x = call(block, x, positions, segment_ids)
   return x
 

@@ -8,7 +8,7 @@
 * `RMSNorm`, `apply_rope`: LLaMA's building blocks.
 """
 
-from lowrank_jax.nn.dense import Dense
+from lowrank_jax.nn.dense import MATMUL_INPUT, Dense
 from lowrank_jax.nn.lora import LoRALinear, lora_a_bound, lora_a_init
 from lowrank_jax.nn.mhlora import MultiHeadLoRALinear
 from lowrank_jax.nn.norm import RMSNorm
@@ -23,6 +23,6 @@ from lowrank_jax.nn.velora import (
 )
 
 __all__ = [
-    'Dense', 'LoRALinear', 'MultiHeadLoRALinear', 'RMSNorm', 'V_INITS', 'VeLoRAInitialised', 'VeLoRALinear', 'VeLoRAVector',
+    'Dense', 'LoRALinear', 'MATMUL_INPUT', 'MultiHeadLoRALinear', 'RMSNorm', 'V_INITS', 'VeLoRAInitialised', 'VeLoRALinear', 'VeLoRAVector',
     'apply_rope', 'lora_a_bound', 'lora_a_init', 'next_velora_vector', 'rope_frequencies', 'velora_matmul',
 ]

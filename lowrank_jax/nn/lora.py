@@ -36,8 +36,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.ad_checkpoint import checkpoint_name
 
-from lowrank_jax.nn.dense import default_kernel_init
+from lowrank_jax.nn.dense import MATMUL_INPUT, default_kernel_init, matmul
 from lowrank_jax.nn.velora import VeLoRAInput
 
 Initializer = Any  # (key, shape, dtype) -> Array
@@ -152,12 +153,12 @@ class LoRALinear(nnx.Module, VeLoRAInput):
 
   def __call__(self, x: jax.Array, *, deterministic: bool | None = None,
                rngs: nnx.Rngs | jax.Array | None = None) -> jax.Array:
-    x = x.astype(self.dtype)
+    x = checkpoint_name(x.astype(self.dtype), MATMUL_INPUT)  # as in Dense: for remat policies
     kernel = self.kernel[...]
     if self.freeze_kernel:
       kernel = jax.lax.stop_gradient(kernel)
     # Exactly Dense's computation for the base path.
-    y = jnp.dot(x, kernel.astype(self.dtype))
+    y = matmul(x, kernel.astype(self.dtype))
     h = x
     if self.dropout is not None:
       h = self.dropout(h, deterministic=deterministic, rngs=rngs)
@@ -166,8 +167,8 @@ class LoRALinear(nnx.Module, VeLoRAInput):
     if self.compress_input:
       low = self.velora_dot(h, lora_a) * jnp.asarray(self.scale, self.dtype)
     else:
-      low = jnp.dot(h, lora_a) * jnp.asarray(self.scale, self.dtype)
-    return y + jnp.dot(low, self.lora_b[...].astype(self.dtype))
+      low = matmul(h, lora_a) * jnp.asarray(self.scale, self.dtype)
+    return y + matmul(low, self.lora_b[...].astype(self.dtype))
 
   def delta(self) -> jax.Array:
     """``scale * lora_a @ lora_b`` (in, out), computed in float32."""

@@ -80,7 +80,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from lowrank_jax.nn.dense import default_kernel_init
+from lowrank_jax.nn.dense import default_kernel_init, matmul
 
 Initializer = Any  # (key, shape, dtype) -> Array
 DTypeLike = Any
@@ -191,7 +191,7 @@ class MultiHeadLoRALinear(nnx.Module):
                deterministic: bool | None = None) -> jax.Array:
     x = x.astype(self.dtype)
     kernel = jax.lax.stop_gradient(self.kernel[...])
-    y = jnp.dot(x, kernel.astype(self.dtype))  # exactly Dense's computation
+    y = matmul(x, kernel.astype(self.dtype))  # exactly Dense's computation
     if not self._uses_heads(use_heads, deterministic):
       return y
     a, b = self._factors()

@@ -60,7 +60,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from lowrank_jax.nn.dense import default_kernel_init
+from lowrank_jax.nn.dense import default_kernel_init, matmul
 
 Initializer = Any  # (key, shape, dtype) -> Array
 DTypeLike = Any
@@ -106,12 +106,6 @@ def velora_project(x: jax.Array, v: jax.Array, num_groups: int) -> jax.Array:
   xg = x.reshape(*x.shape[:-1], num_groups, d)
   s = jnp.einsum('...gd,d->...g', xg, v.astype(x.dtype), preferred_element_type=jnp.float32)
   return s.astype(x.dtype)
-
-
-def velora_reconstruct(s: jax.Array, v: jax.Array) -> jax.Array:
-  """``x^``: every sub-token rebuilt as ``s_g v``; ``[..., G] -> [..., G * d]``."""
-  xh = s.astype(jnp.float32)[..., None] * v.astype(jnp.float32)
-  return xh.reshape(*s.shape[:-1], -1).astype(s.dtype)
 
 
 def batch_mean_direction(x: jax.Array, num_groups: int) -> tuple[jax.Array, jax.Array]:
@@ -160,10 +154,10 @@ def _velora_matmul_fn(num_groups: int, scale: float):
 
   @jax.custom_vjp
   def f(x, kernel, v):
-    return jnp.dot(x, kernel)
+    return matmul(x, kernel)
 
   def fwd(x, kernel, v):
-    y = jnp.dot(x, kernel)
+    y = matmul(x, kernel)
     s = velora_project(x, v, num_groups)  # [..., G] in x.dtype: the only saved activation.
     return y, (s, kernel, v)
 
@@ -197,7 +191,7 @@ def velora_matmul(x: jax.Array, kernel: jax.Array, v: jax.Array, num_groups: int
     num_groups: static Python int ``G``; ``D`` must be divisible by it.
     scale: static Python float multiplying the (compressed) kernel gradient.
 
-  Returns ``jnp.dot(x, kernel)`` (bit-identical forward). Backward: ``dx`` exact,
+  Returns ``x @ kernel`` as ``Dense`` computes it (bit-identical forward). Backward: ``dx`` exact,
   ``dkernel = scale * x^^T dy`` with ``x^_g = (x_g . v) v``.
   """
   if kernel.ndim != 2 or kernel.shape[0] != x.shape[-1]:

@@ -4,6 +4,11 @@ Usable in any Optax code: nothing here imports the rest of ``lowrank_jax``.
 
 * :func:`scale_by_galore` / :func:`galore`: GaLore (Zhao et al., 2024).
 * :func:`scale_by_osd` / :func:`osd`: Online Subspace Descent (Liang et al., 2024).
+* :func:`apollo` / :func:`apollo_mini` / :func:`scale_by_apollo`: APOLLO (Zhu et al., 2024).
+* :func:`fira` / :func:`scale_by_fira`: Fira (Chen et al., 2024).
+* :mod:`lowrank_jax.optim.subspace`: the transform all four share
+  (:func:`scale_by_subspace`, pluggable projector and lift rules) and the split
+  refresh program (:func:`refresh_due`, :func:`refresh_projectors`).
 * :mod:`lowrank_jax.optim.projection`: the shared projection core (matrix
   views, projection sides, SVD / randomized / online-PCA refreshes, the
   default projection mask).
@@ -11,14 +16,26 @@ Usable in any Optax code: nothing here imports the rest of ``lowrank_jax``.
   and moment pruning (Lialin et al., 2023); :func:`jagged_cosine_schedule`.
 * :func:`lte_merge`: LTE multi-head LoRA merges (Huh et al., 2024), also with
   the heads spread over devices (``axis_name``).
+* :func:`quantize_state`: 8-bit block-wise optimizer states for any
+  transform (Dettmers et al., 2022).
 * :func:`clip_by_global_norm` / :func:`global_norm`: global-norm clipping
   when some leaves are split over a device axis.
+* :func:`clip_gradients` (``CLIP_MODES``): ``global``, per-leaf ``block`` RMS
+  (:func:`clip_by_block_rms`) or the ``previous`` step's norm
+  (:func:`clip_by_previous_norm`); the last two keep a compiled step's per-layer
+  gradient release.
 """
 
-from lowrank_jax.optim.clipping import clip_by_global_norm, global_norm
+from lowrank_jax.optim.clipping import (CLIP_MODES, ClipByPreviousNormState, clip_by_block_rms,
+                                        clip_by_global_norm, clip_by_previous_norm, clip_gradients,
+                                        global_norm)
 
 from lowrank_jax.optim.galore import GaLoreState, galore, scale_by_galore
 from lowrank_jax.optim.osd import OSDState, osd, scale_by_osd
+from lowrank_jax.optim.subspace import (SubspaceState, refresh_due, refresh_projectors, scale_by_subspace,
+                                        steps_to_refresh, uses_split_refresh)
+from lowrank_jax.optim.apollo import apollo, apollo_mini, scale_by_apollo
+from lowrank_jax.optim.fira import fira, scale_by_fira
 from lowrank_jax.optim.lte import LTEState, lte_head_mask, lte_layer_paths, lte_leaf_roles, lte_merge
 from lowrank_jax.optim.projection import (
     DEFAULT_EXCLUDED_KEYS,
@@ -41,6 +58,7 @@ from lowrank_jax.optim.projection import (
     randomized_projector,
     svd_projectors,
 )
+from lowrank_jax.optim.quantize import QuantizedArray, QuantizedState, quantize_state
 from lowrank_jax.optim.relora import ReLoRAState, adapted_layer_paths, freeze_adapted_kernels, relora
 from lowrank_jax.optim.schedules import jagged_cosine_schedule
 
@@ -49,7 +67,12 @@ __all__ = [
     'LTEState',
     'ReLoRAState',
     'adapted_layer_paths',
+    'CLIP_MODES',
+    'ClipByPreviousNormState',
+    'clip_by_block_rms',
     'clip_by_global_norm',
+    'clip_by_previous_norm',
+    'clip_gradients',
     'freeze_adapted_kernels',
     'global_norm',
     'jagged_cosine_schedule',
@@ -58,11 +81,25 @@ __all__ = [
     'lte_leaf_roles',
     'lte_merge',
     'relora',
+    'QuantizedArray',
+    'QuantizedState',
+    'quantize_state',
     'OSDState',
     'galore',
     'scale_by_galore',
     'osd',
     'scale_by_osd',
+    'SubspaceState',
+    'refresh_due',
+    'refresh_projectors',
+    'scale_by_subspace',
+    'steps_to_refresh',
+    'uses_split_refresh',
+    'apollo',
+    'apollo_mini',
+    'scale_by_apollo',
+    'fira',
+    'scale_by_fira',
     'DEFAULT_EXCLUDED_KEYS',
     'PROJ_TYPES',
     'MatrixAxes',

@@ -1,6 +1,6 @@
-"""Tree plumbing shared by GaLore and OSD (private).
+"""Tree plumbing of the subspace transform (private; see :mod:`lowrank_jax.optim.subspace`).
 
-State layout (both methods): the projector tree has the structure of the
+State layout: the projector tree has the structure of the
 params; at a projected leaf it holds ``{'in': P}``, ``{'out': Q}`` or
 ``{'in': P, 'out': Q}``, elsewhere a float32 scalar placeholder. The base
 transform runs as two instances: one on the *low-rank* tree (low-rank arrays
@@ -12,6 +12,7 @@ has a nonzero size and is a plain array, which orbax saves and restores.
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from typing import Any, Callable, Optional, Sequence
 
 import jax
@@ -254,17 +255,6 @@ def run_base(base, treedef, low, dense, plans, low_state, dense_state, params, e
   )
 
 
-def merge_updates(leaves, low_upd, dense_upd, projs, plans, scale):
-  out = []
-  for x, lu, du, p, plan in zip(leaves, low_upd, dense_upd, projs, plans):
-    if plan is None:
-      out.append(du)
-    else:
-      full = proj_lib.project_back(lu, p)
-      out.append((scale * plan.view.from_matrix(full)).astype(x.dtype))
-  return out
-
-
 def canonical_mats(leaves, plans):
   return [None if plan is None else plan.view.to_matrix(x) for x, plan in zip(leaves, plans)]
 
@@ -354,3 +344,13 @@ def as_schedule(x) -> Callable[[jax.Array], jax.Array]:
 
 def safe_increment(count):
   return optax.safe_int32_increment(count)
+
+
+def renamed_arg(new_value: Any, old_value: Any, old: str, new: str, default: Any = None) -> Any:
+  """``new_value``, or the deprecated keyword's value with a DeprecationWarning."""
+  if old_value is None:
+    return new_value
+  if new_value is not default:
+    raise TypeError(f'give `{new}` only (`{old}` is its deprecated name)')
+  warnings.warn(f'`{old}=` is deprecated; use `{new}=`', DeprecationWarning, stacklevel=3)
+  return old_value

@@ -1,6 +1,21 @@
-"""Global-norm clipping for per-device programs whose leaves are partly split over devices.
+"""Gradient clipping that keeps the per-layer memory release, and over split device axes.
 
-Inside ``jax.shard_map`` or ``jax.pmap`` each device holds its own block of some
+Three ways to bound a step (``CLIP_MODES``; :func:`clip_gradients` picks one):
+
+* ``global``: :func:`clip_by_global_norm`. Scale every leaf by ``max_norm / ||g||``
+  when the norm of the whole gradient ``||g||`` exceeds ``max_norm``. The factor
+  depends on every leaf, so the compiled step must hold *all* gradients before it
+  can update the first layer: its peak carries one full gradient.
+* ``block``: :func:`clip_by_block_rms`. Each leaf is scaled on its own so that its
+  RMS is at most the threshold (as ``optax.clip_by_block_rms``). No leaf waits for
+  another, so an accelerator compiler frees each layer's gradient right after its
+  update.
+* ``previous``: :func:`clip_by_previous_norm`. Scale by the *previous* step's global
+  norm, computed in the same pass as this step's update (a sum of per-leaf scalars
+  that needs no gradient kept alive), carried in the state. Same threshold and
+  trigger as ``global``, one step late; the first step is not clipped.
+
+Inside ``jax.shard_map`` or ``jax.pmap`` each device may hold its own block of some
 leaves (for example the LTE heads of :func:`lowrank_jax.optim.lte.lte_merge`
 spread over a ``heads`` axis) and a full copy of the others. The global norm
 of the whole gradient is then
@@ -9,20 +24,24 @@ of the whole gradient is then
 
 -- one scalar all-reduce. ``optax.clip_by_global_norm`` would see only the
 local blocks, so every device would clip by a different factor and replicated
-leaves would drift apart. :func:`clip_by_global_norm` computes the true norm
-and otherwise behaves exactly as Optax's (same trigger, same formula), so with
-``axis_name=None`` it *is* ``optax.clip_by_global_norm``.
+leaves would drift apart. Every transform here takes ``axis_name`` and ``split``
+and computes the true norms; with ``axis_name=None`` :func:`clip_by_global_norm`
+*is* ``optax.clip_by_global_norm``.
 """
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import optax
 
-__all__ = ['clip_by_global_norm', 'global_norm']
+__all__ = ['CLIP_MODES', 'ClipByPreviousNormState', 'clip_by_block_rms', 'clip_by_global_norm',
+           'clip_by_previous_norm', 'clip_gradients', 'global_norm']
+
+# The choices of :func:`clip_gradients` (the trainer's ``optimizer.clip_mode``).
+CLIP_MODES = ('global', 'block', 'previous')
 
 # A tree of bools (True: the leaf is split over the axis) shaped like the
 # updates, or a function building it from the updates.
@@ -98,3 +117,125 @@ def clip_by_global_norm(max_norm: float, *, axis_name: str | None = None,
     return jax.tree.map(clip, updates), state
 
   return optax.GradientTransformation(lambda _: optax.EmptyState(), update_fn)
+
+
+def clip_by_block_rms(threshold: float, *, axis_name: str | None = None,
+                      split: SplitMask = None) -> optax.GradientTransformation:
+  """Scales each leaf so that its root-mean-square is at most ``threshold``.
+
+  ``u <- u / max(1, rms(u) / threshold)`` with ``rms(u) = sqrt(mean(u^2))`` over
+  the leaf's entries, computed in float32 (``optax.clip_by_block_rms`` computes it
+  in the leaf's dtype; for float32 leaves the two agree). Each leaf depends only on
+  itself, so a compiled step can update and free one layer's gradient before the
+  next layer's is computed.
+
+  Args:
+    threshold: the largest RMS a leaf keeps (> 0). It is an RMS, not a norm: a
+      global-norm threshold of ``c`` over ``n`` entries is comparable to ``c /
+      sqrt(n)``.
+    axis_name: the ``shard_map`` / ``pmap`` axis the split leaves are split over;
+      a split leaf's RMS is then taken over its blocks on every device (one scalar
+      ``psum`` per split leaf).
+    split: tree of bools or function ``updates -> tree of bools``: the leaves
+      holding only this device's block (see :func:`global_norm`).
+
+  Returns:
+    A stateless ``optax.GradientTransformation``.
+
+  Example::
+
+    tx = optax.chain(clip_by_block_rms(1e-3), optax.adamw(1e-3))
+  """
+  if not threshold > 0:
+    raise ValueError(f'clip_by_block_rms: threshold must be > 0, got {threshold!r}')
+
+  def update_fn(updates, state, params=None):
+    del params
+    mask = _mask_of(split if axis_name is not None else None, updates)
+
+    def clip(u, is_split):
+      sq, n = jnp.sum(jnp.square(u.astype(jnp.float32))), u.size
+      if is_split:
+        sq, n = jax.lax.psum(sq, axis_name), n * jax.lax.axis_size(axis_name)
+      denom = jnp.maximum(1.0, jnp.sqrt(sq / n) / threshold)
+      return u / denom.astype(u.dtype)
+
+    return jax.tree.map(clip, updates, mask), state
+
+  return optax.GradientTransformation(lambda _: optax.EmptyState(), update_fn)
+
+
+class ClipByPreviousNormState(NamedTuple):
+  norm: jax.Array  # float32 scalar: the global norm of the last step's updates (0 before the first)
+
+
+def clip_by_previous_norm(max_norm: float, *, axis_name: str | None = None,
+                          split: SplitMask = None) -> optax.GradientTransformation:
+  """Global-norm clipping by the previous step's norm, so no step holds every gradient.
+
+  With ``n_{t-1}`` the global norm of step ``t-1``'s incoming updates (the raw
+  gradients, before clipping), step ``t`` returns
+
+    ``u_t`` if ``n_{t-1} < max_norm``, else ``u_t * max_norm / n_{t-1}``,
+
+  and stores ``n_t = ||u_t||`` (:func:`global_norm`) for the next step. ``n_{-1} = 0``:
+  the first step is not clipped (with a warmup schedule its learning rate is the
+  smallest of the run). Computing ``n_t`` is a sum of one scalar per leaf taken as
+  each gradient is produced; unlike ``optax.clip_by_global_norm``, no leaf's
+  update waits for it, so an accelerator compiler frees each layer's gradient right
+  after its update. Gradient norms change slowly from step to step, so the
+  one-step-late factor bounds spikes of a run much as the global one does; a single
+  outlier step is clipped one step later.
+
+  Under ``optax.apply_if_finite`` a skipped (non-finite) step leaves the stored norm
+  unchanged.
+
+  Args:
+    max_norm: the norm above which updates are scaled down (> 0).
+    axis_name: the ``shard_map`` / ``pmap`` axis the split leaves are split over;
+      ``None`` outside such a program.
+    split: tree of bools or function ``updates -> tree of bools``: the leaves
+      holding only this device's block (see :func:`global_norm`).
+
+  Returns:
+    An ``optax.GradientTransformation`` with state :class:`ClipByPreviousNormState`.
+
+  Example::
+
+    tx = optax.chain(clip_by_previous_norm(1.0), optax.adamw(1e-3))
+  """
+  if not max_norm > 0:
+    raise ValueError(f'clip_by_previous_norm: max_norm must be > 0, got {max_norm!r}')
+
+  def init_fn(params):
+    del params
+    return ClipByPreviousNormState(norm=jnp.zeros((), jnp.float32))
+
+  def update_fn(updates, state, params=None):
+    del params
+    previous = state.norm
+    trigger = previous < max_norm
+    scale = jnp.where(trigger, 1.0, max_norm / jnp.where(trigger, 1.0, previous))
+    clipped = jax.tree.map(lambda u: u * scale.astype(u.dtype), updates)
+    norm = global_norm(updates, axis_name, split).astype(jnp.float32)
+    return clipped, ClipByPreviousNormState(norm=norm)
+
+  return optax.GradientTransformation(init_fn, update_fn)
+
+
+def clip_gradients(mode: str, threshold: float, *, axis_name: str | None = None,
+                   split: SplitMask = None) -> optax.GradientTransformation:
+  """The clipping transform named by ``mode`` (one of ``CLIP_MODES``).
+
+  Args:
+    mode: ``'global'`` (:func:`clip_by_global_norm`), ``'block'``
+      (:func:`clip_by_block_rms`, ``threshold`` is a per-leaf RMS) or
+      ``'previous'`` (:func:`clip_by_previous_norm`).
+    threshold: the mode's bound (> 0).
+    axis_name, split: for leaves split over a device axis (see :func:`global_norm`).
+  """
+  builders = {'global': clip_by_global_norm, 'block': clip_by_block_rms,
+              'previous': clip_by_previous_norm}
+  if mode not in builders:
+    raise ValueError(f'clip mode must be one of {list(CLIP_MODES)}, got {mode!r}')
+  return builders[mode](threshold, axis_name=axis_name, split=split)

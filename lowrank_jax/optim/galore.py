@@ -6,52 +6,23 @@ Projection", ICML 2024, https://arxiv.org/abs/2403.03507.
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple, Optional, Union
+from typing import Any, Optional, Union
 
-import jax
-import jax.numpy as jnp
 import optax
 
 from lowrank_jax.optim import _subspace as sub
 from lowrank_jax.optim import projection as proj_lib
+from lowrank_jax.optim import subspace
 
-MOMENT_MODES = ('keep', 'reset', 'rotate')
-REFRESH_MODES = ('svd', 'randomized')
+#: Moment policies at a refresh (the trainer's choice list).
+MOMENT_MODES = subspace.MOMENT_POLICIES
+#: Refresh algorithms (the trainer's choice list).
+REFRESH_MODES = subspace.REFRESH_ALGORITHMS
 
-
-class GaLoreState(NamedTuple):
-  """State of :func:`scale_by_galore`.
-
-  Attributes:
-    count: number of updates taken (int32 scalar).
-    projector: pytree with the structure of the params: at a projected leaf a
-      dict ``{'in': P}`` / ``{'out': Q}`` / both (see
-      :mod:`lowrank_jax.optim.projection` for the sides), with shapes
-      ``batch + (n_in, r)`` / ``batch + (n_out, r)``; a float32 scalar
-      placeholder at other leaves.
-    lowrank_state: state of the base transform on the low-rank gradients
-      (placeholders at unprojected leaves).
-    dense_state: state of the base transform on the unprojected gradients
-      (placeholders at projected leaves).
-  """
-
-  count: jax.Array
-  projector: Any
-  lowrank_state: optax.OptState
-  dense_state: optax.OptState
-
-
-def _refresh_spec(refresh):
-  if isinstance(refresh, proj_lib.RandomizedRefresh):
-    return refresh
-  if refresh == 'randomized':
-    return proj_lib.RandomizedRefresh()
-  if refresh == 'svd':
-    return 'svd'
-  raise ValueError(
-      "`refresh` must be 'svd', 'randomized' or a RandomizedRefresh, got "
-      f'{refresh!r}'
-  )
+#: GaLore's state is the subspace core's (fields ``count``, ``projector``,
+#: ``lowrank_state``, ``dense_state``; ``projector_state``, ``lift_state`` empty,
+#: ``next_refresh`` set with ``split_refresh``).
+GaLoreState = subspace.SubspaceState
 
 
 def scale_by_galore(
@@ -60,12 +31,16 @@ def scale_by_galore(
     scale: float = 1.0,
     proj_type: str = 'std',
     refresh: Union[str, proj_lib.RandomizedRefresh] = 'svd',
-    base: Optional[optax.GradientTransformation] = None,
+    base_optimizer: Optional[optax.GradientTransformation] = None,
     moments: str = 'keep',
-    mask: Any = None,
+    projection_mask: Any = None,
     projector_dtype: Any = None,
+    split_refresh: bool = False,
+    *,
+    base: Optional[optax.GradientTransformation] = None,
+    mask: Any = None,
 ) -> optax.GradientTransformationExtraArgs:
-  r"""Runs ``base`` on low-rank projections of the gradients (GaLore).
+  r"""Runs ``base_optimizer`` on low-rank projections of the gradients (GaLore).
 
   For every projected leaf with canonical gradient matrix ``G`` (see
   :mod:`lowrank_jax.optim.projection` for the matrix view and the sides):
@@ -75,7 +50,9 @@ def scale_by_galore(
      singular vectors by exact float32 SVD (``refresh='svd'``, the paper), or
      by a randomized subspace iteration warm-started from the previous ``P``
      (``refresh='randomized'``); inside ``jax.jit`` via ``lax.cond`` on the
-     step count, so there is no host sync and no recompilation;
+     step count, so there is no host sync and no recompilation (or, with
+     ``split_refresh=True``, in a separate program:
+     :func:`~lowrank_jax.optim.refresh_projectors`);
   2. ``R = P^T G`` (or ``G Q``, or ``P^T G Q``) goes through ``base``;
   3. the result ``N`` is mapped back, ``scale * P N``, in the leaf's layout.
 
@@ -133,9 +110,10 @@ def scale_by_galore(
       ``optax.contrib.galore``), ``'left'``, ``'right'``, ``'full'``.
     refresh: ``'svd'``, ``'randomized'`` or a
       :class:`~lowrank_jax.optim.projection.RandomizedRefresh`.
-    base: the transform run in the subspace; default ``optax.scale_by_adam()``.
+    base_optimizer: the transform run in the subspace; default
+      ``optax.scale_by_adam()``.
     moments: ``'keep'``, ``'reset'`` or ``'rotate'`` (see above).
-    mask: which leaves are projected: None for
+    projection_mask: which leaves are projected: None for
       :func:`~lowrank_jax.optim.projection.default_projection_mask` with
       ``rank=rank``; else a pytree (or a callable ``params -> pytree``) with
       leaves ``True``/``False``/``None`` or a
@@ -148,93 +126,28 @@ def scale_by_galore(
       low-rank gradients (and so the base moments) have the promoted dtype of
       the gradient and the projector. Prefer a string (``'bfloat16'``) with
       ``optax.inject_hyperparams``.
+    split_refresh: refresh only in :func:`~lowrank_jax.optim.refresh_projectors`,
+      run when :func:`~lowrank_jax.optim.refresh_due`; the update then holds
+      no decomposition. Same parameters as the one-transform form.
+    base, mask: deprecated names of ``base_optimizer`` and ``projection_mask``.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs``; extra args are passed to
     ``base``.
   """
-  sub.check_choice('proj_type', proj_type, proj_lib.PROJ_TYPES)
-  sub.check_choice('moments', moments, MOMENT_MODES)
-  refresh_spec = _refresh_spec(refresh)
-  base = optax.scale_by_adam() if base is None else base
-  base = optax.with_extra_args_support(base)
-  pdtype = jnp.dtype('float32' if projector_dtype is None else projector_dtype)
-
-  def init_fn(params):
-    r = sub.static_int(rank, 'rank')
-    if r <= 0:
-      raise ValueError(f'`rank` must be positive, got {r}')
-    leaves, treedef = jax.tree.flatten(params)
-    plans = sub.init_plans(params, mask, r, proj_type)
-    projs = sub.zero_projectors(plans, pdtype)
-    low, dense = sub.split_init_trees(leaves, plans, pdtype)
-    return GaLoreState(
-        count=jnp.zeros([], jnp.int32),
-        projector=treedef.unflatten(projs),
-        lowrank_state=base.init(treedef.unflatten(low)),
-        dense_state=base.init(treedef.unflatten(dense)),
-    )
-
-  def update_fn(updates, state, params=None, **extra_args):
-    treedef, leaves, old_projs, plans = sub.plans_from_state(
-        updates, state.projector, mask
-    )
-    mats = sub.canonical_mats(leaves, plans)
-    count = state.count
-    do_refresh = (count % update_proj_gap) == 0
-    paths = sub.param_paths(updates)
-
-    def refreshed(operand):
-      projs, low_state = operand
-      new = sub.compute_projectors(
-          mats, plans, projs, refresh_spec, pdtype, count, count == 0
-      )
-      if moments == 'reset':
-        low0, _ = sub.split_init_trees(leaves, plans, pdtype)
-        fresh = base.init(treedef.unflatten(low0))
-        low_state = sub.cast_like(fresh, low_state)
-      elif moments == 'rotate':
-        low_state = sub.rotate_state(low_state, paths, plans, projs, new)
-      return sub.cast_like(new, projs), low_state
-
-    if moments == 'keep':  # the base state does not go through the cond
-      projs = jax.lax.cond(
-          do_refresh,
-          lambda p: refreshed((p, None))[0],
-          lambda p: p,
-          old_projs,
-      )
-      low_state = state.lowrank_state
-    else:
-      projs, low_state = jax.lax.cond(
-          do_refresh,
-          refreshed,
-          lambda operand: operand,
-          (old_projs, state.lowrank_state),
-      )
-
-    low, dense = sub.split_updates(leaves, mats, projs, plans)
-    low_upd, dense_upd, low_state, dense_state = sub.run_base(
-        base, treedef, low, dense, plans, low_state, state.dense_state, params,
-        extra_args,
-    )
-    out = sub.merge_updates(
-        leaves,
-        low_upd,
-        dense_upd,
-        projs,
-        plans,
-        scale,
-    )
-    new_state = GaLoreState(
-        count=sub.safe_increment(count),
-        projector=treedef.unflatten(projs),
-        lowrank_state=low_state,
-        dense_state=dense_state,
-    )
-    return treedef.unflatten(out), new_state
-
-  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+  base_optimizer = sub.renamed_arg(base_optimizer, base, 'base', 'base_optimizer')
+  projection_mask = sub.renamed_arg(projection_mask, mask, 'mask', 'projection_mask')
+  return subspace.scale_by_subspace(
+      subspace.DecompositionRefresh(update_proj_gap, refresh),
+      subspace.ProjectBack(scale),
+      base_optimizer,
+      rank=rank,
+      proj_type=proj_type,
+      moments=moments,
+      projection_mask=projection_mask,
+      projector_dtype=projector_dtype,
+      split_refresh=split_refresh,
+  )
 
 
 def galore(
@@ -244,12 +157,16 @@ def galore(
     scale: float = 1.0,
     proj_type: str = 'std',
     refresh: Union[str, proj_lib.RandomizedRefresh] = 'svd',
-    base: Optional[optax.GradientTransformation] = None,
+    base_optimizer: Optional[optax.GradientTransformation] = None,
     moments: str = 'keep',
     weight_decay: float = 0.0,
     weight_decay_mask: Any = None,
-    mask: Any = None,
+    projection_mask: Any = None,
     projector_dtype: Any = None,
+    split_refresh: bool = False,
+    *,
+    base: Optional[optax.GradientTransformation] = None,
+    mask: Any = None,
 ) -> optax.GradientTransformationExtraArgs:
   r"""GaLore optimizer: :func:`scale_by_galore`, decoupled weight decay, learning rate.
 
@@ -269,12 +186,13 @@ def galore(
 
   Args:
     learning_rate: float or optax schedule.
-    rank, update_proj_gap, scale, proj_type, refresh, base, moments, mask,
-      projector_dtype: see :func:`scale_by_galore` (``mask`` selects the
-      *projected* leaves).
+    rank, update_proj_gap, scale, proj_type, refresh, base_optimizer, moments,
+      projection_mask, projector_dtype, split_refresh: see
+      :func:`scale_by_galore`.
     weight_decay: decoupled weight decay coefficient.
     weight_decay_mask: pytree or callable selecting the leaves that decay
       (as ``optax.add_decayed_weights``'s ``mask``); None decays all.
+    base, mask: deprecated names of ``base_optimizer`` and ``projection_mask``.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs``.
@@ -286,10 +204,11 @@ def galore(
           scale=scale,
           proj_type=proj_type,
           refresh=refresh,
-          base=base,
+          base_optimizer=sub.renamed_arg(base_optimizer, base, 'base', 'base_optimizer'),
           moments=moments,
-          mask=mask,
+          projection_mask=sub.renamed_arg(projection_mask, mask, 'mask', 'projection_mask'),
           projector_dtype=projector_dtype,
+          split_refresh=split_refresh,
       ),
       optax.add_decayed_weights(weight_decay, weight_decay_mask),
       optax.scale_by_learning_rate(learning_rate),

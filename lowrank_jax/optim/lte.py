@@ -83,25 +83,15 @@ split leaves (e.g. for :func:`lowrank_jax.optim.clipping.clip_by_global_norm`).
 
 from __future__ import annotations
 
-import math
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from typing import Any, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
 import optax
 
-from lowrank_jax.optim.relora import (
-    _KERNEL,
-    _OTHER,
-    Scale,
-    _concrete,
-    _is_layer_fn,
-    _Layout,
-    _masked_tree,
-    _path_names,
-    _scale_of,
-)
+from lowrank_jax.optim.adapters import (FrozenLayout, LayerLeaves, Scale, adapted_layers, check_merge_args, leaf_index,
+                                        scale_of)
 
 __all__ = ['LTE_KEYS', 'LTEState', 'lte_head_mask', 'lte_layer_paths', 'lte_leaf_roles', 'lte_merge']
 
@@ -123,35 +113,13 @@ class LTEState(NamedTuple):
   inner_state: Any
 
 
-class _HeadsLayer(NamedTuple):
-  path: tuple[str, ...]
-  kernel: int  # flat leaf indices into the params leaves
-  a: int
-  b: int
-  v_a: int
-  v_b: int
-
-
 def _heads_layout(params, keys: tuple[str, ...], layer_filter
-                  ) -> tuple[tuple[_HeadsLayer, ...], _Layout]:
-  """The multi-head layers of ``params`` and the mask layout hiding their kernel and V.
-
-  The returned ``_Layout`` is ``relora``'s: its ``_KERNEL`` role marks the
-  leaves hidden from the inner optimizer (here kernel, V_a and V_b), so
-  ``relora._masked_tree`` masks them.
-  """
-  is_lora = _is_layer_fn(keys[:3])
-  path_leaves, treedef = jax.tree_util.tree_flatten_with_path(params)
-  index = {_path_names(p): i for i, (p, _) in enumerate(path_leaves)}
-  roles = [_OTHER] * len(path_leaves)
+                  ) -> tuple[tuple[LayerLeaves, ...], FrozenLayout]:
+  """The multi-head layers of ``params`` and the layout hiding their kernel and V from the inner optimizer."""
+  path_leaves, treedef, index = leaf_index(params)
+  frozen = [False] * len(path_leaves)
   layers = []
-  nodes, _ = jax.tree_util.tree_flatten_with_path(params, is_leaf=is_lora)
-  for path, node in nodes:
-    if not is_lora(node):
-      continue
-    names = _path_names(path)
-    if layer_filter is not None and not layer_filter(names, node):
-      continue
+  for names, node in adapted_layers(params, keys[:3], layer_filter):
     where = '/'.join(names)
     not_heads = ValueError(
         f'lte_merge: layer {where!r} has {list(keys[:3])} but is not a multi-head layer '
@@ -175,9 +143,9 @@ def _heads_layout(params, keys: tuple[str, ...], layer_filter
           f'lte_merge: layer {where!r} has inconsistent shapes {dict(zip(keys, (k, a, b, va, vb)))}'
           '; expected (..., in, out), (..., N, in, r), (..., N, r, out) and snapshots shaped '
           'as the adapters')
-    roles[idx[0]] = roles[idx[3]] = roles[idx[4]] = _KERNEL
-    layers.append(_HeadsLayer(names, *idx))
-  return tuple(layers), _Layout(treedef, tuple(roles), ())
+    frozen[idx[0]] = frozen[idx[3]] = frozen[idx[4]] = True
+    layers.append(LayerLeaves(names, *idx))
+  return tuple(layers), FrozenLayout(treedef, tuple(frozen))
 
 
 def lte_layer_paths(params, *, keys: Sequence[str] = LTE_KEYS, layer_filter=None) -> list[str]:
@@ -196,7 +164,7 @@ def lte_leaf_roles(params, *, keys: Sequence[str] = LTE_KEYS, layer_filter=None)
   """
   keys = tuple(keys)
   layers, mask = _heads_layout(params, keys, layer_filter)
-  roles = [''] * len(mask.roles)
+  roles = [''] * len(mask.frozen)
   for layer in layers:
     for key, i in zip(keys, (layer.kernel, layer.a, layer.b, layer.v_a, layer.v_b)):
       roles[i] = key
@@ -254,13 +222,7 @@ def lte_merge(
     updates, opt_state = tx.update(grads, opt_state, params)
     params = optax.apply_updates(params, updates)
   """
-  me = _concrete(merge_every)
-  if me is not None and (isinstance(merge_every, bool) or me < 1 or me != int(me)):
-    raise ValueError(f'lte_merge: merge_every must be a positive integer, got {merge_every!r}')
-  if not (isinstance(scale, Mapping) or callable(scale)):
-    s = _concrete(scale)
-    if s is not None and not math.isfinite(s):
-      raise ValueError(f'lte_merge: scale must be finite, got {scale!r}')
+  check_merge_args('lte_merge', merge_every, scale)
   keys = tuple(keys)
   if len(keys) != 5 or len(set(keys)) != 5:
     raise ValueError(f'lte_merge: keys must be 5 distinct names, got {keys!r}')
@@ -278,12 +240,8 @@ def lte_merge(
   def init_fn(params):
     layers, mask = layout_of(params)
     for layer in layers:  # fail early on a missing per-layer scale
-      if isinstance(scale, Mapping) and '/'.join(layer.path) not in scale:
-        raise ValueError(f'lte_merge: no scale given for layer {"/".join(layer.path)!r}; '
-                         f'scale has keys {sorted(scale)}')
-      _scale_of(scale, layer.path)
-    return LTEState(count=jnp.zeros([], jnp.int32),
-                    inner_state=inner.init(_masked_tree(params, mask)))
+      scale_of(scale, layer.path, 'lte_merge')
+    return LTEState(count=jnp.zeros([], jnp.int32), inner_state=inner.init(mask.hide(params, 'lte_merge')))
 
   def update_fn(updates, state, params=None, **extra_args):
     layers, mask = layout_of(params)
@@ -294,10 +252,8 @@ def lte_merge(
 
     # Between merges: the inner optimizer on everything but kernels and snapshots.
     inner_updates, inner_state = inner.update(
-        _masked_tree(updates, mask), state.inner_state, _masked_tree(params, mask), **extra_args)
-    inner_leaves = iter(jax.tree.leaves(inner_updates))
-    upd = [jnp.zeros_like(g) if role == _KERNEL else next(inner_leaves)
-           for g, role in zip(g_leaves, mask.roles)]
+        mask.hide(updates, 'lte_merge'), state.inner_state, mask.hide(params, 'lte_merge'), **extra_args)
+    upd = jax.tree.leaves(mask.zero_hidden(updates, inner_updates))
 
     count = optax.safe_increment(state.count)
     is_merge = count % jnp.asarray(merge_every, count.dtype) == 0
@@ -313,7 +269,7 @@ def lte_merge(
         n = a.shape[-3]  # this device's heads
         if axis_name is not None:
           n = n * jax.lax.axis_size(axis_name)
-        s = jnp.asarray(_scale_of(scale, layer.path), jnp.float32)
+        s = jnp.asarray(scale_of(scale, layer.path, 'lte_merge'), jnp.float32)
         # sum_h (A'_h B'_h - V_a,h V_b,h) as one product of rank 2r per head.
         left = jnp.concatenate([f32(a1), f32(v_a)], -1)
         right = jnp.concatenate([f32(b1), -f32(v_b)], -2)

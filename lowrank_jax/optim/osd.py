@@ -7,38 +7,22 @@ https://github.com/kyleliang919/Online-Subspace-Descent.
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple, Optional
+from typing import Any, Optional
 
-import jax
-import jax.numpy as jnp
 import optax
 
 from lowrank_jax.optim import _subspace as sub
-from lowrank_jax.optim import projection as proj_lib
+from lowrank_jax.optim import subspace
 
 #: The official code's projector learning rate, ``1 / update_proj_gap`` with
 #: its default gap of 200.
 DEFAULT_PROJECTOR_LR = 1.0 / 200
 
 
-class OSDState(NamedTuple):
-  """State of :func:`scale_by_osd`.
-
-  Attributes:
-    count: number of updates taken (int32 scalar).
-    projector: as :class:`~lowrank_jax.optim.GaLoreState.projector` (at a
-      projected leaf ``{'in': P}``/``{'out': Q}``/both, else a placeholder).
-      After the first step the projectors are not exactly orthonormal.
-    projector_state: state of ``projector_optimizer`` on the projector tree.
-    lowrank_state: state of the base transform on the low-rank gradients.
-    dense_state: state of the base transform on the unprojected gradients.
-  """
-
-  count: jax.Array
-  projector: Any
-  projector_state: optax.OptState
-  lowrank_state: optax.OptState
-  dense_state: optax.OptState
+#: OSD's state is the subspace core's (``projector_state`` holds the projector
+#: optimizer's state; after the first step the projectors are not exactly
+#: orthonormal).
+OSDState = subspace.SubspaceState
 
 
 def scale_by_osd(
@@ -47,10 +31,14 @@ def scale_by_osd(
     projector_optimizer: Optional[optax.GradientTransformation] = None,
     projector_lr: optax.ScalarOrSchedule = DEFAULT_PROJECTOR_LR,
     orthogonality: float = 0.0,
-    base: Optional[optax.GradientTransformation] = None,
+    base_optimizer: Optional[optax.GradientTransformation] = None,
     scale: float = 1.0,
-    mask: Any = None,
+    projection_mask: Any = None,
     projector_dtype: Any = None,
+    split_refresh: bool = False,
+    *,
+    base: Optional[optax.GradientTransformation] = None,
+    mask: Any = None,
 ) -> optax.GradientTransformationExtraArgs:
   r"""Online Subspace Descent: GaLore with the projector learned by online PCA.
 
@@ -97,109 +85,30 @@ def scale_by_osd(
       official code's ``1 / update_proj_gap``. To follow the weight schedule
       as in the paper use :func:`osd`'s ``projector_lr_ratio``.
     orthogonality: ``lambda`` of the penalty ``||P^T P - I||^2``.
-    base: transform run in the subspace, default ``optax.scale_by_adam()``.
+    base_optimizer: transform run in the subspace, default ``optax.scale_by_adam()``.
     scale: multiplies the projected-back updates.
-    mask: which leaves are projected, as in :func:`scale_by_galore`.
+    projection_mask: which leaves are projected, as in :func:`scale_by_galore`.
     projector_dtype: dtype of ``P`` and so of the projector optimizer's
       updates; float32 by default.
+    split_refresh: compute the step-0 SVD only in
+      :func:`~lowrank_jax.optim.refresh_projectors` (see
+      :func:`scale_by_galore`); the update then holds no decomposition.
+    base, mask: deprecated names of ``base_optimizer`` and ``projection_mask``.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs``.
   """
-  sub.check_choice('proj_type', proj_type, proj_lib.PROJ_TYPES)
-  base = optax.scale_by_adam() if base is None else base
-  base = optax.with_extra_args_support(base)
   popt = optax.scale_by_adam() if projector_optimizer is None else projector_optimizer
-  lr_fn = sub.as_schedule(projector_lr)
-  pdtype = jnp.dtype('float32' if projector_dtype is None else projector_dtype)
-
-  def init_fn(params):
-    r = sub.static_int(rank, 'rank')
-    if r <= 0:
-      raise ValueError(f'`rank` must be positive, got {r}')
-    leaves, treedef = jax.tree.flatten(params)
-    plans = sub.init_plans(params, mask, r, proj_type)
-    projs = treedef.unflatten(sub.zero_projectors(plans, pdtype))
-    low, dense = sub.split_init_trees(leaves, plans, pdtype)
-    return OSDState(
-        count=jnp.zeros([], jnp.int32),
-        projector=projs,
-        projector_state=popt.init(projs),
-        lowrank_state=base.init(treedef.unflatten(low)),
-        dense_state=base.init(treedef.unflatten(dense)),
-    )
-
-  def update_fn(updates, state, params=None, **extra_args):
-    treedef, leaves, old_projs, plans = sub.plans_from_state(
-        updates, state.projector, mask
-    )
-    mats = sub.canonical_mats(leaves, plans)
-    count = state.count
-
-    def first(projs):
-      new = sub.compute_projectors(mats, plans, projs, 'svd', pdtype, count, True)
-      return sub.cast_like(new, projs)
-
-    projs = jax.lax.cond(count == 0, first, lambda p: p, old_projs)
-
-    low, dense = sub.split_updates(leaves, mats, projs, plans)
-    low_upd, dense_upd, low_state, dense_state = sub.run_base(
-        base, treedef, low, dense, plans, state.lowrank_state, state.dense_state, params,
-        extra_args,
-    )
-    out = sub.merge_updates(
-        leaves,
-        low_upd,
-        dense_upd,
-        projs,
-        plans,
-        scale,
-    )
-
-    def projector_step(operand):
-      projs, pstate = operand
-      grads = []
-      for m, y, p, plan in zip(mats, low, projs, plans):
-        if plan is None:
-          grads.append(jnp.zeros_like(p))
-          continue
-        g = {}
-        for s in plan.sides:
-          # Reuse the low-rank gradient as P^T A when it is one (one side).
-          pa = None
-          if len(plan.sides) == 1:
-            pa = y if s == 'in' else jnp.swapaxes(y, -1, -2)
-          g[s] = proj_lib.online_pca_grad(p[s], m, s, orthogonality, pa)
-          g[s] = g[s].astype(p[s].dtype)
-        grads.append(g)
-      ptree = treedef.unflatten(projs)
-      direction, pstate = popt.update(treedef.unflatten(grads), pstate, ptree)
-      lr = lr_fn(count)
-      new_ptree = jax.tree.map(
-          lambda p, d: (p - lr * d).astype(p.dtype), ptree, direction
-      )
-      # Placeholders stay zero.
-      new = treedef.flatten_up_to(new_ptree)
-      new = [q if plan is not None else p for q, p, plan in zip(new, projs, plans)]
-      return new, sub.cast_like(pstate, operand[1])
-
-    new_projs, pstate = jax.lax.cond(
-        count > 0,
-        projector_step,
-        lambda operand: operand,
-        (projs, state.projector_state),
-    )
-
-    new_state = OSDState(
-        count=sub.safe_increment(count),
-        projector=treedef.unflatten(new_projs),
-        projector_state=pstate,
-        lowrank_state=low_state,
-        dense_state=dense_state,
-    )
-    return treedef.unflatten(out), new_state
-
-  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+  return subspace.scale_by_subspace(
+      subspace.OnlinePCA(popt, sub.as_schedule(projector_lr), orthogonality),
+      subspace.ProjectBack(scale),
+      sub.renamed_arg(base_optimizer, base, 'base', 'base_optimizer'),
+      rank=rank,
+      proj_type=proj_type,
+      projection_mask=sub.renamed_arg(projection_mask, mask, 'mask', 'projection_mask'),
+      projector_dtype=projector_dtype,
+      split_refresh=split_refresh,
+  )
 
 
 def osd(
@@ -210,12 +119,16 @@ def osd(
     projector_lr: Optional[optax.ScalarOrSchedule] = None,
     projector_lr_ratio: Optional[float] = None,
     orthogonality: float = 0.0,
-    base: Optional[optax.GradientTransformation] = None,
+    base_optimizer: Optional[optax.GradientTransformation] = None,
     scale: float = 1.0,
     weight_decay: float = 0.0,
     weight_decay_mask: Any = None,
-    mask: Any = None,
+    projection_mask: Any = None,
     projector_dtype: Any = None,
+    split_refresh: bool = False,
+    *,
+    base: Optional[optax.GradientTransformation] = None,
+    mask: Any = None,
 ) -> optax.GradientTransformationExtraArgs:
   r"""Online Subspace Descent optimizer: :func:`scale_by_osd`, weight decay, learning rate.
 
@@ -236,8 +149,10 @@ def osd(
     projector_lr, projector_lr_ratio: see above (give at most one).
     weight_decay, weight_decay_mask: decoupled weight decay, as in
       :func:`~lowrank_jax.optim.galore`.
-    rank, proj_type, projector_optimizer, orthogonality, base, scale, mask,
-      projector_dtype: see :func:`scale_by_osd`.
+    rank, proj_type, projector_optimizer, orthogonality, base_optimizer,
+      scale, projection_mask, projector_dtype, split_refresh: see
+      :func:`scale_by_osd`.
+    base, mask: deprecated names of ``base_optimizer`` and ``projection_mask``.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs``.
@@ -261,10 +176,11 @@ def osd(
           projector_optimizer=projector_optimizer,
           projector_lr=plr,
           orthogonality=orthogonality,
-          base=base,
+          base_optimizer=sub.renamed_arg(base_optimizer, base, 'base', 'base_optimizer'),
           scale=scale,
-          mask=mask,
+          projection_mask=sub.renamed_arg(projection_mask, mask, 'mask', 'projection_mask'),
           projector_dtype=projector_dtype,
+          split_refresh=split_refresh,
       ),
       optax.add_decayed_weights(weight_decay, weight_decay_mask),
       optax.scale_by_learning_rate(learning_rate),

@@ -95,12 +95,15 @@ callables (``scale`` as a function, ``layer_filter``) must then be listed in
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping
-from typing import Any, NamedTuple, Sequence, Union
+from collections.abc import Callable
+from typing import Any, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
 import optax
+
+from lowrank_jax.optim.adapters import (ADAPTER_KEYS, FrozenLayout, LayerLeaves, Scale, adapted_layers,
+                                        check_merge_args, concrete, leaf_index, scale_of)
 
 __all__ = [
     'PRUNE_METHODS',
@@ -117,8 +120,6 @@ _OTHER, _KERNEL, _A, _B = 'other', 'kernel', 'lora_a', 'lora_b'
 
 # Separate random streams derived from (seed, merge index).
 _REDRAW_STREAM, _PRUNE_STREAM = 0, 1
-
-Scale = Union[float, Mapping[str, float], Callable[[tuple[str, ...]], float]]
 
 
 class ReLoRAState(NamedTuple):
@@ -138,50 +139,23 @@ class ReLoRAState(NamedTuple):
 # --------------------------------------------------------------------------- #
 
 
-def _key_name(entry: Any) -> str:
-  for attr in ('key', 'name', 'idx'):
-    if hasattr(entry, attr):
-      return str(getattr(entry, attr))
-  return str(entry)
-
-
-def _path_names(path: Sequence[Any]) -> tuple[str, ...]:
-  return tuple(_key_name(e) for e in path)
-
-
-class _Layer(NamedTuple):
-  path: tuple[str, ...]
-  kernel: int  # flat leaf indices into the params leaves
-  a: int
-  b: int
-
-
 class _Layout(NamedTuple):
   treedef: Any  # of the full params
   roles: tuple[str, ...]  # per params leaf
-  layers: tuple[_Layer, ...]
+  layers: tuple[LayerLeaves, ...]
 
-
-def _is_layer_fn(adapter_keys):
-  def is_layer(node):
-    return isinstance(node, Mapping) and all(k in node for k in adapter_keys)
-  return is_layer
+  @property
+  def frozen(self) -> FrozenLayout:
+    """The adapted kernels, hidden from the inner optimizer."""
+    return FrozenLayout(self.treedef, tuple(r == _KERNEL for r in self.roles))
 
 
 def _layout(params, adapter_keys, layer_filter) -> _Layout:
   kernel_key, a_key, b_key = adapter_keys
-  is_layer = _is_layer_fn(adapter_keys)
-  path_leaves, treedef = jax.tree_util.tree_flatten_with_path(params)
-  index = {_path_names(p): i for i, (p, _) in enumerate(path_leaves)}
+  path_leaves, treedef, index = leaf_index(params)
   roles = [_OTHER] * len(path_leaves)
   layers = []
-  nodes, _ = jax.tree_util.tree_flatten_with_path(params, is_leaf=is_layer)
-  for path, node in nodes:
-    if not is_layer(node):
-      continue
-    names = _path_names(path)
-    if layer_filter is not None and not layer_filter(names, node):
-      continue
+  for names, node in adapted_layers(params, adapter_keys, layer_filter):
     idx = {}
     for role, key in ((_KERNEL, kernel_key), (_A, a_key), (_B, b_key)):
       leaf_path = names + (str(key),)
@@ -203,37 +177,15 @@ def _layout(params, adapter_keys, layer_filter) -> _Layout:
           '(..., in, out), (..., in, r), (..., r, out)')
     for role in (_KERNEL, _A, _B):
       roles[idx[role]] = role
-    layers.append(_Layer(names, idx[_KERNEL], idx[_A], idx[_B]))
+    layers.append(LayerLeaves(names, idx[_KERNEL], idx[_A], idx[_B]))
   return _Layout(treedef, tuple(roles), tuple(layers))
 
 
-def adapted_layer_paths(params, *, adapter_keys: Sequence[str] = ('kernel', 'lora_a', 'lora_b'),
+def adapted_layer_paths(params, *, adapter_keys: Sequence[str] = ADAPTER_KEYS,
                         layer_filter=None) -> list[str]:
   """'/'-joined paths of the layers :func:`relora` treats as adapted (for checks / logging)."""
   layout = _layout(params, tuple(adapter_keys), layer_filter)
   return ['/'.join(l.path) for l in layout.layers]
-
-
-def _masked_tree(tree, layout: _Layout):
-  """``tree`` with the adapted kernels replaced by ``optax.MaskedNode()``."""
-  leaves = jax.tree.leaves(tree)
-  if len(leaves) != len(layout.roles):
-    raise ValueError(
-        f'relora: tree has {len(leaves)} leaves, params have {len(layout.roles)}')
-  leaves = [optax.MaskedNode() if r == _KERNEL else x for x, r in zip(leaves, layout.roles)]
-  return jax.tree.unflatten(layout.treedef, leaves)
-
-
-def _scale_of(scale: Scale, path: tuple[str, ...]):
-  if isinstance(scale, Mapping):
-    key = '/'.join(path)
-    if key not in scale:
-      raise ValueError(f'relora: no scale given for adapted layer {key!r}; '
-                       f'scale has keys {sorted(scale)}')
-    return scale[key]
-  if callable(scale):
-    return scale(path)
-  return scale
 
 
 # --------------------------------------------------------------------------- #
@@ -321,7 +273,7 @@ def _prune_inner_state(inner_state, masked_treedef, masked_roles, masked_shapes,
 def freeze_adapted_kernels(
     inner: optax.GradientTransformation,
     *,
-    adapter_keys: Sequence[str] = ('kernel', 'lora_a', 'lora_b'),
+    adapter_keys: Sequence[str] = ADAPTER_KEYS,
     layer_filter: Callable[[tuple[str, ...], Any], bool] | None = None,
 ) -> optax.GradientTransformationExtraArgs:
   """LoRA training: ``inner`` on every leaf except the kernels of adapted layers.
@@ -350,26 +302,15 @@ def freeze_adapted_kernels(
     return layout
 
   def init_fn(params):
-    return inner.init(_masked_tree(params, layout_of(params)))
+    return inner.init(layout_of(params).frozen.hide(params, 'relora'))
 
   def update_fn(updates, state, params=None, **extra_args):
-    layout = layout_of(params)
+    frozen = layout_of(params).frozen
     inner_updates, state = inner.update(
-        _masked_tree(updates, layout), state, _masked_tree(params, layout), **extra_args)
-    inner_leaves = iter(jax.tree.leaves(inner_updates))
-    leaves = [jnp.zeros_like(g) if role == _KERNEL else next(inner_leaves)
-              for g, role in zip(jax.tree.leaves(updates), layout.roles)]
-    return jax.tree.unflatten(jax.tree.structure(updates), leaves), state
+        frozen.hide(updates, 'relora'), state, frozen.hide(params, 'relora'), **extra_args)
+    return frozen.zero_hidden(updates, inner_updates), state
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
-
-
-def _concrete(x):
-  """Python value of ``x``, or None when traced."""
-  try:
-    return float(x)
-  except (TypeError, jax.errors.ConcretizationTypeError, jax.errors.TracerArrayConversionError):
-    return None
 
 
 def relora(
@@ -380,7 +321,7 @@ def relora(
     prune: str = 'magnitude',
     prune_ratio: float = 0.99,
     seed: int = 0,
-    adapter_keys: Sequence[str] = ('kernel', 'lora_a', 'lora_b'),
+    adapter_keys: Sequence[str] = ADAPTER_KEYS,
     layer_filter: Callable[[tuple[str, ...], Any], bool] | None = None,
 ) -> optax.GradientTransformationExtraArgs:
   """ReLoRA around ``inner`` (see the module docstring for the exact behaviour).
@@ -409,16 +350,10 @@ def relora(
   """
   if prune not in PRUNE_METHODS:
     raise ValueError(f'relora: prune must be one of {list(PRUNE_METHODS)}, got {prune!r}')
-  me = _concrete(merge_every)
-  if me is not None and (isinstance(merge_every, bool) or me < 1 or me != int(me)):
-    raise ValueError(f'relora: merge_every must be a positive integer, got {merge_every!r}')
-  pr = _concrete(prune_ratio)
+  check_merge_args('relora', merge_every, scale)
+  pr = concrete(prune_ratio)
   if pr is not None and not 0.0 <= pr <= 1.0:
     raise ValueError(f'relora: prune_ratio must be in [0, 1], got {prune_ratio!r}')
-  if not (isinstance(scale, Mapping) or callable(scale)):
-    s = _concrete(scale)
-    if s is not None and not math.isfinite(s):
-      raise ValueError(f'relora: scale must be finite, got {scale!r}')
   adapter_keys = tuple(adapter_keys)
   if len(adapter_keys) != 3 or len(set(adapter_keys)) != 3:
     raise ValueError(f'relora: adapter_keys must be 3 distinct keys, got {adapter_keys!r}')
@@ -439,7 +374,7 @@ def relora(
   def init_fn(params):
     layout = get_layout(params)
     for layer in layout.layers:  # fail early on a missing per-layer scale
-      _scale_of(scale, layer.path)
+      scale_of(scale, layer.path, 'relora')
     return ReLoRAState(count=jnp.zeros([], jnp.int32), inner_state=frozen.init(params))
 
   def update_fn(updates, state, params=None, **extra_args):
@@ -452,7 +387,7 @@ def relora(
     # Between merges ReLoRA is plain LoRA training.
     frozen_updates, inner_state = frozen.update(updates, state.inner_state, params, **extra_args)
     upd = jax.tree.leaves(frozen_updates)
-    masked_params = _masked_tree(params, layout)
+    masked_params = layout.frozen.hide(params, 'relora')
 
     count = optax.safe_increment(state.count)
     merge_index = count // jnp.asarray(merge_every, count.dtype)
@@ -472,7 +407,7 @@ def relora(
         a, b = p_leaves[layer.a], p_leaves[layer.b]
         a1 = (a + upd[layer.a]).astype(a.dtype)  # what apply_updates would give
         b1 = (b + upd[layer.b]).astype(b.dtype)
-        s = jnp.asarray(_scale_of(scale, layer.path), jnp.float32)
+        s = jnp.asarray(scale_of(scale, layer.path, 'relora'), jnp.float32)
         delta = s * jnp.matmul(a1.astype(jnp.float32), b1.astype(jnp.float32),
                                precision=jax.lax.Precision.HIGHEST)
         upd[layer.kernel] = delta.astype(upd[layer.kernel].dtype)

@@ -20,3 +20,11 @@ class ConfigError(ValueError):
     if self.choices is not None:
       text += f" (valid choices: {', '.join(repr(c) for c in self.choices)})"
     super().__init__(text)
+
+
+class TrainingStopped(RuntimeError):
+  """A run that cannot go on (e.g. it diverged), said in one line; `exit_code` for the CLI."""
+
+  def __init__(self, message: str, exit_code: int):
+    super().__init__(message)
+    self.exit_code = exit_code

@@ -1,15 +1,15 @@
-"""config.data -> tokenizer, training iterator and the fixed validation batches."""
+"""The run's data settings -> tokenizer, training iterator and the fixed validation batches."""
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
-from typing import Any, Sequence
-
-import ml_collections
+from typing import Any
 
 from lowrank_jax import data as data_lib
-from lowrank_jax.train.config import split_paths
+from lowrank_jax import models
+from lowrank_jax.train.config import DataSettings, RunConfig
 from lowrank_jax.train.errors import ConfigError
 
 
@@ -22,68 +22,197 @@ class Input:
   description: str
 
 
-def _file_source(kind: str, spec: str, text_key: str):
-  paths: Sequence[str] = [os.path.expanduser(p) for p in split_paths(spec)]
-  if kind == "jsonl":
-    return data_lib.JsonlSource(paths, text_key=text_key)
-  return data_lib.TextSource(paths)
+# The data library names the argument at fault (`DataError.argument`); these are its config keys.
+_ARGUMENT_KEYS = {"text_key": "data.text_key"}
 
 
-def _sources(cfg: ml_collections.ConfigDict, seed: int):
-  """(train source, eval source, tokenizer, entropy floor, description)."""
-  if cfg.source == "synthetic":
-    s = cfg.synthetic
-    make = lambda doc_seed: data_lib.SyntheticLanguage(  # noqa: E731
-        vocab_size=s.vocab_size, branching=s.branching, stop_prob=s.stop_prob, seed=seed, doc_seed=doc_seed)
-    train = make(0)
-    return train, make(1), train.tokenizer, train.entropy_rate(), (
-        f"synthetic Markov language (V={s.vocab_size}, branching {s.branching})")
+def _synthetic(cfg: DataSettings, seed: int):
+  s = cfg.synthetic
+  make = lambda doc_seed: data_lib.SyntheticLanguage(  # noqa: E731
+      vocab_size=s.vocab_size, branching=s.branching, stop_prob=s.stop_prob, seed=seed, doc_seed=doc_seed)
+  train = make(0)
+  return train, make(1), train.tokenizer, train.entropy_rate(), (
+      f"synthetic Markov language (V={s.vocab_size}, branching {s.branching})")
+
+
+def _file_source(cfg: DataSettings, paths: list[str], key: str):
   try:
-    tokenizer = data_lib.make_tokenizer(os.path.expanduser(cfg.tokenizer))
-  except FileNotFoundError as e:
-    raise ConfigError("data.tokenizer", str(e)) from None
-  if cfg.source in ("jsonl", "text"):
-    try:
-      train = _file_source(cfg.source, cfg.path, cfg.text_key)
-    except (FileNotFoundError, ValueError) as e:
-      raise ConfigError("data.path", str(e)) from None
-    if cfg.eval_path:
-      try:
-        evals = _file_source(cfg.source, cfg.eval_path, cfg.text_key)
-      except (FileNotFoundError, ValueError) as e:
-        raise ConfigError("data.eval_path", str(e)) from None
-    else:
-      if len(train) < 2:
-        raise ConfigError("data.eval_holdout", f"{cfg.path} holds {len(train)} document(s): too few to hold "
-                          "some out for validation; set data.eval_path")
-      train, evals = data_lib.split_holdout(train, cfg.eval_holdout)
-    return train, evals, tokenizer, None, f"{cfg.source} {cfg.path}"
+    if cfg.source == "jsonl":
+      return data_lib.JsonlSource(paths, text_key=cfg.text_key)
+    return data_lib.TextSource(paths)
+  except (FileNotFoundError, ValueError) as e:
+    raise ConfigError(_ARGUMENT_KEYS.get(getattr(e, "argument", None), key), str(e)) from None
+
+
+def _files(cfg: DataSettings):
+  train = _file_source(cfg, cfg.paths, "data.path")
+  if len(train) == 0:  # (before the holdout, which would otherwise take the blame)
+    raise ConfigError("data.path", f"{cfg.path} holds no documents (empty, or only blank lines)")
+  if cfg.eval_path:
+    return train, _file_source(cfg, cfg.eval_paths, "data.eval_path")
+  if len(train) < 2:
+    raise ConfigError("data.eval_holdout", f"{cfg.path} holds {len(train)} document(s): too few to hold some out "
+                      "for validation; set data.eval_path")
+  return data_lib.split_holdout(train, cfg.eval_holdout)
+
+
+def _tfds(cfg: DataSettings, split: str, split_key: str):
+  """A TFDS split; a bad split, text field or dataset is blamed on its own key."""
+  keys = {**_ARGUMENT_KEYS, "split": split_key}
   try:
     data_dir = os.path.expanduser(cfg.data_dir) if cfg.data_dir else None
-    train = data_lib.TfdsSource(cfg.tfds_name, split=cfg.train_split, data_dir=data_dir, text_key=cfg.text_key)
-    evals = data_lib.TfdsSource(cfg.tfds_name, split=cfg.eval_split, data_dir=data_dir, text_key=cfg.text_key)
+    return data_lib.TfdsSource(cfg.tfds_name, split=split, data_dir=data_dir, text_key=cfg.text_key)
   except (FileNotFoundError, ValueError, ImportError) as e:
-    key = "data.eval_split" if "split" in str(e).lower() and cfg.eval_split in str(e) else "data.tfds_name"
+    raise ConfigError(keys.get(getattr(e, "argument", None), "data.tfds_name"), str(e)) from None
+
+
+@dataclasses.dataclass(frozen=True)
+class ImageClasses:
+  """What a classification run has in place of a tokenizer: its classes (`vocab_size`: their count)."""
+  vocab_size: int
+
+
+@functools.lru_cache(maxsize=8)
+def _image_sources(cfg: DataSettings):
+  """(train source, eval source, description) of image data; a bad file or split names its key."""
+  images = data_lib.images
+  key = "data.path"
+  try:
+    if cfg.source == "tfds_images":
+      data_dir = os.path.expanduser(cfg.data_dir) if cfg.data_dir else None
+      make = lambda split: images.TfdsImageSource(cfg.tfds_name, split, data_dir,  # noqa: E731
+                                                  cfg.image.image_key, cfg.image.label_key)
+      key = "data.tfds_name"
+      return make(cfg.train_split), make(cfg.eval_split), f"tfds {cfg.tfds_name}"
+    if cfg.source == "image_folder":
+      if not cfg.eval_path:
+        raise ConfigError("data.eval_path", "image_folder needs a validation folder of the same classes")
+      channels = cfg.image.channels or None
+      train = images.ImageFolderSource(os.path.expanduser(cfg.path), channels)
+      key = "data.eval_path"
+      evals = images.ImageFolderSource(os.path.expanduser(cfg.eval_path), channels)
+      if evals.classes != train.classes:
+        raise ConfigError("data.eval_path", f"classes {evals.classes} differ from data.path's {train.classes}")
+      return train, evals, f"image folders {cfg.path} / {cfg.eval_path}"
+    path = (data_lib.images.offline_npz(cfg.source) if cfg.source in images.OFFLINE_DATASETS
+            else os.path.expanduser(cfg.path))
+    key = "data.train_split"
+    train = images.NpzImageSource(path, cfg.train_split)
+    key = "data.eval_split"
+    evals = images.NpzImageSource(os.path.expanduser(cfg.eval_path) if cfg.eval_path else path, cfg.eval_split)
+    return train, evals, f"{cfg.source} {path}"
+  except (FileNotFoundError, ValueError, ImportError) as e:
+    if isinstance(e, ConfigError):
+      raise
     raise ConfigError(key, str(e)) from None
-  return train, evals, tokenizer, None, f"tfds {cfg.tfds_name}"
 
 
-def build_input(config: ml_collections.ConfigDict, *, process_index: int, process_count: int) -> Input:
-  cfg = config.data
-  train, evals, tokenizer, floor, description = _sources(cfg, config.seed)
+def image_shape(run: RunConfig) -> tuple[int, int]:
+  """(side, channels) of the first training image: the model's input when `data.image` leaves them 0."""
+  image = _image_sources(run.data)[0][0]["image"]
+  if image.shape[0] != image.shape[1] and not run.data.image.size:
+    raise ConfigError("data.image.size", f"the images are {image.shape[0]} x {image.shape[1]}; the ViT takes "
+                      "squares: set the side to resize to")
+  return image.shape[0], image.shape[2]
+
+
+def _image_input(run: RunConfig, *, process_index: int, process_count: int) -> Input:
+  cfg, img = run.data, run.data.image
+  train, evals, description = _image_sources(cfg)
+  size, channels = img.size or image_shape(run)[0], img.channels or image_shape(run)[1]
+  try:
+    transform = data_lib.ImageTransform(size, channels, img.means, img.stds, img.crop_padding, img.flip)
+  except ValueError as e:
+    raise ConfigError("data.image.mean", str(e)) from None
+  plain = dataclasses.replace(transform, crop_padding=0, flip=False)
+  local_batch = run.train.batch_size // process_count
+  eval_batch = max(1, local_batch // run.train.grad_accum)
+  eval_batches = data_lib.make_image_eval_batches(
+      evals, plain, batch_size=eval_batch, max_examples=run.train.eval_batches * eval_batch,
+      process_index=process_index, process_count=process_count)
+  train_iter = data_lib.make_image_train_iterator(
+      train, transform, batch_size=local_batch, seed=run.seed, shuffle=cfg.shuffle,
+      process_index=process_index, process_count=process_count)
+  return Input(ImageClasses(train.num_classes), train_iter, eval_batches, None,
+               f"{description}: {train.num_classes} classes, {len(train)} training images, {size}x{size}x{channels}")
+
+
+def make_tokenizer(run: RunConfig):
+  """`data.tokenizer`; when empty, `model.init_from`'s own tokenizer, else bytes.
+
+  A classification run gets its `ImageClasses` (the classes play the vocabulary's role).
+  """
+  if run.task == "classification":
+    return ImageClasses(_image_sources(run.data)[0].num_classes)
+  spec = run.data.tokenizer or run.model.init_from or "byte"
+  try:
+    tokenizer = data_lib.make_tokenizer(os.path.expanduser(spec))
+  except (FileNotFoundError, ValueError, ImportError) as e:  # missing, or not a tokenizer file
+    raise ConfigError("data.tokenizer", str(e)) from None
+  if run.model.init_from:
+    embedding = models.pretrained_config(run.model.init_from).vocab_size
+    if tokenizer.vocab_size > embedding:
+      raise ConfigError("data.tokenizer", f"has {tokenizer.vocab_size} tokens, more than the {embedding} of "
+                        f"{run.model.init_from}'s embedding")
+  return tokenizer
+
+
+def _instructions(cfg: DataSettings, paths: list[str], key: str):
+  ins = cfg.instructions
+  try:
+    return data_lib.InstructionSource(paths, format=ins.format, template=ins.template,
+                                      response_key=ins.response_key)
+  except (FileNotFoundError, ValueError) as e:
+    raise ConfigError({"format": "data.instructions.format"}.get(getattr(e, "argument", None), key), str(e)) from None
+
+
+def _sources(cfg: DataSettings, seed: int, tokenizer):
+  """(train source, eval source, tokenizer, entropy floor, description)."""
+  if cfg.source == "synthetic":
+    return _synthetic(cfg, seed)
+  if cfg.source == "instructions":
+    train = _instructions(cfg, cfg.paths, "data.path")
+    if cfg.eval_path:
+      evals = _instructions(cfg, cfg.eval_paths, "data.eval_path")
+    else:
+      train, evals = data_lib.split_holdout(train, cfg.eval_holdout)
+    return train, evals, tokenizer, None, f"instructions ({cfg.instructions.format}) {cfg.path}"
+  if cfg.source in ("jsonl", "text"):
+    return (*_files(cfg), tokenizer, None, f"{cfg.source} {cfg.path}")
+  train = _tfds(cfg, cfg.train_split, "data.train_split")
+  return train, _tfds(cfg, cfg.eval_split, "data.eval_split"), tokenizer, None, f"tfds {cfg.tfds_name}"
+
+
+def build_input(run: RunConfig, *, process_index: int, process_count: int) -> Input:
+  cfg = run.data
+  if run.task == "classification":
+    return _image_input(run, process_index=process_index, process_count=process_count)
+  tokenizer = None if cfg.source == "synthetic" else make_tokenizer(run)
+  train, evals, tokenizer, floor, description = _sources(cfg, run.seed, tokenizer)
   if len(train) == 0:
     raise ConfigError("data.path", "the training source holds no documents")
-  local_batch = config.train.batch_size // process_count
+  local_batch = run.train.batch_size // process_count
   # Validation is evaluated on micro-batch sized pieces so it never needs more memory than a step.
-  eval_batch = max(1, local_batch // config.train.grad_accum)
+  eval_batch = max(1, local_batch // run.train.grad_accum)
+  if cfg.source == "instructions":  # batches of tokens, segment_ids, positions, loss_mask
+    ins = dict(pack=cfg.instructions.pack, train_on_prompt=cfg.instructions.train_on_prompt)
+    eval_batches = data_lib.make_instruction_eval_batches(
+        evals, tokenizer, seq_len=cfg.seq_len, batch_size=eval_batch, num_batches=run.train.eval_batches,
+        process_index=process_index, process_count=process_count, **ins)
+    train_iter = data_lib.make_instruction_iterator(
+        train, tokenizer, seq_len=cfg.seq_len, batch_size=local_batch, seed=run.seed, shuffle=cfg.shuffle,
+        process_index=process_index, process_count=process_count, **ins)
+    return Input(tokenizer, train_iter, eval_batches, None, description)
   try:
     eval_batches = data_lib.make_eval_batches(
-        evals, tokenizer, seq_len=cfg.seq_len, batch_size=eval_batch, num_batches=config.train.eval_batches,
+        evals, tokenizer, seq_len=cfg.seq_len, batch_size=eval_batch, num_batches=run.train.eval_batches,
         process_index=process_index, process_count=process_count)
   except data_lib.DataError as e:
     raise ConfigError("data.seq_len", f"validation data cannot form one batch of {eval_batch} x {cfg.seq_len} "
                       f"tokens: {e}") from None
+  except data_lib.DataFileError as e:  # a malformed record, named by file and line
+    raise ConfigError("data.eval_path" if cfg.eval_path else "data.path", str(e)) from None
   train_iter = data_lib.make_train_iterator(
-      train, tokenizer, seq_len=cfg.seq_len, batch_size=local_batch, seed=config.seed, shuffle=cfg.shuffle,
+      train, tokenizer, seq_len=cfg.seq_len, batch_size=local_batch, seed=run.seed, shuffle=cfg.shuffle,
       process_index=process_index, process_count=process_count)
   return Input(tokenizer, train_iter, eval_batches, floor, description)

@@ -7,33 +7,35 @@ device runs the previous step, and metrics stay on the device until the next
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
 import signal
 import sys
+import tempfile
 import time
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from tqdm import tqdm
 
-from lowrank_jax.train import parallel
+from lowrank_jax import data as data_lib
+from lowrank_jax.train import parallel, warm_start
 from lowrank_jax.train.checkpoint import Checkpointer
-from lowrank_jax.train.config import validate
-from lowrank_jax.train.errors import ConfigError
-from lowrank_jax.train.input import build_input
+from lowrank_jax.train.config import RunConfig, default_config, resolve
+from lowrank_jax.train.errors import ConfigError, TrainingStopped
+from lowrank_jax.train.input import Input, build_input
 from lowrank_jax.train.metrics import MetricsWriter
-from lowrank_jax.train.methods import get_method
-from lowrank_jax.train.model import transfer_params
-from lowrank_jax.train.optimizer import MAIN, WARM_START
-from lowrank_jax.train.setup import (Setup, assemble_state, build_setup, init_state, model_summary, param_count,
+from lowrank_jax.train.setup import (Setup, build_setup, export_model, init_state, model_summary, param_count,
                                      trainable_count)
 
 # Keys whose change makes an existing checkpoint unusable for this run.
-_RESUME_KEYS = ("model", "optimizer.name", "data.seq_len", "data.source", "data.tokenizer")
+_RESUME_KEYS = ("seed", "model", "optimizer.name", "data.seq_len", "data.source", "data.tokenizer")
+_RESUME_FREE = ("model.remat",)  # recomputes activations, changes no result: may differ on resume
 
 
 def _say(message: str) -> None:
@@ -41,28 +43,122 @@ def _say(message: str) -> None:
     tqdm.write(message, file=sys.stderr)
 
 
-def _select(config_dict: dict, dotted: str) -> Any:
-  node: Any = config_dict
-  for part in dotted.split("."):
-    node = node.get(part) if isinstance(node, dict) else None
-  return node
+def _leaves(tree: Any, prefix: str = "") -> dict[str, Any]:
+  """{dotted key: value} of every leaf of a nested dict."""
+  if not isinstance(tree, dict):
+    return {prefix: tree}
+  out = {}
+  for key, value in tree.items():
+    out.update(_leaves(value, f"{prefix}.{key}" if prefix else key))
+  return out
 
 
-def _check_resumable(workdir: str, config: ml_collections.ConfigDict, has_checkpoint: bool) -> None:
-  """Refuse to resume a checkpoint written by a run with another model or method."""
+def _check_resumable(workdir: str, run: RunConfig, has_checkpoint: bool) -> None:
+  """Refuse to resume a checkpoint written by a run with another model, method or seed.
+
+  A key the saved config lacks (written before the key existed) counts as its default.
+  """
   path = os.path.join(workdir, "config.json")
-  current = json.loads(config.to_json())
   if has_checkpoint and os.path.exists(path):
     with open(path) as f:
-      saved = json.load(f)
-    for key in _RESUME_KEYS:
-      if _select(saved, key) != _select(current, key):
-        raise ConfigError(key, f"differs from the run that wrote the checkpoints in {workdir} "
-                          f"({_select(saved, key)!r} there, {_select(current, key)!r} now); "
-                          "use another --workdir to start a new run")
+      saved = _leaves(json.load(f))
+    current, default = _leaves(run.to_dict()), _leaves(default_config().to_dict())
+    for key in sorted(set(saved) | set(current)):
+      if not any(key == k or key.startswith(k + ".") for k in _RESUME_KEYS) or key in _RESUME_FREE:
+        continue
+      was, now = saved.get(key, default.get(key)), current.get(key)
+      if was != now:
+        raise ConfigError(key, f"differs from the run that wrote the checkpoints in {workdir} ({was!r} there, "
+                          f"{now!r} now); use another --workdir to start a new run")
+
+
+def _writable_workdir(workdir: str) -> None:
+  """Create `workdir` and prove it takes a file, or say in one line why not."""
+  try:
+    os.makedirs(workdir, exist_ok=True)
+    with tempfile.TemporaryFile(dir=workdir):
+      pass
+  except OSError as e:
+    raise TrainingStopped(f"--workdir {workdir}: cannot write there ({e.strerror or e})", exit_code=2) from None
+
+
+def _metrics_records(workdir: str) -> tuple[int, int | None]:
+  """(records, last step) of the workdir's metrics.jsonl."""
+  count, last = 0, None
+  try:
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+      for line in f:
+        try:
+          last, count = json.loads(line).get("step", last), count + 1
+        except json.JSONDecodeError:
+          continue
+  except FileNotFoundError:
+    pass
+  return count, last
+
+
+def _refuse_silent_restart(workdir: str, restart: bool) -> None:
+  """A workdir with a run's records but no checkpoint to resume: starting over needs --restart,
+  and then the old metrics are kept beside the new ones."""
+  count, last = _metrics_records(workdir)
+  if not count:
+    return
+  if not restart:
+    raise TrainingStopped(f"{workdir} holds metrics.jsonl ({count} records, up to step {last}) but no readable "
+                          "checkpoint to resume from; rerun with --restart to start over (the old metrics are "
+                          "kept), or use another --workdir", exit_code=2)
   if jax.process_index() == 0:
-    with open(path, "w") as f:
-      f.write(config.to_json(indent=2))
+    kept = os.path.join(workdir, f"metrics.before-restart-{time.strftime('%Y%m%d-%H%M%S')}.jsonl")
+    os.replace(os.path.join(workdir, "metrics.jsonl"), kept)
+    _say(f"--restart: starting over from step 0; the old metrics are in {kept}")
+
+
+def _finished(workdir: str, run: RunConfig, latest: int) -> dict[str, Any]:
+  """A rerun of a finished run changes nothing: it says so and returns the saved summary."""
+  _say(f"the run in {workdir} is finished (checkpoint at step {latest}, train.steps={run.train.steps}); "
+       "nothing to do: raise train.steps to train on")
+  try:
+    with open(os.path.join(workdir, "summary.json")) as f:
+      saved = json.load(f)
+  except (OSError, json.JSONDecodeError):
+    saved = {"steps": latest}
+  return {**saved, "resumed_from": latest, "already_finished": True}  # (the file is left as it was)
+
+
+def _diverged(run: RunConfig, progress: "_Progress", last_saved: int | None, directory: str) -> TrainingStopped:
+  kept = (f"the last checkpoint, step {last_saved} in {directory}, is kept" if last_saved is not None
+          else "no checkpoint was written")
+  return TrainingStopped(
+      f"training diverged: the loss or gradient norm was not finite for {progress.nonfinite_run} steps in a row "
+      f"(up to step {progress.step}; skipped, no update); {kept}; lower optimizer.lr ({run.optimizer.lr:g}) or "
+      f"raise train.max_nonfinite_steps ({run.train.max_nonfinite_steps})", exit_code=3)
+
+
+@jax.jit
+def _all_finite(tree: Any) -> jax.Array:
+  leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree) if jnp.issubdtype(x.dtype, jnp.inexact)]
+  return jnp.all(jnp.stack(leaves)) if leaves else jnp.array(True)
+
+
+class _Saver:
+  """Writes checkpoints, never one after a non-finite step or of non-finite parameters: such a
+  checkpoint would rotate the good ones away (train.keep_checkpoints)."""
+
+  def __init__(self, checkpointer: Checkpointer, inputs: Input, progress: "_Progress"):
+    self.checkpointer, self.inputs, self.progress = checkpointer, inputs, progress
+    self.last_saved = checkpointer.latest_step()
+
+  def __call__(self, setup: Setup, state, phase: str, at_step: int) -> None:
+    if self.progress.nonfinite_run:
+      _say(f"step {at_step}: no checkpoint written (the last step was not finite); step {self.last_saved} is kept")
+      return
+    if not bool(_all_finite(state.params)):
+      raise TrainingStopped(f"step {at_step}: the parameters are not finite; no checkpoint written, step "
+                            f"{self.last_saved} in {self.checkpointer.directory} is kept", exit_code=3)
+    # Every process reads its own share of the data, so each one's position is kept.
+    positions = parallel.gather_json(self.inputs.train_iter.get_state())
+    self.checkpointer.save(state, {"processes": positions, "phase": phase}, at_step)
+    self.last_saved = at_step
 
 
 class _StopRequest:
@@ -95,40 +191,18 @@ def evaluate(setup: Setup, state, eval_batches: list[dict]) -> dict[str, float]:
   sharding = parallel.eval_sharding(setup.mesh)
   totals = []
   for batch in eval_batches:
-    tokens = parallel.global_array(batch["tokens"], sharding)
-    totals.append(setup.eval_step(state.params, state.rest, tokens))
-  loss_sum, count = (float(np.sum(x)) for x in zip(*jax.device_get(totals)))
-  loss = loss_sum / count
+    totals.append(setup.eval_step(state.params, state.rest, _step_batch(batch, sharding)))
+  sums = [float(np.sum(x)) for x in zip(*jax.device_get(totals))]  # loss, count (, correct: images)
+  loss = sums[0] / sums[1]
+  if len(sums) == 3:
+    return {"eval_loss": loss, "eval_accuracy": sums[2] / sums[1], "eval_examples": int(sums[1])}
   return {"eval_loss": loss, "eval_ppl": math.exp(min(loss, 50.0))}
 
 
-def _warm_start_source(config: ml_collections.ConfigDict) -> str:
-  relora = config.optimizer.get("relora")
-  return relora.warm_start_from if relora is not None and config.optimizer.name == "relora" else ""
-
-
-def _leave_warm_start(warm: Setup, state, vocab: int):
-  """Switch from the full-rank phase to the method: same weights, adapters added, new optimizer."""
-  setup = build_setup(warm.config, vocab, MAIN)
-  fresh = init_state(setup, vocab)
-  params = transfer_params(fresh.params, state.params)
-  return setup, assemble_state(setup, params, fresh.rest, step=state.step, rng=state.rng)
-
-
-def _start_from_full_rank(setup: Setup, state, source: str, vocab: int):
-  """Begin from the parameters of a full-rank run (its latest checkpoint)."""
-  directory = os.path.join(source, "checkpoints") if os.path.isdir(os.path.join(source, "checkpoints")) else source
-  source_ckpt = Checkpointer(directory, keep=1000)
-  if source_ckpt.latest_step() is None:
-    raise ConfigError("optimizer.relora.warm_start_from", f"no checkpoint in {directory}")
-  dense = build_setup(setup.config, vocab, WARM_START)
-  try:
-    loaded = source_ckpt.restore_params(dense.abstract_state.params)
-  except (ValueError, KeyError) as e:
-    raise ConfigError("optimizer.relora.warm_start_from",
-                      f"the checkpoint in {directory} does not hold this model's full-rank parameters: {e}") from None
-  params = transfer_params(state.params, loaded)
-  return assemble_state(setup, params, state.rest, step=0, rng=state.rng)
+def _step_batch(batch: dict, sharding: Any) -> Any:
+  """A batch as the steps take it: the token rows alone, or every field of an instruction batch."""
+  placed = {k: parallel.global_array(v, sharding) for k, v in batch.items()}
+  return placed["tokens"] if len(placed) == 1 else placed
 
 
 def _peak_device_memory() -> int | None:
@@ -136,135 +210,277 @@ def _peak_device_memory() -> int | None:
   return stats.get("peak_bytes_in_use")
 
 
-def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
-  """Train (or resume) the run described by `config` in `workdir`; return the summary."""
-  validate(config, num_devices=jax.device_count(), process_count=jax.process_count())
-  os.makedirs(workdir, exist_ok=True)
-  inputs = build_input(config, process_index=jax.process_index(), process_count=jax.process_count())
-  vocab = inputs.tokenizer.vocab_size
-  tcfg = config.train
-  total_steps = tcfg.steps
-  method = get_method(config.optimizer.name)
-  warm_steps = method.warm_start_steps(config) if method.warm_start_steps else 0
-  checkpointer = Checkpointer(os.path.join(workdir, "checkpoints"), keep=tcfg.keep_checkpoints)
-  latest = checkpointer.latest_step()
-  _check_resumable(workdir, config, latest is not None)
-  if latest is not None:
-    phase = checkpointer.read_json(latest).get("phase", MAIN)
-  else:
-    phase = WARM_START if warm_steps > 0 else MAIN
-  setup = build_setup(config, vocab, phase)
+@dataclasses.dataclass
+class _Progress:
+  """What the loop carries from step to step and reports at the end."""
+  step: int
+  resumed_from: int | None
+  start_time: float = dataclasses.field(default_factory=time.perf_counter)
+  last_train: dict[str, float] = dataclasses.field(default_factory=dict)
+  last_eval: dict[str, float] = dataclasses.field(default_factory=dict)
+  throughput: list[float] = dataclasses.field(default_factory=list)
+  stopped_early: bool = False
+  nonfinite_run: int = 0  # steps in a row, up to the last log, whose loss or gradient norm was not finite
+  skipped: int = 0  # such steps (skipped: no update) in this launch
+  first_step: int = dataclasses.field(init=False)
 
+  def __post_init__(self):
+    self.first_step = self.step
+
+
+def _announce(setup: Setup, inputs: Input, warm_steps: int) -> None:
+  run, vocab = setup.run, inputs.tokenizer.vocab_size
+  t, opt = run.train, run.optimizer
   _say(f"model   {model_summary(setup)}")
-  _say(f"method  {config.optimizer.name}, peak lr {config.optimizer.lr:g}, {config.optimizer.schedule} schedule"
+  _say(f"method  {opt.name}, peak lr {opt.lr:g}, {opt.schedule} schedule"
        f"{f'; full-rank warm start for {warm_steps} steps' if warm_steps else ''}")
-  _say(f"data    {inputs.description}; {tcfg.batch_size} x {config.data.seq_len} tokens per step"
-       f"{f' ({tcfg.grad_accum} micro-batches)' if tcfg.grad_accum > 1 else ''}; vocab {vocab}")
+  per_step = (f"{t.batch_size} images" if run.task == "classification"
+              else f"{t.batch_size} x {run.data.seq_len} tokens; vocab {vocab}")
+  _say(f"data    {inputs.description}; {per_step} per step"
+       f"{f' ({t.grad_accum} micro-batches)' if t.grad_accum > 1 else ''}")
   _say(f"devices {jax.device_count()} x {jax.devices()[0].device_kind} over {jax.process_count()} process(es), "
-       f"{parallel.describe(config.parallel)}")
-  if latest is not None:
-    state, data_state, step = checkpointer.restore(setup.abstract_state)
-    positions = data_state["processes"]
-    if len(positions) == jax.process_count():
-      inputs.train_iter.set_state(positions[jax.process_index()])
-    else:  # the model and optimizer restore exactly; the data order cannot
-      _say(f"warning: the checkpoint was written by {len(positions)} process(es), this run has "
-           f"{jax.process_count()}: the data iterator starts from the beginning")
-    _say(f"resumed from the checkpoint at step {step} in {checkpointer.directory}")
-  else:
-    state, step = init_state(setup, vocab), 0
-    warm_from = _warm_start_source(config)
-    if warm_from:
-      state = _start_from_full_rank(setup, state, warm_from, vocab)
-      _say(f"started from the full-rank parameters in {warm_from}")
-  writer = MetricsWriter(workdir, resume_step=step if latest is not None else None,
-                         enabled=jax.process_index() == 0)
+       f"{run.parallel.describe()}")
 
-  def save(at_step: int) -> None:
-    # Every process reads its own share of the data, so each one's position is kept.
-    positions = parallel.gather_json(inputs.train_iter.get_state())
-    checkpointer.save(state, {"processes": positions, "phase": setup.phase}, at_step)
 
+def _restore(setup: Setup, checkpointer: Checkpointer, inputs: Input, step: int):
+  state, data_state, step = checkpointer.restore(setup.abstract_state, step)
+  positions = data_state["processes"]
+  if len(positions) == jax.process_count():
+    inputs.train_iter.set_state(positions[jax.process_index()])
+  else:  # the model and optimizer restore exactly; the data order cannot
+    _say(f"warning: the checkpoint was written by {len(positions)} process(es), this run has "
+         f"{jax.process_count()}: the data iterator starts from the beginning")
+  return state, step
+
+
+def _start(setup: Setup, vocab: int):
+  state = init_state(setup, vocab)
+  if setup.run.model.init_from:
+    _say(f"started from the weights in {setup.run.model.init_from}")
+  source = warm_start.plan(setup.run).source
+  if source:
+    state = warm_start.start_from_full_rank(setup, state, vocab)
+    _say(f"started from the full-rank parameters in {source}")
+  return state
+
+
+def _log(progress: _Progress, pending: list[dict], tokens: int, mark: tuple[int, float], writer, bar) -> None:
+  """Fetch the interval's metrics (the one host sync), write them with the throughput."""
+  fetched = jax.device_get(pending)
+  now = time.perf_counter()
+  skipped = [bool(m.pop("skipped", 0)) for m in fetched]
+  for flag in skipped:
+    progress.nonfinite_run = progress.nonfinite_run + 1 if flag else 0
+  progress.skipped += sum(skipped)
+  kept = [m for m, flag in zip(fetched, skipped) if not flag]  # the skipped steps' NaN stay out of the means
+  progress.last_train = {k: float(np.mean([m[k] for m in kept])) if kept else math.nan for k in fetched[0]}
+  steps, elapsed = progress.step - mark[0], now - mark[1]
+  rate = steps * tokens / elapsed
+  if mark[0] > progress.first_step:  # the first interval includes compilation
+    progress.throughput.append(rate)
+  record = {**progress.last_train, "tokens_per_s": rate, "step_time_s": elapsed / steps}
+  if any(skipped):
+    record["skipped_steps"] = sum(skipped)
+    _say(f"step {progress.step}: {sum(skipped)} of the last {len(skipped)} steps skipped (loss or gradient norm "
+         f"not finite: no update); {progress.nonfinite_run} in a row")
+  writer.write(progress.step, record)
+  bar.set_postfix(loss=f"{progress.last_train['loss']:.3f}", tok_s=f"{rate:,.0f}",
+                  ms_step=f"{1e3 * record['step_time_s']:.0f}")
+
+
+def _evaluate_and_log(setup: Setup, state, inputs: Input, progress: _Progress, writer) -> None:
+  progress.last_eval = evaluate(setup, state, inputs.eval_batches)
+  writer.write(progress.step, progress.last_eval)
+  e = progress.last_eval
+  second = (f"accuracy {e['eval_accuracy']:.4f}" if "eval_accuracy" in e else f"ppl {e['eval_ppl']:.2f}")
+  _say(f"step {progress.step}: eval loss {e['eval_loss']:.4f}, {second}")
+
+
+def _completed(step: int, pending: list[dict]) -> int:
+  """Steps the device has finished, not merely been handed, asked without waiting: the progress
+  bar counts these, so its rate and time estimate are the device's."""
+  done = step - len(pending)
+  for metrics in pending:
+    if not metrics["loss"].is_ready():
+      break
+    done += 1
+  return done
+
+
+def _refresh_if_due(setup: Setup, state, tokens, refresh_in: int | None):
+  """Run the projector refresh program before this step if it is due.
+
+  `refresh_in` counts down on the host (steps before the next refresh, from the state),
+  so the device is asked only at the predicted step (a skipped non-finite step does not
+  count, hence the re-check). Returns the state and the new count (None: no refresh).
+  """
+  if refresh_in is None or refresh_in > 0:
+    return state, refresh_in
+  if setup.steps_to_refresh(state) == 0:
+    state = setup.refresh_step(state, tokens)
+  return state, setup.steps_to_refresh(state)
+
+
+def _loop(setup: Setup, state, phase: str, inputs: Input, progress: _Progress, save, writer):
+  """Steps until train.steps or a stop request; returns the final setup and state."""
+  run, t = setup.run, setup.run.train
+  warm_steps, vocab = warm_start.plan(run).steps, inputs.tokenizer.vocab_size
   accum, _, seq_len = setup.tokens_shape
-  tokens_per_step = tcfg.batch_size * seq_len
   pending: list[dict] = []
-  last_train: dict[str, float] = {}
-  last_eval: dict[str, float] = {}
-  throughput: list[float] = []
-  start_step, start_time = step, time.perf_counter()
-  mark_step, mark_time = step, start_time
-  bar = tqdm(total=total_steps, initial=step, unit="step", dynamic_ncols=True, file=sys.stderr,
-             disable=not tcfg.progress_bar or jax.process_index() != 0, desc=config.optimizer.name)
-  stopped_early = False
+  mark = (progress.step, progress.start_time)
+  refresh_in = setup.steps_to_refresh(state)
+  bar = tqdm(total=t.steps, initial=progress.step, unit="step", dynamic_ncols=True, file=sys.stderr,
+             disable=not t.progress_bar or jax.process_index() != 0, desc=run.optimizer.name)
   with _StopRequest() as stop:
-    while step < total_steps:
-      if setup.phase == WARM_START and step >= warm_steps:
-        setup, state = _leave_warm_start(setup, state, vocab)
-        _say(f"step {step}: full-rank warm start done; {config.optimizer.name} from here "
+    while progress.step < t.steps:
+      if phase == warm_start.WARM_START and progress.step >= warm_steps:
+        setup, state = warm_start.leave(setup, state, vocab)
+        phase = warm_start.MAIN
+        _say(f"step {progress.step}: full-rank warm start done; {run.optimizer.name} from here "
              f"({model_summary(setup)})")
-        mark_time = time.perf_counter()  # keep the recompilation out of the throughput
-      local = next(inputs.train_iter)["tokens"]
-      local = local.reshape(accum, local.shape[0] // accum, seq_len)
-      state, metrics = setup.train_step(state, local)
-      step += 1
+        mark = (mark[0], time.perf_counter())  # keep the recompilation out of the throughput
+        refresh_in = setup.steps_to_refresh(state)
+      try:
+        local = next(inputs.train_iter)  # {'tokens'}, or an instruction batch's fields
+      except data_lib.DataFileError as e:  # a malformed record met mid-run, named by file and line
+        raise ConfigError("data.path", str(e)) from None
+      local = {k: v.reshape(accum, v.shape[0] // accum, *v.shape[1:]) for k, v in local.items()}
+      tokens = local["tokens"] if len(local) == 1 else local
+      state, refresh_in = _refresh_if_due(setup, state, tokens, refresh_in)
+      state, metrics = setup.train_step(state, tokens)
+      refresh_in = None if refresh_in is None else refresh_in - 1
+      progress.step += 1
       pending.append(metrics)
-      bar.update(1)
-      if step % tcfg.log_every == 0 or step == total_steps or stop.requested:
-        fetched = jax.device_get(pending)  # the one host sync per log interval
-        now = time.perf_counter()
-        last_train = {k: float(np.mean([m[k] for m in fetched])) for k in fetched[0]}
-        elapsed = now - mark_time
-        rate = (step - mark_step) * tokens_per_step / elapsed
-        if mark_step > start_step:  # the first interval includes compilation
-          throughput.append(rate)
-        record = {**last_train, "tokens_per_s": rate, "step_time_s": elapsed / (step - mark_step)}
-        writer.write(step, record)
-        bar.set_postfix(loss=f"{last_train['loss']:.3f}", tok_s=f"{rate:,.0f}",
-                        ms_step=f"{1e3 * record['step_time_s']:.0f}")
-        pending, mark_step, mark_time = [], step, now
-      if tcfg.eval_every and step % tcfg.eval_every == 0 and step < total_steps:
-        last_eval = evaluate(setup, state, inputs.eval_batches)
-        writer.write(step, last_eval)
-        _say(f"step {step}: eval loss {last_eval['eval_loss']:.4f}, ppl {last_eval['eval_ppl']:.2f}")
-        mark_time = time.perf_counter()  # keep evaluation out of the throughput
+      bar.update(_completed(progress.step, pending) - bar.n)
+      step = progress.step
+      checkpoint_due = bool(t.checkpoint_every) and step % t.checkpoint_every == 0 and step < t.steps
+      # A checkpoint is written only after a log: the host must know the steps were finite.
+      if step % t.log_every == 0 or step == t.steps or stop.requested or checkpoint_due:
+        _log(progress, pending, t.batch_size * seq_len, mark, writer, bar)
+        pending, mark = [], (step, time.perf_counter())
+        bar.update(step - bar.n)
+        if progress.nonfinite_run >= t.max_nonfinite_steps:
+          bar.close()
+          raise _diverged(run, progress, save.last_saved, save.checkpointer.directory)
+      if t.eval_every and step % t.eval_every == 0 and step < t.steps:
+        _evaluate_and_log(setup, state, inputs, progress, writer)
+        mark = (mark[0], time.perf_counter())  # keep evaluation out of the throughput
       if stop.requested:
-        save(step)
+        save(setup, state, phase, step)
         _say(f"stopped at step {step}; checkpoint saved; run the same command to resume")
-        stopped_early = True
+        progress.stopped_early = True
         break
-      if tcfg.checkpoint_every and step % tcfg.checkpoint_every == 0 and step < total_steps:
-        save(step)
+      if checkpoint_due:
+        save(setup, state, phase, step)
   bar.close()
+  return setup, state, phase
 
-  if not stopped_early:
-    last_eval = evaluate(setup, state, inputs.eval_batches)
-    if step > start_step:
-      writer.write(step, last_eval)
-    if checkpointer.latest_step() != step:
-      save(step)
+
+def _restore_newest_readable(run: RunConfig, checkpointer: Checkpointer, inputs: Input, vocab: int):
+  """(setup, phase, state, step) from the newest checkpoint that reads, or None if none does.
+
+  A step that fails to read is moved aside (`<step>.corrupt-<time>`, never deleted), and the
+  next older one is tried.
+  """
+  while (latest := checkpointer.latest_step()) is not None:
+    try:
+      phase = checkpointer.read_json(latest).get("phase", warm_start.MAIN)
+    except Exception as e:  # noqa: BLE001 -- what a damaged file raises depends on the damage
+      _say(f"warning: {checkpointer.set_aside(latest, e)}")
+      continue
+    setup = build_setup(warm_start.run_for(run, phase), vocab)
+    try:
+      state, step = _restore(setup, checkpointer, inputs, latest)
+    except Exception as e:  # noqa: BLE001
+      other = checkpointer.other_shapes(latest, setup.abstract_state, e)
+      if other:
+        raise TrainingStopped(other, exit_code=2) from None
+      _say(f"warning: {checkpointer.set_aside(latest, e)}")
+      continue
+    return setup, phase, state, step
+  return None
+
+
+def train(config: ml_collections.ConfigDict | RunConfig, workdir: str, *, restart: bool = False) -> dict[str, Any]:
+  """Train (or resume) the run described by `config` in `workdir`; return the summary.
+
+  Resumes from the newest readable checkpoint; a finished run is left as it is. A workdir with
+  metrics but no readable checkpoint is refused unless `restart` (then the old metrics are kept
+  beside). Raises `ConfigError` for bad input and `TrainingStopped` (with an exit code) for a
+  run that cannot go on: an unwritable workdir, a divergence.
+  """
+  run = resolve(config, num_devices=jax.device_count(), process_count=jax.process_count())
+  _writable_workdir(workdir)
+  checkpointer = Checkpointer(os.path.join(workdir, "checkpoints"), keep=run.train.keep_checkpoints)
+  latest = checkpointer.latest_step()
+  _check_resumable(workdir, run, latest is not None)
+  if latest is not None and latest >= run.train.steps:
+    checkpointer.close()
+    return _finished(workdir, run, latest)
+  inputs = build_input(run, process_index=jax.process_index(), process_count=jax.process_count())
+  vocab = inputs.tokenizer.vocab_size
+  restored = _restore_newest_readable(run, checkpointer, inputs, vocab) if latest is not None else None
+  if restored is None:
+    _refuse_silent_restart(workdir, restart)
+    phase = warm_start.first_phase(run)
+    setup = build_setup(warm_start.run_for(run, phase), vocab)
+    state, step, latest = _start(setup, vocab), 0, None
+  else:
+    setup, phase, state, step = restored
+    latest = step
+  if jax.process_index() == 0:
+    with open(os.path.join(workdir, "config.json"), "w") as f:
+      f.write(run.to_json())
+  _announce(setup, inputs, warm_start.plan(run).steps)
+  if latest is not None:
+    _say(f"resumed from the checkpoint at step {step} in {checkpointer.directory}")
+  progress = _Progress(step, latest)
+  writer = MetricsWriter(workdir, resume_step=None if latest is None else step, enabled=jax.process_index() == 0)
+  save = _Saver(checkpointer, inputs, progress)
+
+  setup, state, phase = _loop(setup, state, phase, inputs, progress, save, writer)
+  # Also after Ctrl-C: the summary's evaluation is of the parameters it stopped with.
+  progress.last_eval = evaluate(setup, state, inputs.eval_batches)
+  if progress.step > progress.first_step:
+    writer.write(progress.step, progress.last_eval)
+  if not progress.stopped_early:
+    if checkpointer.latest_step() != progress.step:
+      save(setup, state, phase, progress.step)
+    if run.model.export_to:  # every process takes part (gathers); process 0 writes
+      _say(f"exported the model to {export_model(setup, state)} (Hugging Face format, adapters merged)")
   checkpointer.close()
   writer.close()
+  return _summarise(setup, inputs, progress, workdir)
 
+
+def _summarise(setup: Setup, inputs: Input, progress: _Progress, workdir: str) -> dict[str, Any]:
+  run = setup.run
   summary = {
-      "steps": step,
-      "method": config.optimizer.name,
-      "model": f"{config.model.family}-{config.model.size}",
+      "steps": progress.step,
+      "method": run.optimizer.name,
+      "model": run.model.name,
       "params": param_count(setup),
       "trainable_params": trainable_count(setup),
-      "train_loss": last_train.get("loss"),
-      **last_eval,
+      "train_loss": _finite_or_none(progress.last_train.get("loss")),
+      **progress.last_eval,
       "entropy_floor": inputs.entropy_floor,
-      "tokens_per_s": float(np.mean(throughput)) if throughput else None,
-      "wall_time_s": time.perf_counter() - start_time,
-      "resumed_from": latest,
+      "tokens_per_s": float(np.mean(progress.throughput)) if progress.throughput else None,
+      "wall_time_s": time.perf_counter() - progress.start_time,
+      "resumed_from": progress.resumed_from,
       "peak_device_bytes": _peak_device_memory(),
-      "stopped_early": stopped_early,
+      "stopped_early": progress.stopped_early,
+      "skipped_steps": progress.skipped,  # not finite: skipped, no update
   }
   if jax.process_index() == 0:
     with open(os.path.join(workdir, "summary.json"), "w") as f:
       json.dump(summary, f, indent=2)
     _say(format_summary(summary))
   return summary
+
+
+def _finite_or_none(x: float | None) -> float | None:
+  """summary.json is strict JSON: a loss that was not finite is null."""
+  return x if x is not None and math.isfinite(x) else None
 
 
 def format_summary(s: dict[str, Any]) -> str:
@@ -276,6 +492,9 @@ def format_summary(s: dict[str, Any]) -> str:
       f"  train loss   {num(s['train_loss'], '.4f')}",
       f"  eval loss    {num(s.get('eval_loss'), '.4f')}   (perplexity {num(s.get('eval_ppl'), '.2f')})",
   ]
+  if s.get("eval_accuracy") is not None:
+    lines[-1] = f"  eval loss    {num(s.get('eval_loss'), '.4f')}"
+    lines.append(f"  accuracy     {s['eval_accuracy']:.4f}   ({s['eval_examples']} validation images)")
   if s.get("entropy_floor") is not None:
     lines.append(f"  loss floor   {s['entropy_floor']:.4f}   (entropy rate of the synthetic language)")
   lines.append(f"  tokens/s     {num(s['tokens_per_s'], ',.0f')}")

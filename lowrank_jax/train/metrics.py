@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 from typing import Any
 
@@ -54,11 +55,15 @@ class MetricsWriter:
     if not self.enabled:
       return
     record = {"step": int(step), **{k: _plain(v) for k, v in record.items()}}
-    self._file.write(json.dumps(record) + "\n")
+    # Strict JSON: a NaN or infinity is written as null, and the keys it hit are listed.
+    nonfinite = [k for k, v in record.items() if isinstance(v, float) and not math.isfinite(v)]
+    if nonfinite:
+      record = {**{k: None if k in nonfinite else v for k, v in record.items()}, "nonfinite": nonfinite}
+    self._file.write(json.dumps(record, allow_nan=False) + "\n")
     self._file.flush()
     if self._tb is not None:
       for key, value in record.items():
-        if key != "step" and isinstance(value, (int, float)):
+        if key != "step" and isinstance(value, (int, float)) and not isinstance(value, bool):
           self._tb.add_scalar(key, value, step)
 
   def close(self) -> None:

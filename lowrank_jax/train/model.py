@@ -13,83 +13,113 @@ from typing import Any
 
 import flax.nnx as nnx
 import jax
-import ml_collections
 
 from lowrank_jax import models
-from lowrank_jax.train import methods
-from lowrank_jax.train.optimizer import MAIN
+from lowrank_jax.optim.adapters import adapted_layers
+from lowrank_jax.train.config import RunConfig
+from lowrank_jax.train.errors import ConfigError
+
+
+def image_defaults(run: RunConfig) -> tuple[int, int]:
+  """(image size, channels) of the run's image data, when `data.image` leaves them 0."""
+  from lowrank_jax.train.input import image_shape  # the data's own shape, read once there
+
+  return image_shape(run)
 
 
 def padded_vocab(vocab_size: int, multiple: int) -> int:
   return -(-vocab_size // multiple) * multiple
 
 
-def model_config(config: ml_collections.ConfigDict, vocab_size: int):
-  """The model family's config dataclass (`LlamaConfig`, `GPT2Config`) for this run."""
-  m = config.model
-  _, make_config, _ = models.FAMILIES[m.family]
-  return make_config(
-      m.size,
-      padded_vocab(vocab_size, m.vocab_multiple),
-      max_seq_len=config.data.seq_len,
-      tie_embeddings=m.tie_embeddings,
-      dtype=m.dtype,
-      param_dtype=m.param_dtype,
-      remat=m.remat,
-  )
+def model_config(run: RunConfig, vocab_size: int):
+  """The model family's config dataclass (`LlamaConfig`, `GPT2Config`) for this run.
 
-
-def linear_factory(config: ml_collections.ConfigDict, phase: str = MAIN) -> models.LinearFactory:
-  """Linear kinds per layer: the method's needs first, explicit `model.linear` entries win.
-
-  In a full-rank warm-start phase the method's kinds (e.g. LoRA) are not used yet.
+  With `model.init_from` it is the checkpoint's config.json (its vocabulary, not `vocab_size`;
+  `train.input.make_tokenizer` checks that the tokenizer fits it).
   """
-  method = methods.get_method(config.optimizer.name)
-  kinds = dict(method.linear_kinds(config) if method.linear_kinds and phase == MAIN else {})
-  kinds.update(dict(config.model.linear))
-  options = dict(method.linear_options(config) if method.linear_options else {})
+  m = run.model
+  if m.init_from:
+    config = models.pretrained_config(m.init_from, dtype=m.dtype, param_dtype=m.param_dtype, remat=m.remat)
+    if run.data.seq_len > config.max_seq_len:
+      raise ConfigError("data.seq_len", f"must be <= {config.max_seq_len}, the context of {m.init_from}")
+    return config
+  _, make_config, _ = models.FAMILIES[m.family]
+  if run.task == "classification":  # `vocab_size`: the classes; the image shape comes from the data
+    image = run.data.image
+    try:
+      return make_config(m.size, vocab_size, image_size=image.size or image_defaults(run)[0],
+                         num_channels=image.channels or image_defaults(run)[1], dtype=m.dtype,
+                         param_dtype=m.param_dtype, remat=m.remat)
+    except ValueError as e:
+      raise ConfigError("data.image.size", str(e)) from None
+  return make_config(m.size, padded_vocab(vocab_size, m.vocab_multiple), max_seq_len=run.data.seq_len,
+                     tie_embeddings=m.tie_embeddings, dtype=m.dtype, param_dtype=m.param_dtype, remat=m.remat)
+
+
+def linear_kinds(run: RunConfig) -> dict[str, str]:
+  """The kind each layer is built as: the method's needs, then explicit `model.linear` entries win.
+
+  The one place this rule is written; unnamed layers are 'dense'.
+  """
+  return {**run.method.linears().kinds, **run.model.linear}
+
+
+def linear_factory(run: RunConfig) -> models.LinearFactory:
+  """The linear factory of this run: the method's kinds and options, and VeLoRA on the layers it names.
+
+  VeLoRA turns a dense linear into a VeLoRA linear, and makes a LoRA linear compress its
+  adapter's input.
+  """
+  kinds = linear_kinds(run)
+  vel = run.model.velora
   layer_options = {}
-  vel = config.model.velora
-  for name, size in velora_layers(config).items():
-    kind = kinds.get(name, "dense")
-    if kind == "dense":  # a dense linear becomes a VeLoRA linear
+  for name, size in vel.sizes.items():
+    if kinds.get(name, "dense") == "dense":
       kinds[name] = "velora"
       layer_options[name] = {"sub_token_size": size, "scale": float(vel.scale), "v_init": vel.v_init}
-    else:  # a LoRA linear compresses its adapter's input
+    else:
       layer_options[name] = {"velora_sub_token_size": size, "velora_scale": float(vel.scale),
                              "velora_v_init": vel.v_init}
-  return models.LinearFactory(kinds, options={k: v for k, v in options.items() if k in kinds.values()},
-                              layer_options=layer_options)
+  options = {k: v for k, v in run.method.linears().options.items() if k in kinds.values()}
+  return models.LinearFactory(kinds, options=options, layer_options=layer_options)
 
 
-def velora_layers(config: ml_collections.ConfigDict) -> dict[str, int]:
-  """`model.velora.layers` ("v:8,down:16") as {layer name: sub-token size}."""
-  out = {}
-  for item in config.model.velora.layers.split(","):
-    if not item.strip():
-      continue
-    name, _, size = item.strip().partition(":")
-    out[name.strip()] = int(size) if size.strip() else int(config.model.velora.sub_token_size)
-  return out
+def _model_class(run: RunConfig):
+  if run.model.init_from:
+    return models.pretrained.model_class(model_config(run, 0))
+  return models.FAMILIES[run.model.family][2]
 
 
-def linear_in_features(config: ml_collections.ConfigDict, name: str) -> int:
-  """The input width of a linear of this config's model family and size."""
-  sizes, _, _ = models.FAMILIES[config.model.family]
-  dims = sizes[config.model.size]
-  d_ff = dims.get("d_ff", 4 * dims["d_model"])  # GPT-2: 4 d
-  return d_ff if name == "down" else dims["d_model"]
+def linear_shapes(run: RunConfig) -> dict[str, tuple[int, int]]:
+  """{layer name: (input width, output width)} of the linears this run's model asks its factory for.
+
+  Asked of the model itself (built abstractly, nothing allocated), so no family's
+  widths are re-derived here.
+  """
+  shapes: dict[str, tuple[int, int]] = {}
+
+  class Recorder(models.LinearFactory):
+    def __call__(self, name, in_features, out_features, **kwargs):
+      shapes[name] = (int(in_features), int(out_features))
+      return super().__call__(name, in_features, out_features, **kwargs)
+
+  config = model_config(run, run.model.vocab_multiple)
+  nnx.eval_shape(lambda: _model_class(run)(config, linear_factory=Recorder(), rngs=nnx.Rngs(0)))
+  return shapes
 
 
-def build_model(config: ml_collections.ConfigDict, vocab_size: int, *, seed: int, phase: str = MAIN) -> nnx.Module:
-  _, _, model_class = models.FAMILIES[config.model.family]
-  return model_class(model_config(config, vocab_size), linear_factory=linear_factory(config, phase),
-                     rngs=nnx.Rngs(seed))
+def linear_widths(run: RunConfig) -> dict[str, int]:
+  """{layer name: input width} of the model's linears (see `linear_shapes`)."""
+  return {name: shape[0] for name, shape in linear_shapes(run).items()}
 
 
-def abstract_model(config: ml_collections.ConfigDict, vocab_size: int, phase: str = MAIN) -> nnx.Module:
+def build_model(run: RunConfig, vocab_size: int, *, seed: int) -> nnx.Module:
+  return _model_class(run)(model_config(run, vocab_size), linear_factory=linear_factory(run), rngs=nnx.Rngs(seed))
+
+
+def abstract_model(run: RunConfig, vocab_size: int) -> nnx.Module:
   """The model with ShapeDtypeStructs for arrays: any size, nothing allocated."""
-  return nnx.eval_shape(lambda: build_model(config, vocab_size, seed=0, phase=phase))
+  return nnx.eval_shape(lambda: build_model(run, vocab_size, seed=0))
 
 
 def transfer_params(dst: Any, src: Any) -> Any:
@@ -120,19 +150,8 @@ def transfer_params(dst: Any, src: Any) -> Any:
 def frozen_kernel_count(params: Any) -> int:
   """Scalars that only merges change: kernels of adapted (LoRA, multi-head LoRA) layers and
   LTE's snapshots of the heads at the last merge (`lora_v_a`, `lora_v_b`)."""
-  total = 0
-
-  def visit(node):
-    nonlocal total
-    if isinstance(node, dict):
-      if "lora_a" in node and "kernel" in node:
-        total += int(node["kernel"].size)
-        total += sum(int(node[k].size) for k in ("lora_v_a", "lora_v_b") if k in node)
-      for child in node.values():
-        visit(child)
-
-  visit(params)
-  return total
+  return sum(int(node[k].size) for _, node in adapted_layers(params)
+             for k in ("kernel", "lora_v_a", "lora_v_b") if k in node)
 
 
 @dataclasses.dataclass(frozen=True)

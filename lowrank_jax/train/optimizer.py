@@ -1,60 +1,43 @@
-"""config.optimizer -> learning-rate schedule and the full Optax transform."""
+"""The run's learning-rate schedule and full Optax transform: clipping, then the method's update."""
 
 from __future__ import annotations
 
-import ml_collections
 import optax
 
-from lowrank_jax.optim import clipping
-from lowrank_jax.train import methods, parallel
+from lowrank_jax.optim import clipping, quantize
+from lowrank_jax.train import parallel
+from lowrank_jax.train.config import RunConfig
+from lowrank_jax.train.errors import ConfigError
+from lowrank_jax.train.methods import Heads, make_schedule
+
+__all__ = ["build_optimizer", "heads_of", "make_schedule"]
 
 
-def make_schedule(opt: ml_collections.ConfigDict, total_steps: int) -> optax.Schedule:
-  """Linear warmup then cosine decay to `min_lr_ratio * lr` (the GaLore recipe), or constant."""
-  if opt.schedule == "constant":
-    return optax.constant_schedule(opt.lr)
-  warmup_steps = int(round(opt.warmup * total_steps))
-  return optax.warmup_cosine_decay_schedule(
-      init_value=0.0,
-      peak_value=opt.lr,
-      warmup_steps=warmup_steps,
-      # optax counts decay_steps from step 0, warmup included.
-      decay_steps=max(total_steps, warmup_steps + 1),
-      end_value=opt.lr * opt.min_lr_ratio,
-  )
+def heads_of(run: RunConfig) -> Heads | None:
+  """The method's heads when this run spreads them over devices (`parallel.shard_heads`), else None."""
+  return run.method.heads() if run.parallel.shard_heads else None
 
 
-WARM_START, MAIN = "warm_start", "main"
+def build_optimizer(run: RunConfig) -> tuple[optax.GradientTransformation, optax.Schedule]:
+  """Gradient clipping (if any, `optimizer.clip_mode`) chained in front of the method's transform,
+  and the schedule.
 
-
-def split_heads(config: ml_collections.ConfigDict, phase: str = MAIN) -> methods.SplitHeads | None:
-  """The method's heads-over-devices recipe when this run spreads heads over devices, else None."""
-  if phase != MAIN or not config.parallel.shard_heads:
-    return None
-  return methods.get_method(config.optimizer.name).split_heads
-
-
-def build_optimizer(config: ml_collections.ConfigDict, phase: str = MAIN
-                    ) -> tuple[optax.GradientTransformation, optax.Schedule]:
-  """Gradient clipping (if any) chained in front of the registered method's transform.
-
-  In a method's full-rank warm-start phase the transform is AdamW, on the same
-  schedule as the method (one schedule over the whole run). With heads spread over
-  devices (`parallel.shard_heads`) both are their per-device versions over the
-  `heads` axis: the clipping norm and the merges sum over every device's heads.
+  With heads spread over devices both are their per-device versions over the `heads`
+  axis: the clipping norm and the merges sum over every device's heads.
   """
-  opt = config.optimizer
-  method = methods.get_method(opt.name)
-  schedule = method.make_schedule(config) if method.make_schedule else make_schedule(opt, config.train.steps)
-  split = split_heads(config, phase)
-  if split is not None:
-    tx = split.build_optimizer(opt, schedule, parallel.HEADS_AXIS)
-    if opt.grad_clip > 0:
-      clip = clipping.clip_by_global_norm(opt.grad_clip, axis_name=parallel.HEADS_AXIS, split=split.head_mask)
-      tx = optax.chain(clip, tx)
-    return tx, schedule
-  builder = methods.get_method("adamw") if phase == WARM_START else method
-  tx = builder.build_optimizer(opt, schedule)
-  if opt.grad_clip > 0:
-    tx = optax.chain(optax.clip_by_global_norm(opt.grad_clip), tx)
-  return tx, schedule
+  opt = run.optimizer
+  schedule = run.method.schedule(run)
+  heads = heads_of(run)
+  if heads is not None and opt.state_bits != 32:
+    raise ConfigError("optimizer.state_bits", "8-bit states are not supported with parallel.shard_heads "
+                      "(block scales are not split over the heads axis)", [32])
+  if heads is None:
+    tx = run.method.build(opt, schedule)
+    clip = clipping.clip_gradients(opt.clip_mode, opt.grad_clip) if opt.grad_clip > 0 else None
+  else:
+    tx = heads.build(opt, schedule, parallel.HEADS_AXIS)
+    clip = clipping.clip_gradients(opt.clip_mode, opt.grad_clip, axis_name=parallel.HEADS_AXIS,
+                                   split=heads.mask) if opt.grad_clip > 0 else None
+  if opt.state_bits != 32:
+    tx = quantize.quantize_state(tx, bits=opt.state_bits)
+  return (tx if clip is None else optax.chain(clip, tx)), schedule

@@ -22,11 +22,15 @@ DATA_AXIS = "data"
 HEADS_AXIS = "heads"
 
 
-def make_mesh(axis: str = DATA_AXIS) -> Mesh:
-  """A 1-D mesh over every device: `data` (data parallel) or `heads` (LTE heads per device)."""
+def make_mesh(axis: str = DATA_AXIS, devices: Any = None) -> Mesh:
+  """A 1-D mesh over every device (or `devices`, e.g. a TPU target's compile-only ones for the
+  memory report): `data` (data parallel) or `heads` (LTE heads per device)."""
   # Auto axes: the compiler propagates the batch sharding through the model and
   # inserts the gradient all-reduce; the model code stays sharding-agnostic.
-  return jax.make_mesh((jax.device_count(),), (axis,), axis_types=(jax.sharding.AxisType.Auto,))
+  auto = (jax.sharding.AxisType.Auto,)
+  if devices is not None:
+    return Mesh(np.asarray(devices), (axis,), axis_types=auto)
+  return jax.make_mesh((jax.device_count(),), (axis,), axis_types=auto)
 
 
 def _axis(mesh: Mesh) -> str:
@@ -39,23 +43,19 @@ def replicated(mesh: Mesh) -> NamedSharding:
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:
-  """Tokens are [grad_accum, micro_batch, seq_len]: split the micro-batch over devices."""
-  return NamedSharding(mesh, P(None, _axis(mesh), None))
+  """Tokens are [grad_accum, micro_batch, seq_len] (images [.., micro, H, W, C], labels [.., micro]):
+  split the micro-batch over devices."""
+  return NamedSharding(mesh, P(None, _axis(mesh)))
 
 
 def eval_sharding(mesh: Mesh) -> NamedSharding:
-  """Eval tokens are [batch, seq_len]."""
-  return NamedSharding(mesh, P(_axis(mesh), None))
+  """Eval tokens are [batch, seq_len] (or images, labels with the batch first)."""
+  return NamedSharding(mesh, P(_axis(mesh)))
 
 
 def global_array(local: np.ndarray, sharding: NamedSharding) -> jax.Array:
   """Assemble this process's rows into the global batch (every process calls it)."""
   return jax.make_array_from_process_local_data(sharding, local)
-
-
-def abstract_like(tree: Any, sharding: NamedSharding) -> Any:
-  """ShapeDtypeStructs of `tree` carrying `sharding`, for compiling and restoring."""
-  return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), tree)
 
 
 def bytes_per_device(tree: Any) -> int:
@@ -69,15 +69,6 @@ def bytes_per_device(tree: Any) -> int:
     total += int(np.prod(shape, dtype=np.int64)) * np.dtype(leaf.dtype).itemsize
   return total
 
-
-MODES = ("mesh", "pmap")
-
-
-def describe(parallel_config: Any) -> str:
-  """`config.parallel` in a few words, for logs and reports: 'mesh', 'pmap + heads per device'."""
-  extras = [name for name, on in (("fsdp", parallel_config.fsdp), ("heads per device", parallel_config.shard_heads))
-            if on]
-  return " + ".join([parallel_config.mode, *extras])
 
 # Leaves smaller than this stay replicated under FSDP: sharding a norm scale saves
 # nothing and costs a collective.
@@ -146,8 +137,8 @@ def state_shardings(mesh: Mesh, state: Any, *, fsdp: bool, split: Any = None) ->
 def pmap_tokens(local: np.ndarray) -> np.ndarray:
   """[accum, micro, T] -> [local devices, accum, micro / devices, T], rows in mesh order."""
   n = jax.local_device_count()
-  accum, micro, seq = local.shape
-  return local.reshape(accum, n, micro // n, seq).transpose(1, 0, 2, 3)
+  accum, micro = local.shape[:2]
+  return np.moveaxis(local.reshape(accum, n, micro // n, *local.shape[2:]), 1, 0)
 
 
 def initialize_distributed() -> bool:

@@ -1,0 +1,352 @@
+"""ViT memory against LoRA rank (the LTE + GaLore study's figure), VeLoRA's saving, and a
+tiny ViT's accuracy on real images.
+
+  /work/tpuvenv/bin/python bench/vit_memory_rank.py              # TPU v5e target (libtpu)
+  python bench/vit_memory_rank.py --target cpu                    # XLA:CPU figures, labelled
+
+Part 1, memory: ViT-B/16 and ViT-L/16 at 224 x 224, 9 classes (PathMNIST), one training
+step compiled ahead of time for one chip of the target on abstract inputs (nothing is
+allocated) and read from ``compiled.memory_analysis()``: full fine-tuning (AdamW), LoRA
+(rank 1, 4, 16, 64, 256 on q, k, v, o, up, down; kernels frozen, everything else
+trained), LoRA rank 16 + VeLoRA (sub-token 16 on q, k, v and down) and GaLore (rank
+128, projector refresh in its own program). Peak = the compiler's own peak on TPU;
+arguments + temporaries + outputs - aliased on XLA:CPU (which has none and holds bf16
+activations as f32: its figures are labelled). No global-norm clipping (it keeps every
+gradient alive), no remat. The step is the library's pieces (model, optax transform,
+one jitted update with donated state), the same each method, so the ratios compare the
+methods only.
+
+Part 2, accuracy (CPU, real images, offline): Debian's Fashion-MNIST written in the
+MedMNIST npz layout. A tiny ViT is pre-trained on classes 0-4 (upstream), then
+fine-tuned on classes 5-9 with a new head, full and LoRA (rank 16), each at three
+learning rates (the best is reported), evaluated on the whole test split of 5-9.
+
+Writes bench/results/vit_memory_rank.json and bench/results/vit_memory_rank.png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+TPU_ENV = dict(TPU_SKIP_MDS_QUERY='1', TPU_ACCELERATOR_TYPE='v5litepod-4', TPU_WORKER_HOSTNAMES='localhost',
+               TPU_WORKER_ID='0', JAX_PLATFORMS='cpu', ALLOW_MULTIPLE_LIBTPU_LOAD='1')
+
+
+def parse_args(argv=None):
+  p = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+  p.add_argument('--target', choices=('tpu-v5e', 'cpu'), default='tpu-v5e')
+  p.add_argument('--batch', type=int, default=32, help='images per step (one chip)')
+  p.add_argument('--sizes', default='b16,l16', help="'' skips the memory part")
+  p.add_argument('--ranks', default='1,4,16,64,256')
+  p.add_argument('--dtype', default='bfloat16', help='compute dtype (parameters stay float32)')
+  p.add_argument('--accuracy_steps', type=int, default=400, help='0: skip the accuracy part')
+  p.add_argument('--out', default=os.path.join(os.path.dirname(__file__), 'results', 'vit_memory_rank'))
+  return p.parse_args(argv)
+
+
+ARGS = parse_args()
+if ARGS.target == 'tpu-v5e':
+  for k, v in TPU_ENV.items():
+    os.environ.setdefault(k, v)
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+import optax  # noqa: E402
+from flax import nnx  # noqa: E402
+
+from lowrank_jax import optim  # noqa: E402
+from lowrank_jax.data import images as I  # noqa: E402
+from lowrank_jax.models import LinearFactory, vit  # noqa: E402
+
+ADAPTED = ('q', 'k', 'v', 'o', 'up', 'down')
+VELORA_LAYERS = ('q', 'k', 'v', 'down')
+VELORA_SUB_TOKEN = 16
+GALORE_RANK = 128
+NUM_CLASSES = 9  # PathMNIST
+
+
+def factory_for(method: str, rank: int | None) -> LinearFactory:
+  if method in ('full', 'galore'):
+    return LinearFactory()
+  layer_options = {}
+  if method == 'lora_velora':
+    layer_options = {n: {'velora_sub_token_size': VELORA_SUB_TOKEN} for n in VELORA_LAYERS}
+  return LinearFactory({n: 'lora' for n in ADAPTED}, {'lora': {'rank': rank, 'alpha': 2.0 * rank}},
+                       layer_options)
+
+
+def _frozen_paths(params_state) -> set:
+  """Kernels of adapted layers (beside a lora_a): not trained, no gradient, no optimizer state."""
+  paths = {tuple(p) for p, _ in nnx.to_flat_state(params_state)}
+  return {p for p in paths if p[-1] == 'kernel' and p[:-1] + ('lora_a',) in paths}
+
+
+def make_optimizer(method: str, lr):
+  if method == 'galore':
+    return optim.galore(lr, rank=GALORE_RANK, update_proj_gap=200, scale=0.25, split_refresh=True)
+  return optax.adamw(lr, weight_decay=0.0)
+
+
+class Step:
+  """model + method -> (graphdef, frozen, trainable, rest) and one jitted update."""
+
+  def __init__(self, model_fn, method: str, lr):
+    model = nnx.eval_shape(model_fn) if lr is None else model_fn()
+    frozen = _frozen_paths(nnx.state(model, nnx.Param))
+    is_frozen = lambda path, x: tuple(path) in frozen  # noqa: E731
+    self.graphdef, self.frozen, self.trainable, self.rest = nnx.split(model, is_frozen, nnx.Param, ...)
+    self.tx = make_optimizer(method, 1e-3 if lr is None else lr)
+    graphdef, tx = self.graphdef, self.tx
+
+    def loss_fn(trainable, frozen, rest, images, labels):
+      # Fresh variables at this trace level (VeLoRA updates its vector in the forward pass).
+      frozen, rest = jax.tree.map(lambda x: x, (frozen, rest))
+      m = nnx.merge(graphdef, frozen, trainable, rest)
+      metrics = vit.classification_metrics(m(images), labels)
+      return metrics['loss'] / metrics['count'], (metrics, nnx.state(m, nnx.Not(nnx.Param)))
+
+    def step(trainable, opt_state, frozen, rest, images, labels):
+      grads, (metrics, rest) = jax.grad(loss_fn, has_aux=True)(trainable, frozen, rest, images, labels)
+      updates, opt_state = tx.update(grads, opt_state, trainable)
+      return optax.apply_updates(trainable, updates), opt_state, rest, metrics
+
+    self.step = jax.jit(step, donate_argnums=(0, 1, 3))
+    self.logits = jax.jit(lambda tr, fr, rest, images: nnx.merge(graphdef, fr, tr, rest)(images))
+
+
+def _count(tree) -> int:
+  return int(sum(np.prod(x.shape) for x in jax.tree.leaves(tree)))
+
+
+def _bytes(tree) -> int:
+  return int(sum(np.prod(x.shape) * np.dtype(x.dtype).itemsize for x in jax.tree.leaves(tree)))
+
+
+def measure(size: str, method: str, rank: int | None, device, batch: int, dtype: str) -> dict:
+  cfg = vit.vit_config(size, NUM_CLASSES, image_size=224, dtype=dtype)
+  step = Step(lambda: vit.ViT(cfg, linear_factory=factory_for(method, rank), rngs=nnx.Rngs(0)), method, None)
+  sharding = jax.sharding.SingleDeviceSharding(device)
+  abstract = lambda t: jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), t)  # noqa: E731
+  opt_state = jax.eval_shape(step.tx.init, step.trainable)
+  args = (abstract(step.trainable), abstract(opt_state), abstract(step.frozen), abstract(step.rest),
+          jax.ShapeDtypeStruct((batch, 224, 224, 3), jnp.float32, sharding=sharding),
+          jax.ShapeDtypeStruct((batch,), jnp.int32, sharding=sharding))
+  t0 = time.perf_counter()
+  lowered = step.step.lower(*args)
+  t1 = time.perf_counter()
+  compiled = lowered.compile()
+  print(f'  ({size} {method} {rank}: lowered in {t1 - t0:.0f}s, compiled in {time.perf_counter() - t1:.0f}s)',
+        flush=True)
+  stats = compiled.memory_analysis()
+  formula = (stats.argument_size_in_bytes + stats.temp_size_in_bytes + stats.output_size_in_bytes
+             - stats.alias_size_in_bytes)
+  reported = getattr(stats, 'peak_memory_in_bytes', 0) or 0
+  peak = reported if device.platform != 'cpu' and reported else formula
+  return dict(size=size, method=method, rank=rank, batch=batch, peak_bytes=int(peak),
+              argument_bytes=stats.argument_size_in_bytes, temp_bytes=stats.temp_size_in_bytes,
+              output_bytes=stats.output_size_in_bytes, alias_bytes=stats.alias_size_in_bytes,
+              trainable_params=_count(step.trainable), frozen_params=_count(step.frozen),
+              opt_state_bytes=_bytes(opt_state), compile_s=round(time.perf_counter() - t0, 1))
+
+
+def velora_analytic_saving(size: str, batch: int, dtype: str) -> int:
+  """Bytes VeLoRA removes from what the step keeps for backward: per block, the inputs of the
+  compressed linears (q, k, v share one, [B, T, d]; down's [B, T, d_ff]) in the compute
+  dtype, minus the sub-token scalars kept instead ([B, T, D / sub_token])."""
+  cfg = vit.vit_config(size, NUM_CLASSES, image_size=224)
+  itemsize = jnp.dtype(dtype).itemsize
+  tokens = batch * cfg.num_tokens
+  per_block = 0
+  for width, layers in ((cfg.d_model, 3), (cfg.d_ff, 1)):
+    per_block += tokens * width * itemsize - layers * tokens * (width // VELORA_SUB_TOKEN) * itemsize
+  return cfg.n_layers * per_block
+
+
+# --- accuracy on real images -----------------------------------------------------------------
+
+
+def _subset(source, classes):
+  idx = [i for i in range(len(source)) if source[i]['label'] in classes]
+  lo = min(classes)
+
+  class Sub:
+    num_classes = len(classes)
+
+    def __len__(self):
+      return len(idx)
+
+    def __getitem__(self, i):
+      ex = source[idx[i]]
+      return {'image': ex['image'], 'label': ex['label'] - lo}
+  return Sub()
+
+
+def _train(step: Step, train_src, eval_batches, steps: int, seed: int) -> tuple[float, float]:
+  transform = I.ImageTransform(28, 1, crop_padding=2, flip=True)
+  it = I.make_image_train_iterator(train_src, transform, batch_size=128, seed=seed)
+  trainable, opt_state, rest = step.trainable, step.tx.init(step.trainable), step.rest
+  for _ in range(steps):
+    b = next(it)
+    trainable, opt_state, rest, _ = step.step(trainable, opt_state, step.frozen, rest,
+                                               jnp.asarray(b['images']), jnp.asarray(b['labels']))
+  step.trainable, step.rest = trainable, rest
+  correct = count = 0.0
+  for b in eval_batches:
+    m = vit.classification_metrics(step.logits(trainable, step.frozen, rest, jnp.asarray(b['images'])),
+                                   jnp.asarray(b['labels']), jnp.asarray(b['mask']))
+    correct += float(m['correct'])
+    count += float(m['count'])
+  return correct / count, count
+
+
+def accuracy_study(steps: int) -> dict:
+  path = I.offline_npz('fashion_mnist')
+  train, test = I.NpzImageSource(path, 'train'), I.NpzImageSource(path, 'test')
+  up_train, down_train, down_test = _subset(train, range(5)), _subset(train, range(5, 10)), _subset(test, range(5, 10))
+  up_test = _subset(test, range(5))
+  ev = lambda s: I.make_image_eval_batches(s, I.ImageTransform(28, 1), batch_size=500)  # noqa: E731
+  cfg = vit.vit_config('tiny', 5, image_size=28, num_channels=1)
+  t0 = time.perf_counter()
+  upstream = Step(lambda: vit.ViT(cfg, rngs=nnx.Rngs(0)), 'full', optax.warmup_cosine_decay_schedule(0, 3e-3, steps // 10, steps))
+  up_acc, _ = _train(upstream, up_train, ev(up_test), steps, seed=0)
+  print(f'  upstream (classes 0-4): accuracy {up_acc:.4f}', flush=True)
+  pretrained = nnx.merge(upstream.graphdef, upstream.frozen, upstream.trainable, upstream.rest)
+  # Host copies: each fine-tuning run donates its parameters to its step.
+  pre_params = {tuple(p): np.asarray(v[...]) for p, v in nnx.to_flat_state(nnx.state(pretrained, nnx.Param))}
+  results = {'upstream_classes_0_4_acc': up_acc, 'runs': []}
+  down_eval = ev(down_test)
+  ft_steps = steps // 2
+  for method, lrs in (('full', (3e-4, 1e-3, 3e-3)), ('lora', (1e-3, 3e-3, 1e-2))):
+    for lr in lrs:
+      def build(method=method):
+        m = vit.ViT(cfg, linear_factory=factory_for(method, 16), rngs=nnx.Rngs(1))
+        state = nnx.state(m, nnx.Param)
+        for p, var in nnx.to_flat_state(state):
+          if tuple(p) in pre_params and p[0] != 'head':  # a new head for the new classes
+            var.set_value(pre_params[tuple(p)])
+        nnx.update(m, state)
+        return m
+      schedule = optax.warmup_cosine_decay_schedule(0, lr, ft_steps // 10, ft_steps)
+      acc, n = _train(Step(build, method, schedule), down_train, down_eval, ft_steps, seed=1)
+      results['runs'].append(dict(method=method, lr=lr, accuracy=acc, eval_examples=int(n)))
+      print(f'  fine-tune {method:5s} lr {lr:g}: accuracy {acc:.4f} on {int(n)} test images', flush=True)
+  for method in ('full', 'lora'):
+    results[f'best_{method}'] = max((r for r in results['runs'] if r['method'] == method),
+                                    key=lambda r: r['accuracy'])
+  results['chance'] = 1 / 5
+  results['steps'] = dict(upstream=steps, fine_tune=ft_steps, batch=128)
+  results['wall_s'] = round(time.perf_counter() - t0, 1)
+  return results
+
+
+def plot(rows, out_png, target_label):
+  try:
+    import matplotlib  # pylint: disable=g-import-not-at-top
+    matplotlib.use('Agg')
+    import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  except ImportError:
+    print("matplotlib not installed (pip install 'lowrank-jax[bench]'): no plot")
+    return False
+  fig, ax = plt.subplots(figsize=(6, 4))
+  for size, colour in (('b16', 'tab:blue'), ('l16', 'tab:red')):
+    lora = sorted((r for r in rows if r['size'] == size and r['method'] == 'lora'), key=lambda r: r['rank'])
+    if not lora:
+      continue
+    name = {'b16': 'ViT-B/16', 'l16': 'ViT-L/16'}[size]
+    ax.plot([r['rank'] for r in lora], [r['peak_bytes'] / 2**20 for r in lora], 'o-', color=colour,
+            label=f'{name} LoRA')
+    for method, style in (('full', '--'), ('galore', ':'), ('lora_velora', '-.')):
+      for r in rows:
+        if r['size'] == size and r['method'] == method:
+          ax.axhline(r['peak_bytes'] / 2**20, color=colour, linestyle=style, linewidth=1,
+                     label=f'{name} {method.replace("_", "+")}')
+  ax.set_xscale('log', base=2)
+  ax.set_xlabel('LoRA rank')
+  ax.set_ylabel('peak memory per chip (MiB)')
+  ax.set_title(f'ViT fine-tuning at 224x224, batch {rows[0]["batch"]} ({target_label})')
+  ax.legend(fontsize=7, ncol=2)
+  fig.tight_layout()
+  fig.savefig(out_png, dpi=120)
+  return True
+
+
+def main():
+  args = ARGS
+  if args.target == 'tpu-v5e':
+    from jax.experimental import topologies  # pylint: disable=g-import-not-at-top
+    try:
+      device = topologies.get_topology_desc('v5e:2x2', 'tpu').devices[0]
+    except Exception as e:  # pylint: disable=broad-except
+      sys.exit(f'--target tpu-v5e needs libtpu (jax[tpu] at jax {jax.__version__}): {e}; '
+               'or pass --target cpu')
+    label = 'TPU v5e, AOT compile'
+  else:
+    device = jax.devices('cpu')[0]
+    label = 'XLA:CPU (bf16 held as f32; not an accelerator figure)'
+  rows = []
+  sizes = [x for x in args.sizes.split(',') if x]
+  ranks = [int(r) for r in args.ranks.split(',')]
+  # The headline figures first (each compile takes minutes on a loaded host); JSON after each.
+  first = [('b16', 'full', None), ('b16', 'lora', 16), ('l16', 'lora', 16), ('b16', 'lora_velora', 16),
+           ('b16', 'galore', None)]
+  plan = [p for p in first if p[0] in sizes]
+  for size in sizes:
+    for method, rank in [('lora', r) for r in ranks] + [('full', None), ('lora_velora', 16), ('galore', None)]:
+      if (size, method, rank) not in plan:
+        plan.append((size, method, rank))
+  for size, method, rank in plan:
+      row = measure(size, method, rank, device, args.batch, args.dtype)
+      rows.append(row)
+      print(f'{size} {method:12s} rank {str(rank):>4s}: peak {row["peak_bytes"] / 2**20:9,.1f} MiB  '
+            f'(args {row["argument_bytes"] / 2**20:8,.1f}, temp {row["temp_bytes"] / 2**20:8,.1f}; '
+            f'trainable {row["trainable_params"]:,}; compile {row["compile_s"]}s)', flush=True)
+      write(args, label, rows, {})
+  get = lambda size, method, rank=None: next(  # noqa: E731
+      (r['peak_bytes'] for r in rows if r['size'] == size and r['method'] == method
+       and (rank is None or r['rank'] == rank)), None)
+  figures = {}
+  if get('b16', 'lora', 16) and get('l16', 'lora', 16):
+    figures['l16_over_b16_peak_lora_r16'] = get('l16', 'lora', 16) / get('b16', 'lora', 16)
+  if get('b16', 'full'):
+    lora_b = [r['peak_bytes'] for r in rows if r['size'] == 'b16' and r['method'] == 'lora']
+    figures['b16_lora_over_full_peak_max_over_ranks'] = max(lora_b) / get('b16', 'full')
+    figures['b16_lora_over_full_peak_min_over_ranks'] = min(lora_b) / get('b16', 'full')
+    if get('b16', 'galore'):
+      figures['b16_galore_over_full_peak'] = get('b16', 'galore') / get('b16', 'full')
+  for size in sizes:
+    lora, lv = get(size, 'lora', 16), get(size, 'lora_velora', 16)
+    if lora and lv:
+      figures[f'{size}_lora_velora_over_lora_peak'] = lv / lora
+      figures[f'{size}_velora_saving_measured_bytes'] = lora - lv
+      figures[f'{size}_velora_saving_analytic_bytes'] = velora_analytic_saving(size, args.batch, args.dtype)
+  result = dict(target=label, batch=args.batch, compute_dtype=args.dtype, param_dtype='float32',
+                image_size=224, num_classes=NUM_CLASSES, lora_layers=list(ADAPTED),
+                velora=dict(layers=list(VELORA_LAYERS), sub_token_size=VELORA_SUB_TOKEN),
+                galore=dict(rank=GALORE_RANK, update_proj_gap=200, scale=0.25), rows=rows, figures=figures)
+  if args.accuracy_steps:
+    with jax.default_device(jax.devices('cpu')[0]):
+      result['accuracy'] = accuracy_study(args.accuracy_steps)
+    acc = result['accuracy']
+    figures['tiny_full_acc'] = acc['best_full']['accuracy']
+    figures['tiny_lora_acc'] = acc['best_lora']['accuracy']
+    figures['tiny_lora_minus_full_points'] = 100 * (figures['tiny_lora_acc'] - figures['tiny_full_acc'])
+  write(args, label, rows, figures, result)
+  plotted = bool(rows) and plot(rows, args.out + '.png', label)
+  print(json.dumps(figures, indent=2))
+  print(f'wrote {args.out}.json' + (f' and {args.out}.png' if plotted else ''))
+
+
+def write(args, label, rows, figures, result=None):
+  result = result or dict(target=label, batch=args.batch, rows=rows, figures=figures, partial=True)
+  os.makedirs(os.path.dirname(args.out), exist_ok=True)
+  with open(args.out + '.json', 'w') as f:
+    json.dump(result, f, indent=2)
+
+
+if __name__ == '__main__':
+  main()

@@ -1,0 +1,18 @@
+"""Tiny LLaMA + Fira on the synthetic language (CPU, about a minute).
+
+  python train.py --config configs/llama_tiny_fira.py
+"""
+
+from configs import llama_tiny_adamw
+
+
+def get_config():
+  config = llama_tiny_adamw.get_config()
+  config.optimizer.name = "fira"
+  # Tuned: the best of a 5-point lr sweep (factor 2) in bench/quality.py --quick, C4 sample, 200 steps
+  # (bench/results/quality_quick.json; the best lr sat at the top of the grid).
+  config.optimizer.lr = 4e-2
+  config.optimizer.fira.rank = 32
+  config.optimizer.fira.scale = 0.25
+  config.optimizer.fira.update_proj_gap = 50
+  return config
