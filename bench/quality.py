@@ -225,7 +225,8 @@ def table(results: dict[str, Any]) -> str:
   return "\n".join(rows)
 
 
-def plot(results: dict[str, Any], path: str, title: str) -> bool:
+def _pyplot():
+  """matplotlib's pyplot on a file backend, or None (with a note) when the `bench` extra is absent."""
   try:
     import matplotlib
 
@@ -233,6 +234,13 @@ def plot(results: dict[str, Any], path: str, title: str) -> bool:
     import matplotlib.pyplot as plt
   except ImportError:
     print("matplotlib not installed (pip install -e '.[bench]'): no plot written")
+    return None
+  return plt
+
+
+def plot(results: dict[str, Any], path: str, title: str) -> bool:
+  plt = _pyplot()
+  if plt is None:
     return False
   fig, ax = plt.subplots(figsize=(7, 4.5))
   for m in sorted(results, key=lambda m: results[m]["eval_loss"]):
@@ -254,13 +262,8 @@ def plot(results: dict[str, Any], path: str, title: str) -> bool:
 
 def plot_sweep(results: dict[str, Any], path: str, title: str) -> bool:
   """Eval loss against learning rate for every method: where each method's best lr sits in its grid."""
-  try:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-  except ImportError:
-    print("matplotlib not installed (pip install -e '.[bench]'): no plot written")
+  plt = _pyplot()
+  if plt is None:
     return False
   fig, ax = plt.subplots(figsize=(7.5, 4.8))
   for m in sorted(results, key=lambda m: results[m]["eval_loss"]):
