@@ -134,5 +134,14 @@ def main(argv):
   return 130 if summary.get("stopped_early") else 0  # 130: stopped by Ctrl-C (after saving)
 
 
+def _main_or_interrupted(argv):
+  try:
+    sys.exit(main(argv))
+  except KeyboardInterrupt:  # a second Ctrl-C (the first saves and stops after the step), or one before training
+    print("error: stopped at once by Ctrl-C; checkpoints already written are intact: run the same command to "
+          "resume from the newest", file=sys.stderr, flush=True)
+    os._exit(130)  # at once: not waiting on orbax's writer threads (a half-written step is never read back)
+
+
 if __name__ == "__main__":
-  app.run(lambda argv: sys.exit(main(argv)), flags_parser=_parse_flags)
+  app.run(_main_or_interrupted, flags_parser=_parse_flags)

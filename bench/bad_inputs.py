@@ -117,10 +117,34 @@ def _mount(tmp: Path, options: str) -> None:
                  capture_output=True)
 
 
+def _gqa_checkpoint(tmp: Path) -> None:
+  """A tiny Hugging Face LLaMA with grouped-query attention: q, o 32 x 32 but k, v 32 x 16."""
+  import numpy as np
+  from safetensors.numpy import save_file
+
+  d, ff, kv, vocab = 32, 48, 16, 300
+  rng = np.random.default_rng(0)
+  w = lambda *shape: (0.02 * rng.standard_normal(shape)).astype(np.float32)  # noqa: E731
+  weights = {"model.embed_tokens.weight": w(vocab, d), "model.norm.weight": np.ones(d, np.float32),
+             "lm_head.weight": w(vocab, d), "model.layers.0.input_layernorm.weight": np.ones(d, np.float32),
+             "model.layers.0.post_attention_layernorm.weight": np.ones(d, np.float32)}
+  for name, shape in {"self_attn.q_proj": (d, d), "self_attn.k_proj": (kv, d), "self_attn.v_proj": (kv, d),
+                      "self_attn.o_proj": (d, d), "mlp.gate_proj": (ff, d), "mlp.up_proj": (ff, d),
+                      "mlp.down_proj": (d, ff)}.items():
+    weights[f"model.layers.0.{name}.weight"] = w(*shape)
+  (tmp / "gqa").mkdir()
+  save_file(weights, str(tmp / "gqa" / "model.safetensors"), metadata={"format": "pt"})
+  (tmp / "gqa" / "config.json").write_text(json.dumps({
+      "architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": vocab, "hidden_size": d,
+      "intermediate_size": ff, "num_attention_heads": 4, "num_key_value_heads": 2, "num_hidden_layers": 1,
+      "max_position_embeddings": 64, "rms_norm_eps": 1e-5, "tie_word_embeddings": False}))
+
+
 def _files_for_text_source(tmp: Path) -> None:
   (tmp / "ok.txt").write_text("".join(f"line {i} of some text\n" for i in range(50)))
 
 
+EIGHT = {"XLA_FLAGS": "--xla_force_host_platform_device_count=8"}  # 8 host devices
 JSONL = ["--config.data.source=jsonl", "--config.data.path={tmp}/d.jsonl"]
 # A bad record in the middle of a file is met when training reads it: short documents (an epoch
 # in about 20 steps), enough steps to read them all, and a separate good validation file.
@@ -230,6 +254,12 @@ def cases() -> list[Case]:
         ("optimizer.lora.alpha",)),
       c("lora dropout 1.5", ["--config.optimizer.name=lora", "--config.optimizer.lora.dropout=1.5"],
         ("optimizer.lora.dropout",)),
+      c("galore rank over some layers (warning)", ["--config.model.init_from={tmp}/gqa", "--config.optimizer.name=galore",
+                                                   "--config.optimizer.galore.rank=20"],
+        ("optimizer.galore.rank=20", "k (16), v (16)"), rc=0, setup=_gqa_checkpoint),
+      c("lora rank over some layers (warning)", ["--config.model.init_from={tmp}/gqa", "--config.optimizer.name=lora",
+                                                 "--config.optimizer.lora.rank=20"],
+        ("optimizer.lora.rank=20", "k (16), v (16)"), rc=0, setup=_gqa_checkpoint),
       c("relora merge_every 0", ["--config.optimizer.name=relora", "--config.optimizer.relora.merge_every=0"],
         ("optimizer.relora.merge_every",)),
       c("relora prune unknown", ["--config.optimizer.name=relora", "--config.optimizer.relora.prune=all"],
@@ -243,8 +273,17 @@ def cases() -> list[Case]:
         ("optimizer.mhlora.num_heads",)),
       c("mhlora mode unknown", ["--config.optimizer.name=mhlora", "--config.optimizer.mhlora.mode=serial"],
         ("optimizer.mhlora.mode",)),
-      c("batch not divisible by 8 devices", ["--config.train.batch_size=12"], ("train.batch_size",),
-        env={"XLA_FLAGS": "--xla_force_host_platform_device_count=8"}),
+      c("batch not divisible by 8 devices", ["--config.train.batch_size=12"], ("train.batch_size",), env=EIGHT),
+      # --- memory: the state must fit where the run lives -----------------------------------
+      c("7b adamw over the host memory", ["--config.model.size=7b"],
+        ("model.size='7b'", "does not fit", "train.check_memory=False")),
+      c("7b lora over 8 host devices", ["--config.model.size=7b", "--config.optimizer.name=lora",
+                                        "--config.train.batch_size=8"], ("8 host devices", "optimizer.lora.rank"), env=EIGHT),
+      c("1b galore bf16 over the host memory x 8 devices", ["--config.model.size=1b", "--config.optimizer.name=galore",
+                                                            "--config.model.param_dtype=bfloat16",
+                                                            "--config.train.batch_size=8"],
+        ("model.size='1b'", "model.param_dtype='bfloat16'", "optimizer.galore.rank"), env=EIGHT),
+      c("check_memory not a boolean", ["--config.train.check_memory=maybe"], ("train.check_memory",)),
       # --- data ------------------------------------------------------------------------
       c("data.source unknown", ["--config.data.source=csv"], ("data.source", "jsonl")),
       c("jsonl without a path", ["--config.data.source=jsonl"], ("data.path",)),

@@ -12,7 +12,9 @@ Two tables:
   bfloat16 weights (and states), remat per block, one micro-batch of 16 x 256 tokens
   (the GaLore paper's 7B single-device setting), `optimizer.clip_mode=previous` so no
   method is charged for global-norm clipping's full gradient; with 8-bit optimizer states
-  too when the trainer has `optimizer.state_bits`.
+  too when the trainer has `optimizer.state_bits`. `--nonfinite_guard loss` measures the runs
+  with `train.nonfinite_guard=loss` (the default, `step`, makes every update wait for the global
+  gradient norm, so the step holds one full set of gradients at the end of the backward pass).
 
 Targets: cpu (XLA:CPU on this host: no remat, bf16 held as f32), tpu-v5e / tpu-v5p /
 tpu-v6e (compiled ahead of time on this host; `pip install -e ".[aot]"`), gpu (on a
@@ -109,7 +111,8 @@ RANKS = {"1b": 512, "7b": 1024}
 T5_VOCAB = 32101  # the C4 configs' T5 SentencePiece vocabulary (pieces)
 
 
-def model_config(size: str, method: str, *, state_bits: int | None = None, tiny: bool = False):
+def model_config(size: str, method: str, *, state_bits: int | None = None, tiny: bool = False,
+                 nonfinite_guard: str | None = None):
   """The run measured for (size, method): the method's 130m C4 config at this size, bf16, remat."""
   import importlib
 
@@ -132,19 +135,25 @@ def model_config(size: str, method: str, *, state_bits: int | None = None, tiny:
     config.optimizer.lora.rank = 16 if tiny else RANKS[size] // 4  # LoRA's usual rank, below GaLore's
   if state_bits:
     config.optimizer.state_bits = state_bits
+  if nonfinite_guard:
+    if "nonfinite_guard" not in config.train:
+      raise SystemExit("--nonfinite_guard: this trainer has no train.nonfinite_guard setting")
+    config.train.nonfinite_guard = nonfinite_guard
   return config
 
 
 def model_case(target_name: str, size: str, method: str, state_bits: int | None, tiny: bool,
-               only: list[str] | None) -> list[dict]:
+               only: list[str] | None, nonfinite_guard: str | None = None) -> list[dict]:
   from lowrank_jax.train import memory_report
 
   start = time.time()
-  report = memory_report(model_config(size, method, state_bits=state_bits, tiny=tiny), target_name,
+  config = model_config(size, method, state_bits=state_bits, tiny=tiny, nonfinite_guard=nonfinite_guard)
+  report = memory_report(config, target_name,
                          only=tuple(only) if only else None)
   row = {"section": size, "target": target_name, "method": method + (f" {state_bits}-bit" if state_bits else ""),
          "program": "+".join(report["programs"]), "compile_s": round(time.time() - start, 1),
-         "rank": None if method == "adamw" else (RANKS[size] // 4 if method == "lora" else RANKS[size])}
+         "rank": None if method == "adamw" else (RANKS[size] // 4 if method == "lora" else RANKS[size]),
+         "nonfinite_guard": config.train.get("nonfinite_guard", "step")}
   row.update({k: report[k] for k in ("params_bytes", "opt_state_bytes", "argument_bytes", "temp_bytes", "peak_bytes",
                                      "capacity_bytes", "fits")})
   row["programs"] = {name: p["peak_bytes"] for name, p in report["programs"].items()}
@@ -181,23 +190,22 @@ def one(spec: dict) -> None:
     rows = toy_case(spec["target"], spec["method"], spec.get("programs"))
   else:
     rows = model_case(spec["target"], spec["section"], spec["method"], spec.get("state_bits"), spec.get("tiny", False),
-                      spec.get("programs"))
+                      spec.get("programs"), spec.get("nonfinite_guard"))
   print("ROWS " + json.dumps(rows), flush=True)
 
 
 def specs_for(targets_: list[str], sections: list[str], tiny: bool, programs: list[str] | None,
-              methods: list[str]) -> list[dict]:
+              methods: list[str], nonfinite_guard: str | None = None) -> list[dict]:
   specs = []
   for target in targets_:
     for section in sections:
       if section == "toy":
         specs += [{"section": "toy", "target": target, "method": m, "programs": programs} for m in TOY_CASES]
         continue
-      specs += [{"section": section, "target": target, "method": m, "tiny": tiny, "programs": programs}
-                for m in methods]
+      common = {"section": section, "target": target, "programs": programs, "nonfinite_guard": nonfinite_guard}
+      specs += [{**common, "method": m, "tiny": tiny} for m in methods]
       if section == "7b" and not tiny and "galore" in methods and has_state_bits():
-        specs.append({"section": section, "target": target, "method": "galore", "state_bits": 8,
-                      "programs": programs})
+        specs.append({**common, "method": "galore", "state_bits": 8})
   return specs
 
 
@@ -221,16 +229,19 @@ def print_tables(rows: list[dict]) -> None:
   models = [r for r in rows if r["section"] != "toy"]
   if models:
     print("\nLLaMA, bf16 weights and states, remat per block, micro-batch 16 x 256, clip_mode previous; GiB per device")
-    print(f"{'size':<4} {'target':<8} {'method':<13} {'params':>7} {'states':>7} {'temp':>7} {'peak':>7} "
+    print("(guard: train.nonfinite_guard; 'step' holds every gradient until the global norm is known)")
+    print(f"{'size':<4} {'target':<8} {'method':<13} {'guard':<5} {'params':>7} {'states':>7} {'temp':>7} {'peak':>7} "
           f"{'x AdamW':>7} {'capacity':>8} {'fits':>5} {'measured':>8}")
     for r in models:
       if "error" in r:
         print(f"{r['section']:<4} {r['target']:<8} {r['method']:<13} error: {r['error']}")
         continue
       base = next((b for b in models if b["target"] == r["target"] and b["section"] == r["section"]
-                   and b["method"] == "adamw" and "error" not in b), None)
+                   and b["method"] == "adamw" and "error" not in b
+                   and b.get("nonfinite_guard", "step") == r.get("nonfinite_guard", "step")), None)
       ratio = f"{r['peak_bytes'] / base['peak_bytes']:7.3f}" if base else "      -"
-      print(f"{r['section']:<4} {r['target']:<8} {r['method']:<13} {_gib(r['params_bytes'])} "
+      print(f"{r['section']:<4} {r['target']:<8} {r['method']:<13} {r.get('nonfinite_guard', 'step'):<5} "
+            f"{_gib(r['params_bytes'])} "
             f"{_gib(r['opt_state_bytes'])} {_gib(r['temp_bytes'])} {_gib(r['peak_bytes'])} {ratio} "
             f"{_gib(r['capacity_bytes'])} {str(r['fits']):>5} {_gib(r.get('measured_peak_bytes'))}")
 
@@ -249,6 +260,8 @@ def main() -> None:
   parser.add_argument("--programs", default=None,
                       help="model table: only these programs (e.g. 'step': a refresh program's SVD compiles for many "
                       "minutes on the TPU targets); default: every program the run executes")
+  parser.add_argument("--nonfinite_guard", default=None, choices=("step", "loss"),
+                      help="model table: train.nonfinite_guard of the runs (default: the trainer's, step)")
   parser.add_argument("--one", default=None, help=argparse.SUPPRESS)
   args = parser.parse_args()
   if args.one:
@@ -266,7 +279,8 @@ def main() -> None:
   start = time.time()
   programs = [p.strip() for p in args.programs.split(",")] if args.programs else None
   methods = [m.strip() for m in args.methods.split(",") if m.strip()]
-  for spec in specs_for(targets_, sections, tiny=args.dry_run, programs=programs, methods=methods):
+  for spec in specs_for(targets_, sections, tiny=args.dry_run, programs=programs, methods=methods,
+                        nonfinite_guard=args.nonfinite_guard):
     if spec["section"] == "toy" and args.dry_run:
       continue  # the toy is already small; nothing to dry-run
     rows += run_case(spec, args.timeout)

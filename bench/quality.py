@@ -7,7 +7,7 @@ and reports eval loss, perplexity, the perplexity ratio to the best AdamW, the s
 seeds, tokens seen and wall time. Every run is the real trainer (`python train.py ...`) in a
 fresh process, so nothing here can differ from what a user runs.
 
-  python bench/quality.py --quick                 # C4 sample, byte tokens, ~20 min on 2 CPU cores
+  python bench/quality.py --quick                 # C4 sample, byte tokens, ~22 min on 2 idle CPU cores
   python bench/quality.py --quick --methods adamw,galore --steps 100
   python bench/quality.py --full --budget_s 420   # GaLore paper protocol at 60m (GPU)
 
@@ -21,13 +21,16 @@ import argparse
 import concurrent.futures as cf
 import glob
 import importlib
+import itertools
 import json
 import math
 import os
+import queue
 import shutil
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from typing import Any, Callable
 
@@ -111,13 +114,22 @@ def run_trainer(config_path: str, overrides: dict[str, Any], workdir: str, threa
   if threads:  # several runs side by side: keep each process's XLA pool to its share of cores
     env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + " --xla_cpu_multi_thread_eigen=false "
                         "intra_op_parallelism_threads=1").strip()
+  os.makedirs(workdir, exist_ok=True)
+  log_path = os.path.join(workdir, "output.log")
   start = time.perf_counter()
-  proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
+  with open(log_path, "w") as log:
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+    # wait4 gives the run's own CPU time: on a shared machine wall time says little, while
+    # CPU time / cores is what the run would take on idle ones.
+    _, status, usage = os.wait4(proc.pid, 0)
+  proc.returncode = os.waitstatus_to_exitcode(status)
   wall = time.perf_counter() - start
-  result: dict[str, Any] = {"overrides": overrides, "wall_s": wall, "returncode": proc.returncode}
+  result: dict[str, Any] = {"overrides": overrides, "wall_s": wall, "cpu_s": usage.ru_utime + usage.ru_stime,
+                            "returncode": proc.returncode}
   summary_path = os.path.join(workdir, "summary.json")
   if proc.returncode != 0 or not os.path.exists(summary_path):
-    result["error"] = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["no output"]
+    with open(log_path) as f:
+      result["error"] = f.read().strip().splitlines()[-1:] or ["no output"]
     result["eval_loss"] = math.inf
     return result
   with open(summary_path) as f:
@@ -137,13 +149,67 @@ def run_trainer(config_path: str, overrides: dict[str, Any], workdir: str, threa
   return result
 
 
+def run_key(config_path: str, overrides: dict[str, Any]) -> str:
+  """What makes a run: its config file and every override (lr, seed, data, shape)."""
+  return json.dumps([os.path.relpath(config_path, ROOT), overrides], sort_keys=True)
+
+
+def read_journal(path: str) -> dict[str, dict[str, Any]]:
+  """{run_key: result} of the successful runs a journal holds (failed ones are run again)."""
+  if not os.path.exists(path):
+    return {}
+  with open(path) as f:
+    records = [json.loads(line) for line in f if line.strip()]
+  return {r["key"]: r["result"] for r in records if r["result"].get("returncode") == 0}
+
+
 Runner = Callable[[str, dict[str, Any]], dict[str, Any]]
 
 
+class PriorityPool:
+  """`jobs` worker threads that always start the waiting run of the earliest method first.
+
+  So methods finish one after another in the order given (a stopped sweep holds whole methods,
+  see --resume), and a method's follow-up runs (a step past an edge, its seeds) do not queue
+  behind every other method's grid.
+  """
+
+  def __init__(self, jobs: int):
+    self.queue: queue.PriorityQueue = queue.PriorityQueue()
+    self.order = itertools.count()  # first come first served within a method
+    self.threads = [threading.Thread(target=self._work, daemon=True) for _ in range(jobs)]
+    for thread in self.threads:
+      thread.start()
+
+  def submit(self, priority: int, fn: Callable[..., Any], *args: Any) -> cf.Future:
+    future: cf.Future = cf.Future()
+    self.queue.put((priority, next(self.order), future, fn, args))
+    return future
+
+  def _work(self) -> None:
+    while True:
+      _, _, future, fn, args = self.queue.get()
+      if fn is None:
+        return
+      try:
+        future.set_result(fn(*args))
+      except BaseException as error:  # handed to whoever waits on the future
+        future.set_exception(error)
+
+  def shutdown(self) -> None:
+    for _ in self.threads:
+      self.queue.put((math.inf, next(self.order), None, None, None))
+    for thread in self.threads:
+      thread.join()
+
+
 def sweep(methods: dict[str, str], mode: dict[str, Any], *, points: int, factor: float, seeds: int,
-          runner: Runner, jobs: int = 1, variants: dict[str, dict[str, str]] | None = None,
+          runner: Runner, jobs: int = 1, extend: int = 2, variants: dict[str, dict[str, str]] | None = None,
           grids: dict[str, list[float]] | None = None, log: Callable[[str], None] = print) -> dict[str, Any]:
   """The lr sweep of every method, then the extra seeds at each method's best lr.
+
+  A method whose best lr sits at an edge of its grid gets one more lr beyond that edge (a factor
+  further), up to `extend` times; `best_at_edge` says it is still at an edge after that.
 
   `variants` adds config overrides per method name (e.g. 8-bit states of a method).
   """
@@ -154,31 +220,53 @@ def sweep(methods: dict[str, str], mode: dict[str, Any], *, points: int, factor:
   grids = {m: (grids or {}).get(m) or lr_grid(config_lr(p), points, factor) for m, p in methods.items()}
   tokens = base["train.steps"] * base["train.batch_size"] * base["data.seq_len"]
 
-  def launch(pool, method, lr, seed):
-    overrides = {**base, **variants.get(method, {}), "optimizer.lr": lr, "seed": seed}
-    return pool.submit(runner, methods[method], overrides)
+  def overrides(method, lr, seed):
+    return {**base, **variants.get(method, {}), "optimizer.lr": lr, "seed": seed}
 
   results: dict[str, Any] = {}
   for m in methods:
     results[m] = {"config": os.path.relpath(methods[m], ROOT), "overrides": variants.get(m, {}),
                   "grid": grids[m], "sweep": {}}
-  with cf.ThreadPoolExecutor(max_workers=jobs) as pool:
-    futures = {(m, lr): launch(pool, m, lr, 0) for m, grid in grids.items() for lr in grid}
-    for (m, lr), fut in futures.items():
-      run = fut.result()
-      results[m]["sweep"][repr(lr)] = run
-      log(f"  {m:<12} lr {lr:<8.3g} eval loss {run['eval_loss']:.4f}  ({run['wall_s']:.0f}s)"
-          + (f"  FAILED: {run['error']}" if "error" in run else ""))
-    for m, entry in results.items():
-      runs = {float(lr): r for lr, r in entry["sweep"].items()}
-      best_lr = min(runs, key=lambda lr: runs[lr]["eval_loss"])
-      entry["best_lr"] = best_lr
-      grid = sorted(runs)
-      entry["best_at_edge"] = len(grid) > 1 and best_lr in (grid[0], grid[-1])
-    seed_futures = {(m, s): launch(pool, m, results[m]["best_lr"], s)
-                    for m in results for s in range(1, seeds)}
-    for (m, s), fut in seed_futures.items():
-      results[m].setdefault("seeds", {})[str(s)] = fut.result()
+
+  def best_and_edge(entry):
+    runs = {float(lr): r for lr, r in entry["sweep"].items()}
+    best_lr = min(runs, key=lambda lr: runs[lr]["eval_loss"])
+    grid = sorted(runs)
+    edge = None if len(grid) < 2 else -1 if best_lr == grid[0] else 1 if best_lr == grid[-1] else None
+    return best_lr, edge
+
+  def drive(rank, m):
+    """One method's runs: its grid, a step past a best edge (up to `extend` times), then the seeds."""
+    entry = results[m]
+
+    def run_all(lrs, seed):
+      futures = {lr: pool.submit(rank, runner, methods[m], overrides(m, lr, seed)) for lr in lrs}
+      return {lr: fut.result() for lr, fut in futures.items()}
+
+    def record(runs):
+      for lr, run in runs.items():
+        entry["sweep"][repr(lr)] = run
+        log(f"  {m:<12} lr {lr:<8.3g} eval loss {run['eval_loss']:.4f}  ({run['wall_s']:.0f}s)"
+            + (f"  FAILED: {run['error']}" if "error" in run else ""))
+
+    record(run_all(grids[m], 0))
+    for _ in range(extend):  # a best lr at the grid's edge may not be the best
+      best_lr, edge = best_and_edge(entry)
+      if not edge:
+        break
+      record(run_all([float(f"{best_lr * factor ** edge:.3g}")], 0))
+    entry["best_lr"], edge = best_and_edge(entry)
+    entry["best_at_edge"] = edge is not None
+    futures = {s: pool.submit(rank, runner, methods[m], overrides(m, entry["best_lr"], s)) for s in range(1, seeds)}
+    entry["seeds"] = {str(s): fut.result() for s, fut in futures.items()}
+
+  pool = PriorityPool(jobs)
+  try:
+    with cf.ThreadPoolExecutor(max_workers=len(methods)) as drivers:
+      for fut in [drivers.submit(drive, rank, m) for rank, m in enumerate(methods)]:
+        fut.result()
+  finally:
+    pool.shutdown()
 
   for m, entry in results.items():
     best = entry["sweep"][repr(entry["best_lr"])]
@@ -300,11 +388,16 @@ def main(argv: list[str] | None = None) -> int:
                            "'adamw=1.5e-3,galore=2e-2/4e-2' (methods not named keep the log grid)")
   parser.add_argument("--points", type=int, default=4, help="learning rates per method (>= 2)")
   parser.add_argument("--factor", type=float, default=2.0, help="ratio between neighbouring learning rates")
+  parser.add_argument("--extend", type=int, default=2,
+                      help="times a method whose best lr is at its grid's edge gets one more lr beyond it")
   parser.add_argument("--seeds", type=int, default=2, help="seeds at the best lr (>= 1)")
   parser.add_argument("--steps", type=int, default=0, help="override the mode's train.steps")
   parser.add_argument("--jobs", type=int, default=2, help="runs side by side (one XLA thread each when > 1)")
   parser.add_argument("--out", default=os.path.join(ROOT, "bench", "results"), help="output folder")
   parser.add_argument("--name", default="", help="output file stem (default quality_<mode>)")
+  parser.add_argument("--resume", action="store_true",
+                      help="reuse the finished runs of an earlier, stopped sweep from its journal "
+                           "(<out>/<name>.runs.jsonl; without --resume a new journal replaces it)")
   parser.add_argument("--replot", default="", help="only redraw the plots of a written JSON report")
   args = parser.parse_args(argv)
   if args.replot:
@@ -325,20 +418,37 @@ def main(argv: list[str] | None = None) -> int:
   unknown = [m for m in chosen if m not in available]
   if unknown:
     parser.error(f"--methods: no configs/llama_tiny_<method>.py for {unknown} (valid choices: {sorted(available)})")
-  if args.points < 2 or args.seeds < 1 or args.jobs < 1 or args.factor <= 1:
-    parser.error("--points >= 2, --seeds >= 1, --jobs >= 1 and --factor > 1 are required")
+  if args.points < 2 or args.seeds < 1 or args.jobs < 1 or args.factor <= 1 or args.extend < 0:
+    parser.error("--points >= 2, --seeds >= 1, --jobs >= 1, --extend >= 0 and --factor > 1 are required")
   if mode.get("data.source") == "jsonl" and not os.path.exists(mode["data.path"]):
     parser.error(f"{mode['data.path']}: the C4 sample is missing (expected ../shared/data beside the repo)")
 
+  os.makedirs(args.out, exist_ok=True)
+  stem = args.name or f"quality_{mode_name}"
+  # Every finished run is appended to a journal at once, so a sweep that is stopped loses nothing:
+  # --resume takes the journal's successful runs instead of running them again.
+  journal_path = os.path.join(args.out, stem + ".runs.jsonl")
+  done = read_journal(journal_path) if args.resume else {}
+  if done:
+    print(f"--resume: {len(done)} finished runs from {journal_path}")
+  journal = open(journal_path, "a" if args.resume else "w")
+  lock = threading.Lock()
   scratch = tempfile.mkdtemp(prefix="lowrank_quality_")
   counter = iter(range(10**9))
 
   def runner(config_path: str, overrides: dict[str, Any]) -> dict[str, Any]:
+    key = run_key(config_path, overrides)
+    if key in done:
+      return done[key]
     workdir = os.path.join(scratch, f"run{next(counter)}")
     try:
-      return run_trainer(config_path, overrides, workdir, threads=1 if args.jobs > 1 else None)
+      result = run_trainer(config_path, overrides, workdir, threads=1 if args.jobs > 1 else None)
     finally:
       shutil.rmtree(workdir, ignore_errors=True)
+    with lock:
+      journal.write(json.dumps({"key": key, "result": result}) + "\n")
+      journal.flush()
+    return result
 
   methods = {m: available[m] for m in chosen}
   variants: dict[str, dict[str, str]] = {}
@@ -355,23 +465,30 @@ def main(argv: list[str] | None = None) -> int:
     if name not in methods:
       parser.error(f"--grid {item!r}: {name!r} is not among the methods run ({sorted(methods)})")
     grids[name] = [float(x) for x in lrs.split("/")]
-  start = time.perf_counter()
+  start, load_at_start = time.perf_counter(), os.getloadavg()
   print(f"quality ({mode_name}): {len(methods)} methods x {args.points} lrs + {args.seeds - 1} extra seed(s); "
         f"{mode['train.steps']} steps of {mode['train.batch_size']} x {mode['data.seq_len']} tokens")
   try:
     results = sweep(methods, mode, points=args.points, factor=args.factor, seeds=args.seeds, runner=runner,
-                    jobs=args.jobs, variants=variants, grids=grids)
+                    jobs=args.jobs, extend=args.extend, variants=variants, grids=grids)
   finally:
     shutil.rmtree(scratch, ignore_errors=True)
+    journal.close()
   total = time.perf_counter() - start
+  runs = [r for e in results.values() for r in [*e["sweep"].values(), *e.get("seeds", {}).values()]]
+  cpu = sum(r.get("cpu_s", 0.0) for r in runs)
+  load = os.getloadavg()
   print(table(results))
+  print(f"{len(runs)} runs in {total:.0f}s wall; their CPU time {cpu:.0f}s, i.e. about {cpu / args.jobs:.0f}s "
+        f"on {args.jobs} idle cores; load average at the end {load[0]:.1f} (1 min), {load[2]:.1f} (15 min)")
   for m, e in results.items():
     if e["best_at_edge"]:
       print(f"note: {m}'s best lr {e['best_lr']:.3g} is at the edge of its grid {e['grid']}")
-  os.makedirs(args.out, exist_ok=True)
-  stem = args.name or f"quality_{mode_name}"
   report = {"mode": mode_name, "settings": mode, "points": args.points, "factor": args.factor,
-            "seeds": args.seeds, "wall_s": total, "methods": results}
+            "seeds": args.seeds, "extend": args.extend, "jobs": args.jobs, "runs": len(runs), "wall_s": total,
+            "cpu_s": cpu, "idle_estimate_s": cpu / args.jobs, "load_at_start": load_at_start, "load_at_end": load, "cpus": os.cpu_count(),
+            "command": " ".join(["python", "bench/quality.py", *(argv if argv is not None else sys.argv[1:])]),
+            "methods": results}
   with open(os.path.join(args.out, stem + ".json"), "w") as f:
     json.dump(_strict(report), f, indent=1)
   plot_sweep(results, os.path.join(args.out, stem + "_lr.png"), f"{mode['model.size']} LLaMA, lr sweep per method")

@@ -16,6 +16,14 @@ gradient alive), no remat. The step is the library's pieces (model, optax transf
 one jitted update with donated state), the same each method, so the ratios compare the
 methods only.
 
+Depth: every block of a ViT has the same shapes, so each figure of the step (arguments,
+temporaries, the compiler's peak) is a straight line in the number of blocks L:
+f(L) = f_0 + L * f_block. The compile time is too (about 1.5 to 4 minutes per ViT block
+on a loaded 2-core host), so by default each case is compiled with 1 and 2 blocks and the
+published depth's figure is f(1) + (L - 1) (f(2) - f(1)); both compiled figures are in the
+JSON. Checked against a direct compile of ViT-B/16 full fine-tuning at 12 blocks (see the
+README's Vision section); ``--depths full`` compiles the published depth instead.
+
 Part 2, accuracy (CPU, real images, offline): Debian's Fashion-MNIST written in the
 MedMNIST npz layout. A tiny ViT is pre-trained on classes 0-4 (upstream), then
 fine-tuned on classes 5-9 with a new head, full and LoRA (rank 16), each at three
@@ -43,7 +51,15 @@ def parse_args(argv=None):
   p.add_argument('--sizes', default='b16,l16', help="'' skips the memory part")
   p.add_argument('--ranks', default='1,4,16,64,256')
   p.add_argument('--dtype', default='bfloat16', help='compute dtype (parameters stay float32)')
-  p.add_argument('--accuracy_steps', type=int, default=400, help='0: skip the accuracy part')
+  p.add_argument('--depths', default='1,2',
+                 help="blocks compiled per case: 'full' compiles the published depth (12 / 24 blocks; "
+                      "about 50 min per ViT-B case on a loaded 2-core host); two depths such as '1,2' give "
+                      "the published depth's figures by the straight line through them (see the doc)")
+  p.add_argument('--resume', action='store_true',
+                 help='reuse the rows of --out.json measured with the same settings; compile only the rest')
+  p.add_argument('--no_compile', action='store_true',
+                 help='with --resume: tabulate the rows already measured, leaving out the cases not measured')
+  p.add_argument('--accuracy_steps', type=int, default=0, help='> 0: also run the accuracy part')
   p.add_argument('--out', default=os.path.join(os.path.dirname(__file__), 'results', 'vit_memory_rank'))
   return p.parse_args(argv)
 
@@ -62,6 +78,7 @@ from flax import nnx  # noqa: E402
 from lowrank_jax import optim  # noqa: E402
 from lowrank_jax.data import images as I  # noqa: E402
 from lowrank_jax.models import LinearFactory, vit  # noqa: E402
+from lowrank_jax.optim.projection import default_projection_mask  # noqa: E402
 
 ADAPTED = ('q', 'k', 'v', 'o', 'up', 'down')
 VELORA_LAYERS = ('q', 'k', 'v', 'down')
@@ -86,9 +103,14 @@ def _frozen_paths(params_state) -> set:
   return {p for p in paths if p[-1] == 'kernel' and p[:-1] + ('lora_a',) in paths}
 
 
-def make_optimizer(method: str, lr):
+def make_optimizer(method: str, lr, trainable):
   if method == 'galore':
-    return optim.galore(lr, rank=GALORE_RANK, update_proj_gap=200, scale=0.25, split_refresh=True)
+    # The mask on the State's own structure: the default rule reads path names, and an
+    # nnx.State's leaves sit under a Variable (its last key is not 'kernel').
+    mask = jax.tree.map(lambda x: x, trainable)
+    nnx.replace_by_pure_dict(mask, default_projection_mask(trainable.to_pure_dict(), rank=GALORE_RANK))
+    return optim.galore(lr, rank=GALORE_RANK, update_proj_gap=200, scale=0.25, split_refresh=True,
+                        projection_mask=mask)
   return optax.adamw(lr, weight_decay=0.0)
 
 
@@ -100,7 +122,7 @@ class Step:
     frozen = _frozen_paths(nnx.state(model, nnx.Param))
     is_frozen = lambda path, x: tuple(path) in frozen  # noqa: E731
     self.graphdef, self.frozen, self.trainable, self.rest = nnx.split(model, is_frozen, nnx.Param, ...)
-    self.tx = make_optimizer(method, 1e-3 if lr is None else lr)
+    self.tx = make_optimizer(method, 1e-3 if lr is None else lr, self.trainable)
     graphdef, tx = self.graphdef, self.tx
 
     def loss_fn(trainable, frozen, rest, images, labels):
@@ -127,8 +149,11 @@ def _bytes(tree) -> int:
   return int(sum(np.prod(x.shape) * np.dtype(x.dtype).itemsize for x in jax.tree.leaves(tree)))
 
 
-def measure(size: str, method: str, rank: int | None, device, batch: int, dtype: str) -> dict:
-  cfg = vit.vit_config(size, NUM_CLASSES, image_size=224, dtype=dtype)
+def measure(size: str, method: str, rank: int | None, device, batch: int, dtype: str,
+            n_layers: int | None = None) -> dict:
+  """One case's compiled step; `n_layers` None: the published depth."""
+  depth = {} if n_layers is None else {'n_layers': n_layers}
+  cfg = vit.vit_config(size, NUM_CLASSES, image_size=224, dtype=dtype, **depth)
   step = Step(lambda: vit.ViT(cfg, linear_factory=factory_for(method, rank), rngs=nnx.Rngs(0)), method, None)
   sharding = jax.sharding.SingleDeviceSharding(device)
   abstract = lambda t: jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), t)  # noqa: E731
@@ -140,14 +165,14 @@ def measure(size: str, method: str, rank: int | None, device, batch: int, dtype:
   lowered = step.step.lower(*args)
   t1 = time.perf_counter()
   compiled = lowered.compile()
-  print(f'  ({size} {method} {rank}: lowered in {t1 - t0:.0f}s, compiled in {time.perf_counter() - t1:.0f}s)',
+  print(f'  ({size} {method} {rank} {cfg.n_layers} blocks: lowered in {t1 - t0:.0f}s, compiled in {time.perf_counter() - t1:.0f}s)',
         flush=True)
   stats = compiled.memory_analysis()
   formula = (stats.argument_size_in_bytes + stats.temp_size_in_bytes + stats.output_size_in_bytes
              - stats.alias_size_in_bytes)
   reported = getattr(stats, 'peak_memory_in_bytes', 0) or 0
   peak = reported if device.platform != 'cpu' and reported else formula
-  return dict(size=size, method=method, rank=rank, batch=batch, peak_bytes=int(peak),
+  return dict(size=size, method=method, rank=rank, batch=batch, n_layers=cfg.n_layers, peak_bytes=int(peak),
               argument_bytes=stats.argument_size_in_bytes, temp_bytes=stats.temp_size_in_bytes,
               output_bytes=stats.output_size_in_bytes, alias_bytes=stats.alias_size_in_bytes,
               trainable_params=_count(step.trainable), frozen_params=_count(step.frozen),
@@ -266,13 +291,68 @@ def plot(rows, out_png, target_label):
           ax.axhline(r['peak_bytes'] / 2**20, color=colour, linestyle=style, linewidth=1,
                      label=f'{name} {method.replace("_", "+")}')
   ax.set_xscale('log', base=2)
+  ranks = sorted({r['rank'] for r in rows if r['method'] == 'lora'})
+  ax.set_xticks(ranks, labels=[str(r) for r in ranks])
+  ax.set_ylim(bottom=0)
   ax.set_xlabel('LoRA rank')
   ax.set_ylabel('peak memory per chip (MiB)')
-  ax.set_title(f'ViT fine-tuning at 224x224, batch {rows[0]["batch"]} ({target_label})')
+  depth = '' if all(len(r['from_depths']) == 1 for r in rows) else '\npublished depth on the line through 1- and 2-block compiles'
+  ax.set_title(f'ViT fine-tuning at 224x224, batch {rows[0]["batch"]} ({target_label}{depth})', fontsize=9)
   ax.legend(fontsize=7, ncol=2)
   fig.tight_layout()
   fig.savefig(out_png, dpi=120)
   return True
+
+
+FIELDS = ('peak_bytes', 'argument_bytes', 'temp_bytes', 'output_bytes', 'alias_bytes', 'trainable_params',
+          'frozen_params', 'opt_state_bytes')
+
+
+def at_depth(measured: list[dict], depth: int) -> dict:
+  """One case at `depth` blocks: compiled there, or on the straight line through two compiled depths."""
+  by_depth = {r['n_layers']: r for r in measured}
+  if depth in by_depth:
+    return dict(by_depth[depth], from_depths=[depth])
+  (l1, a), (l2, b) = sorted(by_depth.items())[:2]
+  row = dict(a, n_layers=depth, from_depths=[l1, l2], compile_s=round(a['compile_s'] + b['compile_s'], 1))
+  for f in FIELDS:
+    row[f] = int(round(a[f] + (depth - l1) * (b[f] - a[f]) / (l2 - l1)))
+  return row
+
+
+def case_plan(sizes, ranks) -> list[tuple]:
+  """(size, method, rank), the headline figures first (each compile takes minutes)."""
+  first = [('b16', 'full', None), ('b16', 'lora', 16), ('l16', 'lora', 16), ('b16', 'lora_velora', 16),
+           ('b16', 'galore', None)]
+  plan = [p for p in first if p[0] in sizes]
+  for size in sizes:
+    for method, rank in [('lora', r) for r in ranks] + [('full', None), ('lora_velora', 16), ('galore', None)]:
+      if (size, method, rank) not in plan:
+        plan.append((size, method, rank))
+  return plan
+
+
+def figures_of(rows, sizes, batch, dtype) -> dict:
+  get = lambda size, method, rank=None: next(  # noqa: E731
+      (r['peak_bytes'] for r in rows if r['size'] == size and r['method'] == method
+       and (rank is None or r['rank'] == rank)), None)
+  figures = {}
+  if get('b16', 'lora', 16) and get('l16', 'lora', 16):
+    figures['l16_over_b16_peak_lora_r16'] = get('l16', 'lora', 16) / get('b16', 'lora', 16)
+  for size in sizes:
+    if get(size, 'full'):
+      lora = [r['peak_bytes'] for r in rows if r['size'] == size and r['method'] == 'lora']
+      if lora:
+        figures[f'{size}_lora_over_full_peak_max_over_ranks'] = max(lora) / get(size, 'full')
+        figures[f'{size}_lora_over_full_peak_min_over_ranks'] = min(lora) / get(size, 'full')
+      if get(size, 'galore'):
+        figures[f'{size}_galore_over_full_peak'] = get(size, 'galore') / get(size, 'full')
+    lora, lv = get(size, 'lora', 16), get(size, 'lora_velora', 16)
+    if lora and lv:
+      figures[f'{size}_lora_velora_over_lora_peak'] = lv / lora
+      figures[f'{size}_velora_saving_measured_bytes'] = lora - lv
+      figures[f'{size}_velora_saving_analytic_bytes'] = velora_analytic_saving(size, batch, dtype)
+  return figures
 
 
 def main():
@@ -288,46 +368,41 @@ def main():
   else:
     device = jax.devices('cpu')[0]
     label = 'XLA:CPU (bf16 held as f32; not an accelerator figure)'
-  rows = []
   sizes = [x for x in args.sizes.split(',') if x]
   ranks = [int(r) for r in args.ranks.split(',')]
-  # The headline figures first (each compile takes minutes on a loaded host); JSON after each.
-  first = [('b16', 'full', None), ('b16', 'lora', 16), ('l16', 'lora', 16), ('b16', 'lora_velora', 16),
-           ('b16', 'galore', None)]
-  plan = [p for p in first if p[0] in sizes]
-  for size in sizes:
-    for method, rank in [('lora', r) for r in ranks] + [('full', None), ('lora_velora', 16), ('galore', None)]:
-      if (size, method, rank) not in plan:
-        plan.append((size, method, rank))
-  for size, method, rank in plan:
-      row = measure(size, method, rank, device, args.batch, args.dtype)
-      rows.append(row)
-      print(f'{size} {method:12s} rank {str(rank):>4s}: peak {row["peak_bytes"] / 2**20:9,.1f} MiB  '
-            f'(args {row["argument_bytes"] / 2**20:8,.1f}, temp {row["temp_bytes"] / 2**20:8,.1f}; '
-            f'trainable {row["trainable_params"]:,}; compile {row["compile_s"]}s)', flush=True)
-      write(args, label, rows, {})
-  get = lambda size, method, rank=None: next(  # noqa: E731
-      (r['peak_bytes'] for r in rows if r['size'] == size and r['method'] == method
-       and (rank is None or r['rank'] == rank)), None)
-  figures = {}
-  if get('b16', 'lora', 16) and get('l16', 'lora', 16):
-    figures['l16_over_b16_peak_lora_r16'] = get('l16', 'lora', 16) / get('b16', 'lora', 16)
-  if get('b16', 'full'):
-    lora_b = [r['peak_bytes'] for r in rows if r['size'] == 'b16' and r['method'] == 'lora']
-    figures['b16_lora_over_full_peak_max_over_ranks'] = max(lora_b) / get('b16', 'full')
-    figures['b16_lora_over_full_peak_min_over_ranks'] = min(lora_b) / get('b16', 'full')
-    if get('b16', 'galore'):
-      figures['b16_galore_over_full_peak'] = get('b16', 'galore') / get('b16', 'full')
-  for size in sizes:
-    lora, lv = get(size, 'lora', 16), get(size, 'lora_velora', 16)
-    if lora and lv:
-      figures[f'{size}_lora_velora_over_lora_peak'] = lv / lora
-      figures[f'{size}_velora_saving_measured_bytes'] = lora - lv
-      figures[f'{size}_velora_saving_analytic_bytes'] = velora_analytic_saving(size, args.batch, args.dtype)
-  result = dict(target=label, batch=args.batch, compute_dtype=args.dtype, param_dtype='float32',
-                image_size=224, num_classes=NUM_CLASSES, lora_layers=list(ADAPTED),
+  depths = None if args.depths == 'full' else [int(d) for d in args.depths.split(',')]
+  if depths is not None and len(depths) != 2:
+    sys.exit(f"--depths: 'full' or two block counts such as '1,2', got {args.depths!r}")
+  settings = dict(target=label, batch=args.batch, compute_dtype=args.dtype)
+  measured = []
+  if args.resume and os.path.exists(args.out + '.json'):
+    with open(args.out + '.json') as f:
+      old = json.load(f)
+    if all(old.get(k) == v for k, v in settings.items()):
+      measured = old.get('measured', [])
+      print(f'resuming: {len(measured)} compiled cases from {args.out}.json')
+  key = lambda r: (r['size'], r['method'], r['rank'], r['n_layers'])  # noqa: E731
+  rows = []
+  for size, method, rank in case_plan(sizes, ranks):
+    published = vit.vit_config(size, NUM_CLASSES).n_layers
+    missing = [n for n in depths or [published] if (size, method, rank, n) not in {key(r) for r in measured}]
+    if missing and args.no_compile:
+      continue
+    for n in missing:
+      measured.append(measure(size, method, rank, device, args.batch, args.dtype, n))
+      write(args, dict(settings, measured=measured, partial=True))
+    row = at_depth([r for r in measured if key(r)[:3] == (size, method, rank) and r['n_layers'] in
+                    (depths or [published])], published)
+    rows.append(row)
+    print(f'{size} {method:12s} rank {str(rank):>4s}: peak {row["peak_bytes"] / 2**20:9,.1f} MiB  '
+          f'(args {row["argument_bytes"] / 2**20:8,.1f}, temp {row["temp_bytes"] / 2**20:8,.1f}; '
+          f'trainable {row["trainable_params"]:,}; blocks compiled {row["from_depths"]})', flush=True)
+  figures = figures_of(rows, sizes, args.batch, args.dtype)
+  result = dict(settings, param_dtype='float32', image_size=224, num_classes=NUM_CLASSES,
+                depths=args.depths, lora_layers=list(ADAPTED),
                 velora=dict(layers=list(VELORA_LAYERS), sub_token_size=VELORA_SUB_TOKEN),
-                galore=dict(rank=GALORE_RANK, update_proj_gap=200, scale=0.25), rows=rows, figures=figures)
+                galore=dict(rank=GALORE_RANK, update_proj_gap=200, scale=0.25), rows=rows, figures=figures,
+                measured=measured)
   if args.accuracy_steps:
     with jax.default_device(jax.devices('cpu')[0]):
       result['accuracy'] = accuracy_study(args.accuracy_steps)
@@ -335,14 +410,13 @@ def main():
     figures['tiny_full_acc'] = acc['best_full']['accuracy']
     figures['tiny_lora_acc'] = acc['best_lora']['accuracy']
     figures['tiny_lora_minus_full_points'] = 100 * (figures['tiny_lora_acc'] - figures['tiny_full_acc'])
-  write(args, label, rows, figures, result)
+  write(args, result)
   plotted = bool(rows) and plot(rows, args.out + '.png', label)
   print(json.dumps(figures, indent=2))
   print(f'wrote {args.out}.json' + (f' and {args.out}.png' if plotted else ''))
 
 
-def write(args, label, rows, figures, result=None):
-  result = result or dict(target=label, batch=args.batch, rows=rows, figures=figures, partial=True)
+def write(args, result):
   os.makedirs(os.path.dirname(args.out), exist_ok=True)
   with open(args.out + '.json', 'w') as f:
     json.dump(result, f, indent=2)

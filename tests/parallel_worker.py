@@ -6,7 +6,8 @@ SPEC: {"jobs": [{"kind": "train", "workdir": ..., "overrides": {...}, "out": "x.
                  "copy_to": [dirs to copy the workdir to afterwards]},
                 {"kind": "memory", "overrides": {...}, "out": "x.json"},
                 {"kind": "collectives", "overrides": {...}, "out": "x.json"}]}
-Trained parameters go to `out` as flattened npz (key = path), with the summary beside it.
+Trained parameters go to `out` as flattened npz (key = path), with the summary beside it
+(`out`.json, written last: its presence means the job is complete).
 "collectives" writes the compiled step's collectives and the shapes of the LTE head and
 kernel variables (whole, and one device's block).
 """
@@ -70,10 +71,12 @@ def main():
       continue
     summary = train(config, job["workdir"])
     np.savez(job["out"], **final_params(config, job["workdir"]))
-    with open(job["out"] + ".json", "w") as f:
-      json.dump(summary, f)
     for target in job.get("copy_to", []):
       shutil.copytree(job["workdir"], target)
+    # The summary last, by rename: a test waiting for it (the worker still running) sees a whole job.
+    with open(job["out"] + ".json.partial", "w") as f:
+      json.dump(summary, f)
+    os.replace(job["out"] + ".json.partial", job["out"] + ".json")
 
 
 if __name__ == "__main__":

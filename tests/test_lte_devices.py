@@ -72,11 +72,11 @@ def test_clip_over_a_device_axis_equals_optax_on_the_whole_tree(max_norm):
   grads = _like(params, 3)
   ref, _ = optax.clip_by_global_norm(max_norm).update(grads, optax.EmptyState())
   tx = clip_by_global_norm(max_norm, axis_name=AXIS, split=lte_head_mask)
-  per_device = jax.vmap(lambda g: tx.update(g, tx.init(g))[0], in_axes=(_axes(mask),),
-                        out_axes=_axes(mask), axis_name=AXIS)
+  per_device = jax.jit(jax.vmap(lambda g: tx.update(g, tx.init(g))[0], in_axes=(_axes(mask),),
+                                out_axes=_axes(mask), axis_name=AXIS))
   got = _join(per_device(_split(grads, mask)), mask)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7), got, ref)
-  norms = jax.vmap(lambda g: global_norm(g, AXIS, mask), in_axes=(_axes(mask),), axis_name=AXIS)(
+  norms = jax.jit(jax.vmap(lambda g: global_norm(g, AXIS, mask), in_axes=(_axes(mask),), axis_name=AXIS))(
       _split(grads, mask))
   np.testing.assert_allclose(norms, [optax.tree.norm(grads)] * DEVICES, rtol=1e-6)
   if max_norm < 1:  # the clipped norm is max_norm over all devices together, not per device
@@ -95,7 +95,9 @@ def test_merge_over_a_device_axis_equals_all_heads_on_one_device():
   # Every device keeps its own copy of the state (like pmap's replicas): its heads' moments
   # and identical copies of the rest.
   dev_state = jax.vmap(dev_tx.init, in_axes=(p_axes,), axis_name=AXIS)(dev_params)
-  dev_step = jax.vmap(dev_tx.update, in_axes=(p_axes, 0, p_axes), out_axes=0, axis_name=AXIS)
+  # Jitted: two compiles for the four steps (op by op, every primitive of both was compiled).
+  ref_step = jax.jit(ref_tx.update)
+  dev_step = jax.jit(jax.vmap(dev_tx.update, in_axes=(p_axes, 0, p_axes), out_axes=0, axis_name=AXIS))
 
   def gather(upd):
     """Per-device updates -> global: heads joined; replicated leaves must agree exactly."""
@@ -109,7 +111,7 @@ def test_merge_over_a_device_axis_equals_all_heads_on_one_device():
 
   for step in range(4):  # merges after updates 2 and 4
     grads = _like(params, 10 * step)
-    ref_upd, ref_state = ref_tx.update(grads, ref_state, ref_params)
+    ref_upd, ref_state = ref_step(grads, ref_state, ref_params)
     dev_upd, dev_state = dev_step(_split(grads, mask), dev_state, dev_params)
     dev_upd = gather(dev_upd)
     # A merge's kernel update is the all-heads one, on every device alike.

@@ -13,6 +13,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -39,12 +40,39 @@ def method_overrides(method: str) -> dict:
   return {"optimizer.name": method, **extra.get(method, {})}
 
 
-def _run_worker(devices: int, jobs: list[dict]) -> None:
-  # No timeout: the work is sized (tiny model, few steps); a loaded machine only takes longer.
-  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-  out = subprocess.run([sys.executable, str(WORKER), str(devices), json.dumps({"jobs": jobs})], cwd=REPO,
-                       capture_output=True, text=True, env=env)
-  assert out.returncode == 0, out.stderr[-4000:]
+class _Worker:
+  """tests/parallel_worker.py with `devices` host devices, started in the background.
+
+  The caller computes its one-device references in this process meanwhile, then waits for
+  each job's output. Output goes to a file: a pipe nobody reads while waiting can fill up and
+  block the worker. No timeout: the work is sized (tiny model, few steps); a loaded machine
+  only takes longer, and a worker that dies is reported at once with its log.
+  """
+
+  def __init__(self, devices: int, jobs: list[dict], log):
+    self.log = log
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    with open(log, "w") as out:
+      self.proc = subprocess.Popen([sys.executable, str(WORKER), str(devices), json.dumps({"jobs": jobs})],
+                                   cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT)
+
+  def _failed(self) -> str:
+    return f"worker exited {self.proc.returncode}:\n{self.log.read_text(errors='replace')[-4000:]}"
+
+  def wait(self) -> None:
+    assert self.proc.wait() == 0, self._failed()
+
+  def wait_for(self, path) -> None:
+    """Until `path` exists (a train job's summary: written last, by rename) or the worker ends."""
+    while not os.path.exists(path) and self.proc.poll() is None:
+      time.sleep(0.2)
+    assert os.path.exists(path) or self.proc.wait() == 0, self._failed()
+    assert os.path.exists(path), f"the worker finished without writing {path}"
+
+  def stop(self) -> None:
+    if self.proc.poll() is None:
+      self.proc.kill()
+      self.proc.wait()
 
 
 def _single_device(overrides, workdir):
@@ -80,19 +108,39 @@ def _assert_close(a: dict, b: dict, what: str, tol: float = 2e-3):
 EQUALITY_DEVICES = 2
 
 
-@pytest.mark.parametrize("method", method_names())
-def test_mesh_pmap_and_fsdp_equal_one_device(tmp_path, method):
+def _layouts(method: str) -> dict:
   modes = {"mesh": {}, "pmap": {"parallel.mode": "pmap"}}
   if method in ("adamw", "galore"):  # FSDP for the full-rank and the projected optimizer states
     modes["fsdp"] = {"parallel.fsdp": True}
-  overrides = {**BASE, **method_overrides(method)}
-  reference, ref_summary = _single_device(overrides, tmp_path / "one")
-  _run_worker(EQUALITY_DEVICES, [{"kind": "train", "workdir": str(tmp_path / name), "overrides": {**overrides, **extra},
-                                  "out": str(tmp_path / f"{name}.npz")} for name, extra in modes.items()])
-  for name in modes:
-    got = dict(np.load(tmp_path / f"{name}.npz"))
+  return modes
+
+
+@pytest.fixture(scope="module")
+def every_method_on_2_devices(request, tmp_path_factory):
+  """One worker process trains every selected method in every layout (one JAX start-up and
+  one set of small compiled helpers for all), while the tests compute their one-device
+  references here. Yields (outputs directory, worker)."""
+  test = request.module.test_mesh_pmap_and_fsdp_equal_one_device
+  selected = [item.callspec.params["method"] for item in request.session.items
+              if getattr(item, "function", None) is test]
+  out = tmp_path_factory.mktemp("every_method")
+  jobs = [{"kind": "train", "workdir": str(out / f"{method}_{name}"), "out": str(out / f"{method}_{name}.npz"),
+           "overrides": {**BASE, **method_overrides(method), **extra}}
+          for method in selected for name, extra in _layouts(method).items()]
+  worker = _Worker(EQUALITY_DEVICES, jobs, out / "worker.log")
+  yield out, worker
+  worker.stop()
+
+
+@pytest.mark.parametrize("method", method_names())
+def test_mesh_pmap_and_fsdp_equal_one_device(tmp_path, method, every_method_on_2_devices):
+  out, worker = every_method_on_2_devices
+  reference, ref_summary = _single_device({**BASE, **method_overrides(method)}, tmp_path / "one")
+  for name in _layouts(method):
+    worker.wait_for(out / f"{method}_{name}.npz.json")
+    got = dict(np.load(out / f"{method}_{name}.npz"))
     _assert_close(got, reference, f"{method} {name} on {EQUALITY_DEVICES} devices vs 1", tol=2e-3)
-    summary = json.loads((tmp_path / f"{name}.npz.json").read_text())
+    summary = json.loads((out / f"{method}_{name}.npz.json").read_text())
     assert abs(summary["train_loss"] - ref_summary["train_loss"]) < 1e-3, (method, name)
 
 
@@ -103,13 +151,17 @@ HEADS = {**BASE, "optimizer.name": "mhlora", "optimizer.mhlora.mode": "parallel"
 
 
 def test_heads_spread_over_8_devices_equal_one_device_and_talk_only_at_merges(tmp_path):
-  reference, ref_summary = _single_device(HEADS, tmp_path / "one")
   modes = {"mesh": {}, "pmap": {"parallel.mode": "pmap"}}
   jobs = [{"kind": "train", "workdir": str(tmp_path / name), "out": str(tmp_path / f"{name}.npz"),
            "overrides": {**HEADS, "parallel.shard_heads": True, **extra}} for name, extra in modes.items()]
   jobs += [{"kind": "collectives", "out": str(tmp_path / f"comm_{shard}.json"),
             "overrides": {**HEADS, "parallel.shard_heads": shard}} for shard in (True, False)]
-  _run_worker(8, jobs)
+  worker = _Worker(8, jobs, tmp_path / "worker.log")
+  try:
+    reference, ref_summary = _single_device(HEADS, tmp_path / "one")  # while the worker runs
+    worker.wait()
+  finally:
+    worker.stop()
   for name in modes:
     got = dict(np.load(tmp_path / f"{name}.npz"))
     # Measured: <= 1.2e-4 (a young lora_b); heads' gradients not scaled to the global mean
@@ -137,7 +189,7 @@ def test_heads_spread_over_8_devices_equal_one_device_and_talk_only_at_merges(tm
 def test_fsdp_stores_an_eighth_per_device(tmp_path):
   jobs = [{"kind": "memory", "overrides": {**BASE, "parallel.fsdp": fsdp, "model.tie_embeddings": False},
            "out": str(tmp_path / f"fsdp_{fsdp}.json")} for fsdp in (False, True)]
-  _run_worker(8, jobs)
+  _Worker(8, jobs, tmp_path / "worker.log").wait()
   full = json.loads((tmp_path / "fsdp_False.json").read_text())
   sharded = json.loads((tmp_path / "fsdp_True.json").read_text())
   for key in ("params_bytes", "opt_state_bytes"):
@@ -151,14 +203,22 @@ def test_checkpoint_from_8_devices_continues_on_1_and_4(tmp_path):
   first = {**BASE, "train.steps": 4}
   resumed = {**BASE, "train.steps": 8}
   eight = tmp_path / "eight"
-  _run_worker(8, [
+  workers = [_Worker(8, [
       {"kind": "train", "workdir": str(eight), "overrides": first, "out": str(tmp_path / "first.npz"),
        "copy_to": [str(tmp_path / "on1"), str(tmp_path / "on4")]},
       {"kind": "train", "workdir": str(eight), "overrides": resumed, "out": str(tmp_path / "on8.npz")},
-  ])
-  _run_worker(4, [{"kind": "train", "workdir": str(tmp_path / "on4"), "overrides": resumed,
-                   "out": str(tmp_path / "on4.npz")}])
-  on1, summary = _single_device(resumed, tmp_path / "on1")
+  ], tmp_path / "worker8.log")]
+  try:
+    # Once the step-4 checkpoint is copied, the 8-, 4- and 1-device runs continue side by side.
+    workers[0].wait_for(tmp_path / "first.npz.json")
+    workers.append(_Worker(4, [{"kind": "train", "workdir": str(tmp_path / "on4"), "overrides": resumed,
+                                "out": str(tmp_path / "on4.npz")}], tmp_path / "worker4.log"))
+    on1, summary = _single_device(resumed, tmp_path / "on1")
+    for worker in workers:
+      worker.wait()
+  finally:
+    for worker in workers:
+      worker.stop()
   assert summary["resumed_from"] == 4
   on8 = dict(np.load(tmp_path / "on8.npz"))
   on4 = dict(np.load(tmp_path / "on4.npz"))
@@ -202,14 +262,15 @@ def _cpu_seconds(pids) -> float:
 def _wait_all(procs, logs, idle_limit_s: float = 300.0) -> None:
   """Wait for every process; stop all as soon as one fails, or when none has used any CPU
   for `idle_limit_s` (deadlocked). No wall-clock limit: a slow machine only makes it slower."""
-  import time
 
   last_cpu, last_change = -1.0, time.monotonic()
   while any(p.poll() is None for p in procs):
     if any(p.returncode not in (None, 0) for p in procs):
       break
     cpu = _cpu_seconds([p.pid for p in procs if p.poll() is None])
-    if cpu - last_cpu > 2.0:  # heartbeats of a deadlocked pair use far less
+    # Progress is CPU used, not time passed: even a heavily loaded machine gives a live pair
+    # more than this per window, while a deadlocked pair's heartbeats use far less.
+    if cpu - last_cpu > 1.0:
       last_cpu, last_change = cpu, time.monotonic()
     elif time.monotonic() - last_change > idle_limit_s and os.path.isdir("/proc"):
       break

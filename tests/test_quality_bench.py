@@ -28,7 +28,8 @@ def test_sweep_picks_lowest_loss_reruns_seeds_and_ratios_to_adamw():
   # A fake trainer: loss is a parabola in log(lr) with a method-specific optimum, plus a seed offset.
   methods = {m: os.path.join(ROOT, "configs", f"llama_tiny_{m}.py") for m in ("adamw", "galore")}
   galore_lr = q.config_lr(methods["galore"])
-  optimum = {"adamw": 3e-3, "galore": galore_lr}
+  # AdamW's optimum lies below its grid (3e-3 x [1/2, 1, 2, 4]): the sweep must step past the edge.
+  optimum = {"adamw": 1e-3, "galore": galore_lr}
   calls = []
 
   def runner(config_path, overrides):
@@ -51,14 +52,17 @@ def test_sweep_picks_lowest_loss_reruns_seeds_and_ratios_to_adamw():
   assert results["adamw"]["ppl_ratio_to_adamw"] == 1.0
   assert results["galore"]["ppl_ratio_to_adamw"] == pytest.approx(
       math.exp(results["galore"]["eval_loss"] - results["adamw"]["eval_loss"]))
+  adamw_lrs = sorted(float(lr) for lr in results["adamw"]["sweep"])
+  assert adamw_lrs == [3.75e-4, 7.5e-4, 1.5e-3, 3e-3, 6e-3, 1.2e-2]  # two steps down, then interior
+  assert results["adamw"]["best_lr"] == 7.5e-4 and not results["adamw"]["best_at_edge"]
   # GaLore's grid is its config lr x [1/2, 1, 2, 4]; the top one diverged and is never picked.
   assert results["galore"]["best_lr"] == pytest.approx(galore_lr) and not results["galore"]["best_at_edge"]
 
 
 @pytest.mark.slow
-def test_harness_runs_the_real_trainer_on_the_synthetic_language(tmp_path):
+def test_harness_runs_the_real_trainer_on_the_synthetic_language_and_resumes(tmp_path):
   q = _quality()
-  assert q.main(["--smoke", "--methods", "adamw,lora", "--points", "2", "--seeds", "1",
+  assert q.main(["--smoke", "--methods", "adamw,lora", "--points", "2", "--seeds", "1", "--extend", "0",
                  "--out", str(tmp_path)]) == 0
   report = json.loads((tmp_path / "quality_smoke.json").read_text())
   assert set(report["methods"]) == {"adamw", "lora"}
@@ -68,3 +72,11 @@ def test_harness_runs_the_real_trainer_on_the_synthetic_language(tmp_path):
     assert entry["best_lr"] == min(losses, key=losses.get)
     assert entry["tokens"] == 4 * 4 * 32
     assert entry["eval_curve"]
+  # Every run went to the journal: --resume rebuilds the same report without training again.
+  def no_training(*args, **kwargs):
+    raise AssertionError("--resume ran a run its journal holds")
+  q.run_trainer = no_training
+  assert q.main(["--smoke", "--methods", "adamw,lora", "--points", "2", "--seeds", "1", "--extend", "0",
+                 "--out", str(tmp_path), "--resume"]) == 0
+  resumed = json.loads((tmp_path / "quality_smoke.json").read_text())
+  assert resumed["methods"] == report["methods"]

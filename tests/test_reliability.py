@@ -51,11 +51,15 @@ def _files(workdir):
   return {p: open(p, "rb").read() for p in glob.glob(str(workdir / "**"), recursive=True) if os.path.isfile(p)}
 
 
-def test_divergence_skips_steps_stops_with_exit_3_and_keeps_the_good_checkpoints(trained, tmp_path):
+@pytest.mark.parametrize("guard", ["step", "loss"])
+def test_divergence_skips_steps_stops_with_exit_3_and_keeps_the_good_checkpoints(trained, tmp_path, guard):
   workdir = _copy(trained, tmp_path)
   before = {step: saved_params(str(workdir), step) for step in (2, 4)}
-  # An absurd learning rate: the parameters overflow, the loss turns NaN.
-  diverging = _config(**{"train.steps": 30, "optimizer.lr": 1e30, "train.max_nonfinite_steps": 3})
+  # An absurd learning rate: the parameters overflow, the loss turns NaN. The "loss" guard (which
+  # lets an accelerator free each gradient after its update) lets that first update through; the
+  # checkpoint check still keeps the non-finite parameters out of every checkpoint.
+  diverging = _config(**{"train.steps": 30, "optimizer.lr": 1e30, "train.max_nonfinite_steps": 3,
+                         "train.nonfinite_guard": guard})
   with pytest.raises(TrainingStopped) as info:
     train(diverging, str(workdir))
   message = str(info.value)
@@ -164,3 +168,120 @@ def test_nan_is_refused_for_every_float_setting():
     config = _config(**{key: math.nan, "optimizer.name": key.split(".")[1] if key.count(".") == 2 else "adamw"})
     with pytest.raises(ConfigError, match=f"config.{key}"):
       resolve(config)
+
+
+# --- sizes: memory and ranks, checked before anything is allocated ----------------------------
+
+def test_a_state_over_the_memory_is_refused_before_allocation_naming_figure_capacity_and_keys(trained, monkeypatch):
+  from lowrank_jax.train import loop, memory_check, resolve
+  from lowrank_jax.train.setup import build_setup, vocab_size_of
+
+  run = resolve(_config())
+  state = build_setup(run, vocab_size_of(run)).abstract_state
+  # The floor counted independently: the saved parameters, and AdamW's two moments of each.
+  param_bytes = sum(x.nbytes for x in jax.tree.leaves(saved_params(str(trained), 4)))
+  model, optimizer = memory_check.state_bytes(state)
+  assert model == param_bytes and 2 * param_bytes <= optimizer <= 2 * param_bytes + 64
+  need = model + optimizer
+  at_limit = memory_check.Capacity(math.ceil(need / (1 - memory_check.MARGIN)), "a test host", 1, True)
+  memory_check.check_memory(run, state, at_limit)  # exactly at the limit: fits
+  short = memory_check.Capacity(at_limit.bytes - 16, "a test host", 1, True)
+  with pytest.raises(ConfigError) as info:
+    memory_check.check_memory(run, state, short)
+  message = str(info.value)
+  assert message.startswith("config.model.size: the run does not fit") and "\n" not in message
+  assert f"{need / 2**30:,.2f} GiB" in message and f"{short.bytes / 2**30:,.2f} GiB of a test host" in message
+  assert all(k in message for k in ("model.size='tiny'", "model.param_dtype", "optimizer.name='adamw'",
+                                     "train.check_memory=False"))
+  # Host devices share the host's memory: each one's copy counts.
+  with pytest.raises(ConfigError, match="2 host devices"):
+    memory_check.check_memory(run, state, memory_check.Capacity(at_limit.bytes + 16, "a test host", 2, True))
+  memory_check.check_memory(resolve(_config(**{"train.check_memory": False})), state, short)  # the escape hatch
+
+  # The trainer refuses before it allocates a parameter, and writes nothing into the workdir.
+  monkeypatch.setattr(memory_check, "capacity", lambda: short)
+  monkeypatch.setattr(loop, "init_state", lambda *a: pytest.fail("allocated before the memory check"))
+  with pytest.raises(ConfigError, match="does not fit"):
+    train(_config(), str(trained.parent / "refused"))
+  assert not os.path.exists(trained.parent / "refused" / "config.json")
+
+
+def _gqa_config(tmp_path, method, rank):
+  from test_pretrained import llama_weights, write_checkpoint
+
+  config, weights = llama_weights(vocab=300, layers=1, positions=64)  # d 32, k and v 32 -> 16 (2 of 4 heads)
+  base = write_checkpoint(tmp_path / "gqa", config, weights)
+  return _config(**{"model.init_from": base, "optimizer.name": method, f"optimizer.{method}.rank": rank})
+
+
+def test_a_rank_over_some_layers_names_the_layers_that_run_full_rank(tmp_path):
+  from lowrank_jax.optim._subspace import is_placeholder
+  from lowrank_jax.train import resolve
+  from lowrank_jax.train.config import full_rank_layers
+  from lowrank_jax.train.setup import build_setup
+
+  run = resolve(_gqa_config(tmp_path, "galore", 20))
+  warning = full_rank_layers(run)
+  assert "optimizer.galore.rank=20" in warning and "k (16), v (16)" in warning and "not projected" in warning
+  assert "q (" not in warning and "\n" not in warning
+  # The layers named are exactly those the optimizer leaves unprojected (its state says so).
+  projectors = next(s.projector for s in jax.tree.leaves(
+      build_setup(run, 300).abstract_state.opt_state, is_leaf=lambda s: hasattr(s, "projector")) if hasattr(s, "projector"))
+  unprojected = {path[-2].key for path, p in jax.tree_util.tree_flatten_with_path(projectors, is_leaf=is_placeholder)[0]
+                 if path[-1].key == "kernel" and "layers" in str(path) and is_placeholder(p)}
+  assert unprojected == {"k", "v"}
+  assert "k (16), v (16)" in full_rank_layers(resolve(_gqa_config(tmp_path, "lora", 20)))
+  assert full_rank_layers(resolve(_gqa_config(tmp_path, "galore", 16))) is None
+  with pytest.raises(ConfigError, match="optimizer.galore.rank: 40 is larger than every matrix"):
+    resolve(_gqa_config(tmp_path, "galore", 40))
+
+
+# --- Ctrl-C --------------------------------------------------------------------------------------
+
+def test_completed_steps_count_only_what_the_device_finished():
+  from lowrank_jax.train.loop import _completed
+
+  class Metric:
+    def __init__(self, ready):
+      self.ready = ready
+
+    def is_ready(self):
+      return self.ready
+
+  pending = [{"loss": Metric(r)} for r in (True, True, False, True)]  # in order: the 4th waits on the 3rd
+  assert _completed(10, pending) == 8
+
+
+def test_ctrl_c_saves_exits_130_with_a_fresh_eval_and_resumes_bit_exactly(tmp_path):
+  import signal
+  import time
+
+  constant = {"optimizer.schedule": "constant"}  # the lr does not depend on train.steps: resume with fewer
+  workdir = tmp_path / "interrupted"
+  flags = [f"--config.{k}={v}" for k, v in {**SMALL, **constant, "train.steps": 10000}.items()]
+  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+  log = tmp_path / "stderr.txt"
+  with open(log, "w") as err:  # a file, not a pipe: nobody reads a pipe while the run trains
+    proc = subprocess.Popen([sys.executable, "train.py", "--config=configs/llama_tiny_adamw.py",
+                             f"--workdir={workdir}", *flags], cwd=REPO, env=env, stderr=err)
+    metrics = workdir / "metrics.jsonl"
+    while proc.poll() is None and not (metrics.exists() and metrics.read_text().count("\n") >= 3):
+      time.sleep(0.05)  # until it is training (no time limit: a slow machine only waits longer)
+    proc.send_signal(signal.SIGINT)
+    proc.wait()
+  stderr = log.read_text()
+  assert proc.returncode == 130, stderr[-3000:]
+  summary = json.loads((workdir / "summary.json").read_text())
+  stopped = summary["steps"]
+  assert summary["stopped_early"] and 3 <= stopped < 10000
+  assert f"stopped at step {stopped}; checkpoint saved" in stderr
+  assert f"{stopped}/10000" in stderr.split("stopped at step")[-1]  # the bar's last count: the steps done
+  assert max(int(p) for p in os.listdir(workdir / "checkpoints") if p.isdigit()) == stopped
+  last = _strict_records(workdir)[-1]  # train.eval_every=0: the only evaluation is the one after the stop
+  assert last["step"] == stopped and last["eval_loss"] == summary["eval_loss"]
+
+  resumed = train(_config(**constant, **{"train.steps": stopped + 2}), str(workdir))
+  assert resumed["resumed_from"] == stopped and not resumed["stopped_early"]
+  train(_config(**constant, **{"train.steps": stopped + 2}), str(tmp_path / "straight"))
+  jax.tree.map(np.testing.assert_array_equal, saved_params(str(workdir), stopped + 2),
+               saved_params(str(tmp_path / "straight"), stopped + 2))

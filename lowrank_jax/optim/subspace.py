@@ -203,8 +203,13 @@ class OnlinePCA(ProjectorRule):
       new = [q if plan is not None else p for q, p, plan in zip(new, projs, plans)]  # placeholders stay
       return new, sub.cast_like(new_pstate, pstate)
 
-    # As the official code, no projector step at step 0 (the SVD step).
-    return jax.lax.cond(count > 0, step, lambda operand: operand, (projs, pstate))
+    # As the official code, no projector step at step 0 (the SVD step). A select per leaf, not a
+    # lax.cond over the whole tree: a cond's operands (every leaf's gradient) all stay alive until
+    # it runs, while a select lets each leaf's step run, and its gradient go, as soon as it exists.
+    moved = count > 0
+    new_projs, new_pstate = step((projs, pstate))
+    select = lambda new, old: jax.tree.map(lambda n, o: jnp.where(moved, n, o), new, old)  # noqa: E731
+    return select(new_projs, projs), select(new_pstate, pstate)
 
 
 class GaussianRedraw(ProjectorRule):

@@ -411,6 +411,7 @@ class DataSettings(Settings):
 
 
 ACCUM_DTYPES = ("float32", "param")  # train.accum_dtype: see make_train_step
+NONFINITE_GUARDS = ("step", "loss")  # train.nonfinite_guard: see make_train_step
 
 
 @dataclasses.dataclass(frozen=True)
@@ -430,7 +431,17 @@ class TrainSettings(Settings):
   # Steps whose loss or gradient norm is not finite are skipped (no update); this many in a
   # row stop the run (exit 3), its last checkpoint with finite parameters kept.
   max_nonfinite_steps: int = setting(5, positive_int)
+  # What is checked before a step commits: step (the loss and the global gradient norm: every
+  # update waits for the whole backward pass, so an accelerator holds one full set of gradients,
+  # the weights' size in their dtype) or loss (the loss alone: each layer's gradient is freed after
+  # its update; a non-finite gradient under a finite loss reaches the weights, the following losses
+  # are not finite and the run stops after max_nonfinite_steps).
+  nonfinite_guard: str = setting("step", one_of(NONFINITE_GUARDS))
   progress_bar: bool = setting(True, boolean)
+  # Before anything is allocated, refuse a run whose parameters and optimizer state alone exceed
+  # 90% of the memory it runs in (host memory available on the CPU, the device's limit on an
+  # accelerator; train/memory_check.py); False: run anyway.
+  check_memory: bool = setting(True, boolean)
 
   @property
   def micro_batch(self) -> int:
@@ -615,27 +626,63 @@ def _check_velora(run: RunConfig) -> None:
                         f"width {width}", [d for d in range(1, min(width, 256) + 1) if width % d == 0])
 
 
-def _check_rank(run: RunConfig) -> None:
-  """A method's rank against the matrices it applies to: larger than the smaller side of every one
-  of them, the method is full rank (LoRA's adapters outgrow the matrices, GaLore clamps it away)."""
+def rank_sides(run: RunConfig) -> tuple[str, int, dict[str, int], bool] | None:
+  """What a method's rank applies to: (its config key, the rank, {layer: the matrix's smaller side},
+  whether the method adapts the model's layers (LoRA kinds) rather than projecting gradients).
+
+  None for a method without a rank, and for image models (their shapes come from the data).
+  Head and embeddings are left out: no method applies its rank to them.
+  """
   method = run.method
   linears = method.linears() if hasattr(method, "linears") else None
   names = list(linears.kinds) if linears and linears.kinds else None  # model-side: the adapted layers
   owner = method if hasattr(method, "rank") else getattr(method, "lora", None)  # ReLoRA's rank is its LoRA's
   rank = getattr(owner, "rank", None)
   if owner is None or isinstance(rank, bool) or not isinstance(rank, int) or not owner.SECTION:
-    return
+    return None
   if run.task != "language_model":
-    return
+    return None
   from lowrank_jax.train.model import linear_shapes
 
   sides = {name: min(shape) for name, shape in linear_shapes(run).items()
            if name != "head" and (names is None or name in names)}
+  return f"{owner.SECTION}.rank", rank, sides, names is not None
+
+
+def _check_rank(run: RunConfig) -> None:
+  """A method's rank against the matrices it applies to: larger than the smaller side of every one
+  of them, the method is full rank (LoRA's adapters outgrow the matrices, GaLore projects none)."""
+  found = rank_sides(run)
+  if found is None:
+    return
+  key, rank, sides, _ = found
   if sides and rank > max(sides.values()):
     widest = max(sides, key=sides.get)
-    raise ConfigError(f"{owner.SECTION}.rank", f"{rank} is larger than every matrix it applies to (the largest "
-                      f"smaller side is {sides[widest]}, layer {widest!r} of {run.model.family}-{run.model.size}); "
-                      f"use a rank in 1..{sides[widest]}")
+    raise ConfigError(key, f"{rank} is larger than every matrix it applies to (the largest smaller side is "
+                      f"{sides[widest]}, layer {widest!r} of {run.model.name}); use a rank in 1..{sides[widest]}")
+
+
+def full_rank_layers(run: RunConfig) -> str | None:
+  """A warning naming the layers where the rank exceeds the matrix's smaller side, or None.
+
+  Some but not all (every one is an error, `_check_rank`): those layers run full rank. The
+  subspace methods (GaLore, OSD, APOLLO, Fira) do not project such a matrix (the default
+  projection mask): it gets plain Adam with a full-size state. LoRA's adapters there have
+  rank > the smaller side: no constraint on the update, more parameters than a low rank needs.
+  """
+  found = rank_sides(run)
+  if found is None:
+    return None
+  key, rank, sides, adapted = found
+  over = {name: side for name, side in sides.items() if side < rank}
+  if not over:
+    return None
+  layers = ", ".join(f"{name} ({side})" for name, side in over.items())
+  effect = ("their adapters are not low rank (rank above the smaller side: more parameters, no rank constraint)"
+            if adapted else "they are not projected: plain Adam on the full matrix, with a full-size optimizer state")
+  return (f"{key}={rank} is larger than the smaller side of layer(s) {layers} of {run.model.name}, in every "
+          f"block: {effect}; the other {len(sides) - len(over)} layer kind(s) use rank {rank}; use a rank <= "
+          f"{min(over.values())} for all of them")
 
 
 def _check_devices(run: RunConfig, num_devices: int, process_count: int) -> None:

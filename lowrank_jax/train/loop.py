@@ -26,9 +26,10 @@ from tqdm import tqdm
 from lowrank_jax import data as data_lib
 from lowrank_jax.train import parallel, warm_start
 from lowrank_jax.train.checkpoint import Checkpointer
-from lowrank_jax.train.config import RunConfig, default_config, resolve
+from lowrank_jax.train.config import RunConfig, default_config, full_rank_layers, resolve
 from lowrank_jax.train.errors import ConfigError, TrainingStopped
 from lowrank_jax.train.input import Input, build_input
+from lowrank_jax.train.memory_check import check_memory
 from lowrank_jax.train.metrics import MetricsWriter
 from lowrank_jax.train.setup import (Setup, build_setup, export_model, init_state, model_summary, param_count,
                                      trainable_count)
@@ -376,6 +377,14 @@ def _loop(setup: Setup, state, phase: str, inputs: Input, progress: _Progress, s
   return setup, state, phase
 
 
+def _setup_for(run: RunConfig, phase: str, vocab: int) -> Setup:
+  """The setup of `phase`, refused before anything is allocated if its parameters and optimizer
+  state cannot fit (`memory_check`)."""
+  setup = build_setup(warm_start.run_for(run, phase), vocab)
+  check_memory(setup.run, setup.abstract_state)
+  return setup
+
+
 def _restore_newest_readable(run: RunConfig, checkpointer: Checkpointer, inputs: Input, vocab: int):
   """(setup, phase, state, step) from the newest checkpoint that reads, or None if none does.
 
@@ -388,7 +397,7 @@ def _restore_newest_readable(run: RunConfig, checkpointer: Checkpointer, inputs:
     except Exception as e:  # noqa: BLE001 -- what a damaged file raises depends on the damage
       _say(f"warning: {checkpointer.set_aside(latest, e)}")
       continue
-    setup = build_setup(warm_start.run_for(run, phase), vocab)
+    setup = _setup_for(run, phase, vocab)
     try:
       state, step = _restore(setup, checkpointer, inputs, latest)
     except Exception as e:  # noqa: BLE001
@@ -423,7 +432,7 @@ def train(config: ml_collections.ConfigDict | RunConfig, workdir: str, *, restar
   if restored is None:
     _refuse_silent_restart(workdir, restart)
     phase = warm_start.first_phase(run)
-    setup = build_setup(warm_start.run_for(run, phase), vocab)
+    setup = _setup_for(run, phase, vocab)
     state, step, latest = _start(setup, vocab), 0, None
   else:
     setup, phase, state, step = restored
@@ -432,6 +441,8 @@ def train(config: ml_collections.ConfigDict | RunConfig, workdir: str, *, restar
     with open(os.path.join(workdir, "config.json"), "w") as f:
       f.write(run.to_json())
   _announce(setup, inputs, warm_start.plan(run).steps)
+  if (full_rank := full_rank_layers(run)) is not None:
+    _say(f"warning: {full_rank}")
   if latest is not None:
     _say(f"resumed from the checkpoint at step {step} in {checkpointer.directory}")
   progress = _Progress(step, latest)

@@ -193,7 +193,7 @@ _steps_to_refresh = jax.jit(optim.steps_to_refresh)
 
 def _step_options(run: RunConfig) -> dict[str, Any]:
   """The run's settings `make_train_step` takes, the same for every compiled variant."""
-  return {"accum_dtype": run.train.accum_dtype}
+  return {"accum_dtype": run.train.accum_dtype, "nonfinite_guard": run.train.nonfinite_guard}
 
 
 def _compile_refresh(run: RunConfig, split: ModelSplit, tx, schedule, mesh,

@@ -91,7 +91,7 @@ def _reduce_split_grads(grads: Any, split: Any, axis_name: str) -> Any:
 
 def make_train_step(split: ModelSplit, tx: optax.GradientTransformation, schedule: optax.Schedule,
                     *, axis_name: str | None = None, split_params: Any = None, refresh: bool = False,
-                    accum_dtype: str = "float32"):
+                    accum_dtype: str = "float32", nonfinite_guard: str = "step"):
   """step(state, tokens[accum, micro, T]) -> (state, metrics); not yet jitted.
 
   With `refresh` it is the projector refresh program instead (`refresh(state, tokens)
@@ -112,6 +112,11 @@ def make_train_step(split: ModelSplit, tx: optax.GradientTransformation, schedul
   with "param" in each parameter's dtype. The sum is one copy of every gradient held
   across the micro-batches; with bfloat16 weights "param" halves it (each addition
   rounds to bfloat16).
+
+  `nonfinite_guard` (`train.nonfinite_guard`): "step" skips a step whose loss or global
+  gradient norm is not finite; its update waits for every gradient, so an accelerator holds one
+  full set of gradients at the end of the backward pass. "loss" checks the loss alone, and the
+  compiler frees each layer's gradient right after its update.
   """
 
   def loss_fn(params, rest, tokens):
@@ -154,7 +159,7 @@ def make_train_step(split: ModelSplit, tx: optax.GradientTransformation, schedul
     # Non-finite guard (as optax.apply_if_finite, on the device, no host sync): a step whose
     # loss or gradient norm is not finite changes nothing and does not count; the loop sees
     # `skipped` at its next log and stops the run after train.max_nonfinite_steps in a row.
-    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    finite = jnp.isfinite(loss) if nonfinite_guard == "loss" else jnp.isfinite(loss) & jnp.isfinite(grad_norm)
     keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)  # noqa: E731
     metrics = {
         "loss": loss,
