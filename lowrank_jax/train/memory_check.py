@@ -25,6 +25,7 @@ import jax
 from lowrank_jax.train import parallel
 from lowrank_jax.train.config import RunConfig, rank_sides
 from lowrank_jax.train.errors import ConfigError
+from lowrank_jax.train.targets import device_bytes_limit
 
 MARGIN = 0.10  # of the capacity, kept for what the floor leaves out (gradients, activations, the runtime)
 GiB = 2**30
@@ -56,10 +57,10 @@ def capacity() -> Capacity | None:
   devices = jax.local_devices()
   if devices[0].platform == "cpu":
     return Capacity(host_available_bytes(), "host memory available (MemAvailable)", len(devices), True)
-  limit = (devices[0].memory_stats() or {}).get("bytes_limit")
+  limit = device_bytes_limit(devices[0])
   if not limit:
     return None
-  return Capacity(int(limit), f"{devices[0].device_kind} memory per device (bytes_limit)", 1, False)
+  return Capacity(limit, f"{devices[0].device_kind} memory per device (bytes_limit)", 1, False)
 
 
 def state_bytes(abstract_state) -> tuple[int, int]:

@@ -134,6 +134,11 @@ def _host_bytes() -> int:
   return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
+def device_bytes_limit(device: Any) -> int:
+  """An accelerator's memory for one process, as its allocator reports it (0: none reported)."""
+  return int((device.memory_stats() or {}).get("bytes_limit", 0))
+
+
 def get_target(name: str, num_devices: int = 1) -> MemoryTarget:
   """The target `name` (one of TARGETS) with at least `num_devices` devices.
 
@@ -153,9 +158,7 @@ def get_target(name: str, num_devices: int = 1) -> MemoryTarget:
       devices = []
     if not devices:
       raise TargetError("--memory_target=gpu needs a GPU visible to jax (jax[cuda12]); none found")
-    stats = devices[0].memory_stats() or {}
-    capacity = int(stats.get("bytes_limit", 0))
-    return MemoryTarget("gpu", devices[0].device_kind, capacity, None, True, tuple(devices))
+    return MemoryTarget("gpu", devices[0].device_kind, device_bytes_limit(devices[0]), None, True, tuple(devices))
   if not libtpu_available():
     raise TargetError(f"--memory_target={name} compiles for a TPU on this host and needs libtpu: "
                      'pip install -e ".[aot]"')
