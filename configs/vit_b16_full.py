@@ -4,8 +4,9 @@ the baseline of the LTE + GaLore study's memory-versus-rank figure.
   # pathmnist_224.npz from MedMNIST (https://medmnist.com), downloaded by you beforehand
   python train.py --config configs/vit_b16_full.py --config.data.path=/data/pathmnist_224.npz
 
-The trainer starts the ViT from random weights (it does not load Hugging Face ViT
-checkpoints; lowrank_jax.models.vit_from_pretrained does, in your own code). Batch 32
+Random weights by default; fine-tune a Hugging Face ViT with
+--config.model.init_from=~/vit-base-patch16-224-in21k (its head is replaced for the 9 classes,
+images resized to its size). Batch 32
 (one accelerator), 3 epochs of the 89,996 training images, AdamW with a short warm-up
 and cosine decay; inputs normalised as Hugging Face's ViT processor (mean = std = 0.5),
 random crop (4 pixels of padding) and flips. bench/vit_memory_rank.py measures the

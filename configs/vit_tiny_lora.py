@@ -2,7 +2,7 @@
 
   python train.py --config configs/vit_tiny_lora.py
 
-Trained from scratch here (the trainer starts ViTs from random weights), so the adapted
+Trained from scratch here (no tiny pretrained ViT ships offline; `model.init_from` takes one), so the adapted
 kernels keep their random initialisation and the model learns through the adapters, the
 patch embedding, positions, norms, biases and the head; bench/vit_memory_rank.py measures
 LoRA as fine-tuning of a pre-trained tiny ViT instead. See configs/vit_tiny_full.py for the data.

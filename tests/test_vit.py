@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from lowrank_jax.models import LinearFactory, count_params
+from lowrank_jax.models import LinearFactory, PretrainedError, count_params, from_pretrained, save_pretrained
 from lowrank_jax.models import vit as V
 from lowrank_jax.models.safetensors_io import SafetensorsReader, write_safetensors
 
@@ -127,7 +127,7 @@ def test_shapes_and_published_sizes():
 
 def test_hf_mapping_matches_numpy_forward(hf_dir, pixels):
   directory, tensors = hf_dir
-  model = V.vit_from_pretrained(directory)
+  model = from_pretrained(directory)
   assert model.config.num_classes == CLASSES and model.config.d_model == 32
   np.testing.assert_allclose(_logits(model, pixels), _numpy_forward(tensors, pixels.astype(np.float64)),
                              rtol=2e-4, atol=2e-4)
@@ -139,37 +139,37 @@ def test_headless_checkpoint_and_new_head(tmp_path, hf_dir, pixels):
   encoder['pooler.dense.weight'] = np.zeros((32, 32), np.float32)  # ViTModel's unused pooler
   directory = _write_hf(tmp_path / 'base', encoder, arch='ViTModel', classes=0)
   with pytest.raises(ValueError, match='pass num_classes'):
-    V.vit_from_pretrained(directory)
-  model = V.vit_from_pretrained(directory, num_classes=7)
+    from_pretrained(directory)
+  model = from_pretrained(directory, num_classes=7)
   # The encoder is the checkpoint's: zero the new head and check the features through its bias.
   features = _numpy_forward(tensors, pixels.astype(np.float64), head=False)
   model.head.kernel[...] = jnp.eye(32, 7)
   np.testing.assert_allclose(_logits(model, pixels), features[:, :7], rtol=2e-4, atol=2e-4)
   # A class count different from the checkpoint's head replaces it.
-  other = V.vit_from_pretrained(hf_dir[0], num_classes=3)
+  other = from_pretrained(hf_dir[0], num_classes=3)
   assert other.head.kernel[...].shape == (32, 3)
   assert not np.allclose(np.asarray(other.head.kernel[...]), tensors['classifier.weight'][:3].T)
 
 
 def test_save_pretrained_round_trip_merges_lora(tmp_path, hf_dir, pixels):
   directory, tensors = hf_dir
-  model = V.vit_from_pretrained(directory)
-  V.vit_save_pretrained(model, tmp_path / 'out')
+  model = from_pretrained(directory)
+  save_pretrained(model, tmp_path / 'out')
   reader = SafetensorsReader(tmp_path / 'out' / 'model.safetensors')
   assert sorted(reader.names()) == sorted(tensors)
   for name, value in tensors.items():
     np.testing.assert_array_equal(reader.read(name), value, err_msg=name)
-  with pytest.raises(FileExistsError, match='overwrite=True'):
-    V.vit_save_pretrained(model, tmp_path / 'out')
+  with pytest.raises(PretrainedError, match='overwrite=True'):
+    save_pretrained(model, tmp_path / 'out')
 
   factory = LinearFactory({n: 'lora' for n in ('q', 'k', 'v', 'o', 'up', 'down')}, {'lora': {'rank': 2}})
-  lora = V.vit_from_pretrained(directory, linear_factory=factory, rngs=nnx.Rngs(3))
+  lora = from_pretrained(directory, linear_factory=factory, seed=3)
   np.testing.assert_allclose(_logits(lora, pixels), _logits(model, pixels), rtol=1e-5, atol=1e-5)
   for layer in (lora.layers[0].attn.q, lora.layers[1].mlp.down):
     layer.lora_b[...] = jnp.full(layer.lora_b[...].shape, 0.1)
   tuned = _logits(lora, pixels)
-  V.vit_save_pretrained(lora, tmp_path / 'merged')
-  merged = V.vit_from_pretrained(tmp_path / 'merged')
+  save_pretrained(lora, tmp_path / 'merged')
+  merged = from_pretrained(tmp_path / 'merged')
   np.testing.assert_allclose(_logits(merged, pixels), tuned, rtol=1e-4, atol=1e-4)
   assert not np.allclose(tuned, _logits(model, pixels), atol=1e-3)
 
@@ -187,7 +187,7 @@ def test_sharded_checkpoint(tmp_path, hf_dir, pixels):
     weight_map.update({n: fname for n in part})
   (directory / 'model.safetensors.index.json').write_text(json.dumps({'weight_map': weight_map}))
   (directory / 'config.json').write_text((hf_dir[0] / 'config.json').read_text())
-  np.testing.assert_allclose(_logits(V.vit_from_pretrained(directory), pixels),
+  np.testing.assert_allclose(_logits(from_pretrained(directory), pixels),
                              _numpy_forward(tensors, pixels.astype(np.float64)), rtol=2e-4, atol=2e-4)
 
 
@@ -201,23 +201,26 @@ def test_bad_inputs(tmp_path, hf_dir):
   model = V.ViT(V.vit_config('tiny', 3, image_size=8), rngs=nnx.Rngs(0))
   with pytest.raises(ValueError, match=r'images must have shape \[batch, 8, 8, 3\]'):
     model(jnp.ones((1, 16, 16, 3)))
-  with pytest.raises(FileNotFoundError, match='config.json'):
-    V.vit_from_pretrained(tmp_path / 'nothing')
+  with pytest.raises(PretrainedError, match='not a model directory'):
+    from_pretrained(tmp_path / 'nothing')
   (tmp_path / 'empty').mkdir()
   (tmp_path / 'empty' / 'config.json').write_text((hf_dir[0] / 'config.json').read_text())
-  with pytest.raises(FileNotFoundError, match='no model.safetensors'):
-    V.vit_from_pretrained(tmp_path / 'empty')
+  with pytest.raises(PretrainedError, match='no model.safetensors'):
+    from_pretrained(tmp_path / 'empty')
   cfg = json.loads((hf_dir[0] / 'config.json').read_text())
-  (tmp_path / 'llama').mkdir()
-  (tmp_path / 'llama' / 'config.json').write_text(json.dumps({**cfg, 'model_type': 'llama',
-                                                              'architectures': ['LlamaForCausalLM']}))
-  with pytest.raises(ValueError, match='model_type "vit"'):
-    V.vit_from_pretrained(tmp_path / 'llama')
+  for name, change, message in (('deit', {'architectures': ['DeiTForImageClassification']}, 'not supported'),
+                                ('tanh', {'hidden_act': 'gelu_new'}, 'only "gelu"')):
+    (tmp_path / name).mkdir()
+    (tmp_path / name / 'config.json').write_text(json.dumps({**cfg, **change}))
+    with pytest.raises(PretrainedError, match=message):
+      from_pretrained(tmp_path / name)
+  with pytest.raises(PretrainedError, match=r"\['max_seq_len'\] cannot be overridden for ViT"):
+    from_pretrained(hf_dir[0], max_seq_len=8)
   tensors = dict(hf_dir[1])
   del tensors['vit.encoder.layer.1.output.dense.bias']
   _write_hf(tmp_path / 'partial', tensors)
   with pytest.raises(ValueError, match=r"'vit.encoder.layer.1.output.dense.bias' .* missing"):
-    V.vit_from_pretrained(tmp_path / 'partial')
+    from_pretrained(tmp_path / 'partial')
 
 
 def test_classification_metrics_exact_on_a_hand_made_batch():

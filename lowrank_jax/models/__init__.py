@@ -1,4 +1,5 @@
-"""lowrank_jax.models: LLaMA and GPT-2, every linear built through one linear-layer factory."""
+"""lowrank_jax.models: LLaMA, GPT-2 and ViT, every linear built through one linear-layer factory;
+Hugging Face checkpoints of all three in and out (`from_pretrained`, `save_pretrained`)."""
 
 from lowrank_jax.models.linear_factory import (
     LAYER_NAMES,
@@ -27,8 +28,6 @@ from lowrank_jax.models.vit import (
     ViT,
     ViTConfig,
     vit_config,
-    vit_from_pretrained,
-    vit_save_pretrained,
 )
 from lowrank_jax.models.llama import DTYPES  # dtype names every family accepts (compute and storage)
 from lowrank_jax.models.transformer import REMAT_POLICIES, remat_policy  # model.remat's choices
@@ -47,5 +46,5 @@ __all__ = [
     'LAYER_NAMES', 'LinearFactory', 'get_linear_builder', 'linear_kinds',
     'register_linear_kind', 'LLAMA_SIZES', 'Llama', 'LlamaConfig', 'count_params',
     'llama_config',
-    'VIT_SIZES', 'ViT', 'ViTConfig', 'vit_config', 'vit_from_pretrained', 'vit_save_pretrained',
+    'VIT_SIZES', 'ViT', 'ViTConfig', 'vit_config',
 ]

@@ -1,4 +1,5 @@
-"""Hugging Face checkpoints in and out: LLaMA (``LlamaForCausalLM``) and GPT-2 (``GPT2LMHeadModel``).
+"""Hugging Face checkpoints in and out: LLaMA (``LlamaForCausalLM``), GPT-2 (``GPT2LMHeadModel``)
+and ViT (``ViTForImageClassification``, or a headless ``ViTModel``).
 
 ``from_pretrained(path)`` reads a model directory (``config.json`` plus ``model.safetensors``,
 or ``model-0000x-of-0000y.safetensors`` shards with ``model.safetensors.index.json``) and
@@ -24,6 +25,14 @@ Layouts. HF stores a ``torch.nn.Linear`` weight as ``[out, in]``; our kernels ar
 ``[in, out]``, and its fused ``c_attn`` ``[d, 3d]`` is split into q, k, v. HF LLaMA
 checkpoints store q/k rows in the order its ``rotate_half`` rotary embedding expects,
 which is the order :func:`lowrank_jax.nn.apply_rope` uses, so no permutation is needed.
+ViT's patch embedding is a ``Conv2d`` ``[d, C, p, p]`` with stride ``p``, i.e. a linear over
+(channel, row, col)-ordered patches; ours is a kernel over (row, col, channel)-ordered
+patches. Its class token ``[1, 1, d]`` and positions ``[1, n, d]`` lose their leading ones.
+``ViTForImageClassification`` prefixes the encoder with ``vit.``; ``ViTModel`` does not and
+may carry an unused pooler.
+
+A ViT's classifier is the one replaceable part: ``num_classes`` (an override) different from
+the checkpoint's class count, or a headless ``ViTModel``, gives a freshly initialised head.
 """
 
 from __future__ import annotations
@@ -45,8 +54,9 @@ from lowrank_jax.models.gpt2 import GPT2, GPT2Config
 from lowrank_jax.models.linear_factory import LinearFactory
 from lowrank_jax.models.llama import Llama, LlamaConfig
 from lowrank_jax.models.safetensors_io import DTYPE_CODES, SafetensorsReader, write_safetensors
+from lowrank_jax.models.vit import ViT, ViTConfig
 
-__all__ = ['ARCHITECTURES', 'OVERRIDES', 'PretrainedError', 'from_pretrained', 'merged_params',
+__all__ = ['ARCHITECTURES', 'PretrainedError', 'architecture', 'from_pretrained', 'merged_params',
            'model_class', 'pretrained_config', 'read_hf_config', 'save_pretrained']
 
 CONFIG_FILE = 'config.json'
@@ -55,8 +65,10 @@ INDEX_FILE = 'model.safetensors.index.json'
 # Files of a model directory that describe its tokenizer / generation, copied on export.
 TOKENIZER_FILES = ('tokenizer.json', 'tokenizer_config.json', 'special_tokens_map.json', 'tokenizer.model',
                    'vocab.json', 'merges.txt', 'generation_config.json')
-# Fields of our model configs a caller may choose; everything else comes from config.json.
-OVERRIDES = ('dtype', 'param_dtype', 'remat', 'max_seq_len')
+# Fields of our model configs a caller may choose (per architecture below); everything else
+# comes from config.json.
+_LM_OVERRIDES = ('dtype', 'param_dtype', 'remat', 'max_seq_len')
+_VIT_OVERRIDES = ('dtype', 'param_dtype', 'remat', 'num_classes')
 _BF16 = DTYPE_CODES['BF16']
 
 
@@ -68,7 +80,9 @@ class PretrainedError(ValueError):
 # Architectures: config.json <-> our config, and our parameter path <-> HF tensor name.
 
 # layout: 'copy' (same array), 'linear' (torch [out, in] <-> kernel [in, out]),
-# 'fused{j}' (block j of 3 along the last axis: GPT-2's c_attn into q, k, v).
+# 'fused{j}' (block j of 3 along the last axis: GPT-2's c_attn into q, k, v),
+# 'conv{C}' (ViT's Conv2d [d, C, p, p] <-> kernel [(p, p, C), d]),
+# 'squeeze{k}' (k leading axes of size 1 dropped: ViT's class token and positions).
 Tensors = dict[tuple, tuple[str, str]]
 
 
@@ -103,7 +117,7 @@ def _llama_config(hf: dict, overrides: dict) -> LlamaConfig:
   return LlamaConfig(**{**fields, **overrides})
 
 
-def _llama_to_hf(c: LlamaConfig) -> dict:
+def _llama_to_hf(c: LlamaConfig, base: dict) -> dict:
   return {
       'architectures': ['LlamaForCausalLM'], 'model_type': 'llama', 'vocab_size': c.vocab_size,
       'hidden_size': c.d_model, 'intermediate_size': c.d_ff, 'num_attention_heads': c.n_heads,
@@ -154,7 +168,7 @@ def _gpt2_config(hf: dict, overrides: dict) -> GPT2Config:
   return GPT2Config(**{**fields, **overrides})
 
 
-def _gpt2_to_hf(c: GPT2Config) -> dict:
+def _gpt2_to_hf(c: GPT2Config, base: dict) -> dict:
   return {
       'architectures': ['GPT2LMHeadModel'], 'model_type': 'gpt2', 'vocab_size': c.vocab_size,
       'n_embd': c.d_model, 'n_head': c.n_heads, 'n_layer': c.n_layers, 'n_inner': c.d_ff,
@@ -186,24 +200,96 @@ def _gpt2_tensors(c: GPT2Config) -> Tensors:
   return t
 
 
+def _vit_class_count(hf: dict) -> int:
+  return len(_get(hf, 'id2label') or {}) or int(_get(hf, 'num_labels', 0) or 0)
+
+
+def _vit_config(hf: dict, overrides: dict) -> ViTConfig:
+  if _get(hf, 'hidden_act', 'gelu') != 'gelu':  # anything else would silently change the function
+    raise PretrainedError(f'config.json hidden_act={hf["hidden_act"]!r}: only "gelu" (exact) is supported')
+  headless = 'ViTForImageClassification' not in (_get(hf, 'architectures') or [])
+  overrides = dict(overrides)
+  if 'num_classes' not in overrides:
+    if headless:
+      raise PretrainedError('a ViTModel has no classifier: pass num_classes (the trainer takes it from the data)')
+    overrides['num_classes'] = _vit_class_count(hf)
+  fields = dict(
+      image_size=int(_get(hf, 'image_size', 224)), patch_size=int(_get(hf, 'patch_size', 16)),
+      num_channels=int(_get(hf, 'num_channels', 3)), d_model=_get(hf, 'hidden_size', required=True),
+      n_heads=_get(hf, 'num_attention_heads', required=True), n_layers=_get(hf, 'num_hidden_layers', required=True),
+      d_ff=_get(hf, 'intermediate_size', required=True), qkv_bias=bool(_get(hf, 'qkv_bias', True)),
+      norm_eps=float(_get(hf, 'layer_norm_eps', 1e-12)), init_std=float(_get(hf, 'initializer_range', 0.02)))
+  return ViTConfig(**{**fields, **overrides})
+
+
+def _vit_to_hf(c: ViTConfig, base: dict) -> dict:
+  hf = {
+      'architectures': ['ViTForImageClassification'], 'model_type': 'vit', 'hidden_size': c.d_model,
+      'num_hidden_layers': c.n_layers, 'num_attention_heads': c.n_heads, 'intermediate_size': c.d_ff,
+      'hidden_act': 'gelu', 'layer_norm_eps': c.norm_eps, 'image_size': c.image_size,
+      'patch_size': c.patch_size, 'num_channels': c.num_channels, 'qkv_bias': c.qkv_bias,
+      'initializer_range': c.init_std, 'hidden_dropout_prob': 0.0, 'attention_probs_dropout_prob': 0.0,
+  }
+  if _vit_class_count(base) != c.num_classes:  # the source's label names only if they still fit
+    labels = [f'LABEL_{i}' for i in range(c.num_classes)]
+    hf.update(id2label=dict(enumerate(labels)), label2id={name: i for i, name in enumerate(labels)})
+  hf.pop('num_labels', None)
+  return hf
+
+
+def _vit_tensors(c: ViTConfig) -> Tensors:
+  t: Tensors = {('embed', 'kernel'): ('vit.embeddings.patch_embeddings.projection.weight', f'conv{c.num_channels}'),
+                ('embed', 'bias'): ('vit.embeddings.patch_embeddings.projection.bias', 'copy'),
+                ('cls_token',): ('vit.embeddings.cls_token', 'squeeze2'),
+                ('pos_embed',): ('vit.embeddings.position_embeddings', 'squeeze1'),
+                ('final_norm', 'scale'): ('vit.layernorm.weight', 'copy'),
+                ('final_norm', 'bias'): ('vit.layernorm.bias', 'copy'),
+                ('head', 'kernel'): ('classifier.weight', 'linear'),
+                ('head', 'bias'): ('classifier.bias', 'copy')}
+  for i in range(c.n_layers):
+    pre = f'vit.encoder.layer.{i}.'
+    for ours, theirs in (('attn_norm', 'layernorm_before'), ('mlp_norm', 'layernorm_after')):
+      t[('layers', i, ours, 'scale')] = (f'{pre}{theirs}.weight', 'copy')
+      t[('layers', i, ours, 'bias')] = (f'{pre}{theirs}.bias', 'copy')
+    for group, name, theirs in (('attn', 'q', 'attention.attention.query'), ('attn', 'k', 'attention.attention.key'),
+                                ('attn', 'v', 'attention.attention.value'), ('attn', 'o', 'attention.output.dense'),
+                                ('mlp', 'up', 'intermediate.dense'), ('mlp', 'down', 'output.dense')):
+      t[('layers', i, group, name, 'kernel')] = (f'{pre}{theirs}.weight', 'linear')
+      if c.qkv_bias or name not in ('q', 'k', 'v'):
+        t[('layers', i, group, name, 'bias')] = (f'{pre}{theirs}.bias', 'copy')
+  return t
+
+
+_NOTHING = re.compile(r'(?!)')
+
+
 @dataclasses.dataclass(frozen=True)
 class _Arch:
+  family: str  # the trainer's model.family
   model_class: type
   config_from_hf: Callable[[dict, dict], Any]
-  config_to_hf: Callable[[Any], dict]
+  # (our config, the config.json it came from or {}) -> the config.json keys we set.
+  config_to_hf: Callable[[Any, dict], dict]
   tensors: Callable[[Any], Tensors]
   # Names a checkpoint may use for one of ours (GPT-2 hub files were saved without 'transformer.').
   aliases: Callable[[str], tuple[str, ...]]
   # Checkpoint entries that are buffers, not weights (or a tied head saved anyway).
   ignored: re.Pattern
+  overrides: tuple[str, ...] = _LM_OVERRIDES
+  # Tensors freshly initialised when the checkpoint lacks them or holds another shape (a new head).
+  replaceable: re.Pattern = _NOTHING
 
 
+_VIT = _Arch('vit', ViT, _vit_config, _vit_to_hf, _vit_tensors, lambda n: (n, n.removeprefix('vit.')),
+             re.compile(r'^(vit\.)?pooler\.'), _VIT_OVERRIDES, re.compile(r'^classifier\.'))
 ARCHITECTURES: dict[str, _Arch] = {
-    'LlamaForCausalLM': _Arch(Llama, _llama_config, _llama_to_hf, _llama_tensors, lambda n: (n,),
+    'LlamaForCausalLM': _Arch('llama', Llama, _llama_config, _llama_to_hf, _llama_tensors, lambda n: (n,),
                               re.compile(r'(rotary_emb\.inv_freq|^lm_head\.weight)$')),
-    'GPT2LMHeadModel': _Arch(GPT2, _gpt2_config, _gpt2_to_hf, _gpt2_tensors,
+    'GPT2LMHeadModel': _Arch('gpt2', GPT2, _gpt2_config, _gpt2_to_hf, _gpt2_tensors,
                              lambda n: (n, n.removeprefix('transformer.')),
                              re.compile(r'(\.attn\.(masked_)?bias|^lm_head\.weight)$')),
+    'ViTForImageClassification': _VIT,
+    'ViTModel': _VIT,
 }
 
 
@@ -212,7 +298,7 @@ def _arch_of_model(model: Any) -> tuple[str, _Arch]:
     if isinstance(model, arch.model_class):
       return name, arch
   raise PretrainedError(f'save_pretrained: {type(model).__name__} has no Hugging Face format; '
-                        f'supported: {[a.model_class.__name__ for a in ARCHITECTURES.values()]}')
+                        f'supported: {sorted({a.model_class.__name__ for a in ARCHITECTURES.values()})}')
 
 
 # ---------------------------------------------------------------------------
@@ -278,13 +364,26 @@ class _Checkpoint:
 
 
 def _to_ours(array: np.ndarray, layout: str) -> np.ndarray:
-  """A view of an HF tensor in our layout (no copy)."""
+  """An HF tensor in our layout: a view (no copy), except ViT's patch embedding (one small copy)."""
   if layout == 'linear':
     return array.T
   if layout.startswith('fused'):
     j, width = int(layout[5:]), array.shape[-1] // 3
     return array[..., j * width:(j + 1) * width]
+  if layout.startswith('conv'):  # [d, C, p, p] -> [(row, col, C), d]
+    return array.transpose(2, 3, 1, 0).reshape(-1, array.shape[0])
+  if layout.startswith('squeeze'):
+    k = int(layout[7:])
+    if array.shape[:k] != (1,) * k:
+      return array  # (the shape check names the mismatch)
+    return array.reshape(array.shape[k:])
   return array
+
+
+def _ours_shape(shape: tuple[int, ...], layout: str) -> tuple[int, ...]:
+  """The shape `_to_ours` gives a tensor of `shape`, without reading it."""
+  empty = np.lib.stride_tricks.as_strided(np.zeros(1, np.bool_), shape, (0,) * len(shape))
+  return tuple(_to_ours(empty, layout).shape)
 
 
 def _path_str(path: tuple) -> str:
@@ -331,27 +430,33 @@ def _place(view: np.ndarray, dtype: Any, sharding: Any) -> jax.Array:
   return jax.make_array_from_callback(view.shape, sharding, lambda index: _host_copy(view[index], dtype))
 
 
+def architecture(path: str | os.PathLike) -> _Arch:
+  """How a model directory is read: its family (``'llama'``, ``'gpt2'``, ``'vit'``), model class, tensors."""
+  return ARCHITECTURES[read_hf_config(path)[0]]
+
+
 def pretrained_config(path: str | os.PathLike, **overrides: Any) -> Any:
-  """Our model config (``LlamaConfig`` / ``GPT2Config``) for a model directory's config.json.
+  """Our model config (``LlamaConfig`` / ``GPT2Config`` / ``ViTConfig``) for a model directory's config.json.
 
   Needs no weights: enough to build the abstract model (memory reports, compiling ahead).
   ``overrides`` as :func:`from_pretrained`'s. The model class is ``model_class(config)``.
   """
   path = os.path.expanduser(os.fspath(path))
   arch_name, hf = read_hf_config(path)
-  unknown = sorted(set(overrides) - set(OVERRIDES))
+  arch = ARCHITECTURES[arch_name]
+  unknown = sorted(set(overrides) - set(arch.overrides))
   if unknown:
-    raise PretrainedError(f'from_pretrained: {unknown} cannot be overridden (they come from '
-                          f'{CONFIG_FILE}); valid overrides: {list(OVERRIDES)}')
+    raise PretrainedError(f'from_pretrained: {unknown} cannot be overridden for {arch_name} (they come from '
+                          f'{CONFIG_FILE}); valid overrides: {list(arch.overrides)}')
   try:
-    return ARCHITECTURES[arch_name].config_from_hf(hf, overrides)
+    return arch.config_from_hf(hf, overrides)
   except (TypeError, ValueError) as e:
     raise PretrainedError(f'{os.path.join(path, CONFIG_FILE)}: {e}') from None
 
 
 def model_class(config: Any) -> type:
-  """``Llama`` for a ``LlamaConfig``, ``GPT2`` for a ``GPT2Config``."""
-  return {LlamaConfig: Llama, GPT2Config: GPT2}[type(config)]
+  """``Llama`` for a ``LlamaConfig``, ``GPT2`` for a ``GPT2Config``, ``ViT`` for a ``ViTConfig``."""
+  return {LlamaConfig: Llama, GPT2Config: GPT2, ViTConfig: ViT}[type(config)]
 
 
 def from_pretrained(path: str | os.PathLike, *, linear_factory: LinearFactory | None = None,
@@ -368,11 +473,12 @@ def from_pretrained(path: str | os.PathLike, *, linear_factory: LinearFactory | 
       only its slice.
     seed: initialises what the checkpoint does not hold (adapters, VeLoRA vectors).
     **overrides: our config fields to choose: ``dtype`` (compute), ``param_dtype``
-      (storage; the checkpoint is cast tensor by tensor), ``remat``, ``max_seq_len``.
-      Both dtypes default to float32.
+      (storage; the checkpoint is cast tensor by tensor), ``remat``; ``max_seq_len``
+      (LLaMA, GPT-2); ``num_classes`` (ViT: required for a headless ``ViTModel``; a count
+      other than the checkpoint's gives a fresh head). Both dtypes default to float32.
 
   Returns:
-    ``Llama`` or ``GPT2``; ``model.config`` is the config read from ``config.json``.
+    ``Llama``, ``GPT2`` or ``ViT``; ``model.config`` is the config read from ``config.json``.
 
   Raises:
     PretrainedError: unsupported architecture or config, missing files, a missing,
@@ -399,21 +505,26 @@ def from_pretrained(path: str | os.PathLike, *, linear_factory: LinearFactory | 
   resolved: dict[tuple, tuple[str, str]] = {}
   for our_path, (hf_name, layout) in tensors.items():
     name = next((n for n in arch.aliases(hf_name) if n in ckpt.where), None)
+    if name is None and arch.replaceable.search(hf_name):
+      continue  # a new head: initialised below
     if name is None:
       raise PretrainedError(f'{path}: tensor {hf_name!r} is missing from the checkpoint (needed for '
                             f'{_path_str(our_path)} of {arch_name} with this config.json)')
     resolved[our_path] = (name, layout)
     ours_of.setdefault(name, []).append(our_path)
-  unused = sorted(n for n in ckpt.where if n not in ours_of and not arch.ignored.search(n))
+  abstract = {p: v.get_value() for p, v in flat}
+  for our_path, (name, layout) in list(resolved.items()):  # a head of another class count is replaced
+    if arch.replaceable.search(name) and _ours_shape(ckpt.shape(name), layout) != tuple(abstract[our_path].shape):
+      del resolved[our_path]
+      ours_of.pop(name, None)
+  unused = sorted(n for n in ckpt.where
+                  if n not in ours_of and not arch.ignored.search(n) and not arch.replaceable.search(n))
   if unused:
     raise PretrainedError(f'{path}: unexpected tensor {unused[0]!r} ({len(unused)} in all) is not part of '
                           f'{arch_name} with this config.json')
-  abstract = {p: v.get_value() for p, v in flat}
   for our_path, (name, layout) in resolved.items():
     want = tuple(abstract[our_path].shape)
-    have = _to_ours(np.lib.stride_tricks.as_strided(np.zeros(1, np.bool_), ckpt.shape(name),
-                                                    (0,) * len(ckpt.shape(name))), layout).shape
-    if tuple(have) != want:
+    if _ours_shape(ckpt.shape(name), layout) != want:
       raise PretrainedError(f'{path}: tensor {name!r} has shape {tuple(ckpt.shape(name))}, but '
                             f'config.json needs {want} for {_path_str(our_path)} ({layout} layout)')
 
@@ -483,6 +594,12 @@ def _to_hf(parts: list[np.ndarray], layout: str) -> np.ndarray:
     return parts[0].T
   if layout.startswith('fused'):
     return np.concatenate(parts, axis=-1)
+  if layout.startswith('conv'):  # [(row, col, C), d] -> [d, C, p, p]
+    channels = int(layout[4:])
+    side = int(round((parts[0].shape[0] // channels) ** 0.5))
+    return parts[0].reshape(side, side, channels, -1).transpose(3, 2, 0, 1)
+  if layout.startswith('squeeze'):
+    return parts[0].reshape((1,) * int(layout[7:]) + parts[0].shape)
   return parts[0]
 
 
@@ -494,11 +611,12 @@ def read_existing(path: str | os.PathLike) -> list[str]:
 
 def save_pretrained(model: nnx.Module, path: str | os.PathLike, *, dtype: str | None = None,
                     source: str | os.PathLike | None = None, max_shard_bytes: int = 5 * 2**30,
-                    overwrite: bool = False) -> str:
+                    overwrite: bool = False, config_updates: dict | None = None) -> str:
   """Writes ``model`` as a Hugging Face model directory; returns the path.
 
   Args:
-    model: ``Llama`` or ``GPT2`` (any linear kinds: adapters are folded into the kernels).
+    model: ``Llama``, ``GPT2`` or ``ViT`` (any linear kinds: adapters are folded into the
+      kernels; a ViT is written as ``ViTForImageClassification``).
     path: the directory to write (created).
     dtype: storage dtype of the tensors (``'float32'`` / ``'bfloat16'``); default the
       model's ``param_dtype``, which makes ``from_pretrained`` an exact round trip.
@@ -507,6 +625,7 @@ def save_pretrained(model: nnx.Module, path: str | os.PathLike, *, dtype: str | 
     max_shard_bytes: larger checkpoints are split into ``model-0000x-of-0000y.safetensors``
       shards with an index, as ``transformers`` writes them.
     overwrite: replace the model files of an existing checkpoint at ``path``.
+    config_updates: more config.json keys to write (e.g. a ViT's ``id2label`` class names).
 
   A bias-free GPT-2 (as this library pre-trains it) is written with zero biases, which
   ``GPT2LMHeadModel`` requires.
@@ -541,11 +660,10 @@ def save_pretrained(model: nnx.Module, path: str | os.PathLike, *, dtype: str | 
       leaf = params.get(our_path)
       shapes.append(tuple(leaf.shape) if leaf is not None else tuple(params[(*our_path[:-1], 'kernel')].shape[-1:]))
     layout = tensors[by_name[name][0]][1]
-    if layout == 'linear':
-      return shapes[0][::-1]
     if layout.startswith('fused'):
       return (*shapes[0][:-1], sum(s[-1] for s in shapes))
-    return shapes[0]
+    empty = np.lib.stride_tricks.as_strided(np.zeros(1, np.bool_), shapes[0], (0,) * len(shapes[0]))
+    return tuple(_to_hf([empty], layout).shape)
 
   def produce(name: str) -> np.ndarray:
     ours = sorted(by_name[name], key=lambda p: tensors[p][1])  # fused0, fused1, fused2
@@ -565,7 +683,8 @@ def save_pretrained(model: nnx.Module, path: str | os.PathLike, *, dtype: str | 
   hf_config = {}
   if source is not None:
     _, hf_config = read_hf_config(source)
-  hf_config.update(arch.config_to_hf(config))
+  hf_config.update(arch.config_to_hf(config, dict(hf_config)))
+  hf_config.update(config_updates or {})
   hf_config['torch_dtype'] = dtype.name
   hf_config.pop('quantization_config', None)
   if jax.process_index() != 0:

@@ -31,15 +31,13 @@ GaLore's default selection leaves it full-rank like theirs. Initialisation as Hu
 Face's ViT: weights, class token and positions from a normal of std ``init_std``
 truncated at two std; biases 0; LayerNorm scale 1, bias 0. No dropout.
 
-Checkpoints: :func:`vit_from_pretrained` / :func:`vit_save_pretrained` read and write a
-Hugging Face ``ViTForImageClassification`` / ``ViTModel`` directory.
+Checkpoints: :func:`lowrank_jax.models.from_pretrained` / ``save_pretrained`` read and write a
+Hugging Face ``ViTForImageClassification`` / ``ViTModel`` directory (``models/pretrained.py``).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
-import os
 from typing import Any
 
 import jax
@@ -48,7 +46,6 @@ import numpy as np
 from flax import nnx
 
 from lowrank_jax.models.linear_factory import LinearFactory
-from lowrank_jax.models.safetensors_io import SafetensorsReader, write_safetensors
 from lowrank_jax.models.transformer import (
     CausalSelfAttention,
     PreNormBlock,
@@ -60,8 +57,7 @@ from lowrank_jax.models.transformer import (
 
 DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
 
-__all__ = ['ViT', 'ViTConfig', 'VIT_SIZES', 'classification_metrics', 'vit_config',
-           'vit_from_pretrained', 'vit_save_pretrained', 'patchify']
+__all__ = ['ViT', 'ViTConfig', 'VIT_SIZES', 'classification_metrics', 'vit_config', 'patchify']
 
 
 @dataclasses.dataclass(frozen=True)
@@ -232,230 +228,6 @@ class ViT(nnx.Module):
     x = run_blocks(self.layers, x.astype(cfg.compute_dtype), remat=cfg.remat)
     x = self.final_norm(x[:, 0])
     return linear_with_bias(self.head, x).astype(jnp.float32)
-
-
-# --------------------------------------------------------------------------------------------
-# Hugging Face checkpoints.
-#
-# Layouts: torch Linear weights are [out, in] (ours [in, out]); the patch embedding is a
-# Conv2d [d, C, p, p] with stride p, i.e. a linear over (channel, row, col)-ordered patches,
-# ours is over (row, col, channel). ViTForImageClassification prefixes the encoder with
-# `vit.` and adds `classifier`; ViTModel has neither (and may carry an unused `pooler`).
-
-_HF_ARCHS = ('ViTForImageClassification', 'ViTModel')
-_HF_ACTS = ('gelu',)  # exact GELU; anything else would silently change the function
-
-
-def _hf_block_keys(i: int) -> dict[str, tuple[str, str]]:
-  """Our block paths -> (HF key, layout) for block i."""
-  pre = f'encoder.layer.{i}.'
-  keys = {}
-  for ours, theirs in (('attn/q', 'attention.attention.query'), ('attn/k', 'attention.attention.key'),
-                       ('attn/v', 'attention.attention.value'), ('attn/o', 'attention.output.dense'),
-                       ('mlp/up', 'intermediate.dense'), ('mlp/down', 'output.dense')):
-    keys[f'layers/{i}/{ours}/kernel'] = (pre + theirs + '.weight', 'linear')
-    keys[f'layers/{i}/{ours}/bias'] = (pre + theirs + '.bias', 'plain')
-  for ours, theirs in (('attn_norm', 'layernorm_before'), ('mlp_norm', 'layernorm_after')):
-    keys[f'layers/{i}/{ours}/scale'] = (pre + theirs + '.weight', 'plain')
-    keys[f'layers/{i}/{ours}/bias'] = (pre + theirs + '.bias', 'plain')
-  return keys
-
-
-def _hf_keys(config: ViTConfig, prefix: str) -> dict[str, tuple[str, str]]:
-  """Every encoder parameter: our path -> (HF key, layout)."""
-  keys = {
-      'embed/kernel': ('embeddings.patch_embeddings.projection.weight', 'conv'),
-      'embed/bias': ('embeddings.patch_embeddings.projection.bias', 'plain'),
-      'cls_token': ('embeddings.cls_token', 'leading_ones'),
-      'pos_embed': ('embeddings.position_embeddings', 'leading_ones'),
-      'final_norm/scale': ('layernorm.weight', 'plain'),
-      'final_norm/bias': ('layernorm.bias', 'plain'),
-  }
-  for i in range(config.n_layers):
-    keys.update(_hf_block_keys(i))
-  if not config.qkv_bias:
-    keys = {k: v for k, v in keys.items()
-            if not (k.endswith('/bias') and k.split('/')[-2] in ('q', 'k', 'v'))}
-  return {ours: (prefix + theirs, layout) for ours, (theirs, layout) in keys.items()}
-
-
-_HEAD_KEYS = {'head/kernel': ('classifier.weight', 'linear'), 'head/bias': ('classifier.bias', 'plain')}
-
-
-def _from_hf(value: np.ndarray, layout: str, config: ViTConfig) -> np.ndarray:
-  if layout == 'linear':
-    return value.T
-  if layout == 'conv':  # [d, C, p, p] -> [(row, col, C), d]
-    return value.transpose(2, 3, 1, 0).reshape(config.patch_dim, config.d_model)
-  if layout == 'leading_ones':  # cls [1, 1, d] -> [d]; positions [1, n, d] -> [n, d]
-    return value.reshape(value.shape[2:] if value.shape[:2] == (1, 1) else value.shape[1:])
-  return value
-
-
-def _to_hf(value: np.ndarray, layout: str, config: ViTConfig) -> np.ndarray:
-  if layout == 'linear':
-    return value.T
-  if layout == 'conv':
-    p, c = config.patch_size, config.num_channels
-    return value.reshape(p, p, c, config.d_model).transpose(3, 2, 0, 1)
-  if layout == 'leading_ones':
-    return value.reshape((1,) * (3 - value.ndim) + value.shape)
-  return value
-
-
-def _read_json(path: str) -> dict:
-  try:
-    with open(path) as f:
-      return json.load(f)
-  except FileNotFoundError:
-    raise FileNotFoundError(f'{path}: not found; a Hugging Face model directory holds '
-                            'config.json and model.safetensors (or its sharded index)') from None
-
-
-def _hf_config(directory: str) -> dict:
-  """config.json of a HF ViT directory, checked."""
-  hf = _read_json(os.path.join(directory, 'config.json'))
-  arch = (hf.get('architectures') or ['ViTModel'])[0]
-  if hf.get('model_type') != 'vit' or arch not in _HF_ARCHS:
-    raise ValueError(
-        f'{directory}/config.json: model_type {hf.get("model_type")!r}, architecture {arch!r}; '
-        f'vit_from_pretrained reads model_type "vit" with architectures {list(_HF_ARCHS)}')
-  act = hf.get('hidden_act', 'gelu')
-  if act not in _HF_ACTS:
-    raise ValueError(f'{directory}/config.json: hidden_act {act!r} is not supported; '
-                     f'supported: {list(_HF_ACTS)}')
-  return hf
-
-
-def _open_tensors(directory: str):
-  """(tensor names, name -> numpy tensor) over model.safetensors or its sharded index."""
-  single = os.path.join(directory, 'model.safetensors')
-  index = os.path.join(directory, 'model.safetensors.index.json')
-  if os.path.isfile(single):
-    reader = SafetensorsReader(single)
-    return set(reader.names()), reader.read
-  if os.path.isfile(index):
-    weight_map = _read_json(index)['weight_map']
-    readers = {f: SafetensorsReader(os.path.join(directory, f)) for f in set(weight_map.values())}
-    return set(weight_map), lambda name: readers[weight_map[name]].read(name)
-  found = sorted(os.listdir(directory)) if os.path.isdir(directory) else 'no such directory'
-  raise FileNotFoundError(
-      f'{directory}: no model.safetensors or model.safetensors.index.json (found: {found}); '
-      'convert PyTorch .bin weights to safetensors first')
-
-
-def vit_from_pretrained(directory: str | os.PathLike, *, num_classes: int | None = None,
-                        linear_factory: LinearFactory | None = None, rngs: nnx.Rngs | None = None,
-                        **overrides: Any) -> ViT:
-  """A :class:`ViT` holding the weights of a Hugging Face ViT directory.
-
-  Args:
-    directory: holds ``config.json`` (``model_type: vit``, architecture
-      ``ViTForImageClassification`` or ``ViTModel``) and ``model.safetensors`` or a
-      sharded ``model.safetensors.index.json``.
-    num_classes: classes of the new task. When it differs from the checkpoint's
-      ``id2label`` (or the checkpoint is a headless ``ViTModel``), the head is freshly
-      initialised; otherwise the checkpoint's classifier is loaded.
-    linear_factory: e.g. LoRA kinds; adapters keep their initialisation, the base
-      kernels hold the checkpoint's weights.
-    rngs: for the parts not in the checkpoint (default ``nnx.Rngs(0)``).
-    **overrides: other ``ViTConfig`` fields (``dtype``, ``param_dtype``, ``remat``).
-
-  Raises:
-    FileNotFoundError / ValueError naming the file or tensor at fault.
-  """
-  directory = os.fspath(directory)
-  hf = _hf_config(directory)
-  names, get = _open_tensors(directory)
-  prefix = 'vit.' if any(n.startswith('vit.') for n in names) else ''
-  has_head = 'classifier.weight' in names
-  ckpt_classes = len(hf.get('id2label') or {}) or int(hf.get('num_labels', 0) or 0)
-  if has_head:
-    ckpt_classes = int(get('classifier.weight').shape[0])
-  if num_classes is None:
-    if not has_head:
-      raise ValueError(f'{directory} has no classifier (a ViTModel): pass num_classes')
-    num_classes = ckpt_classes
-  shape = dict(image_size=int(hf.get('image_size', 224)), patch_size=int(hf.get('patch_size', 16)),
-               num_channels=int(hf.get('num_channels', 3)), d_model=int(hf['hidden_size']),
-               n_heads=int(hf['num_attention_heads']), n_layers=int(hf['num_hidden_layers']),
-               d_ff=int(hf['intermediate_size']), qkv_bias=bool(hf.get('qkv_bias', True)),
-               norm_eps=float(hf.get('layer_norm_eps', 1e-12)),
-               init_std=float(hf.get('initializer_range', 0.02)))
-  config = ViTConfig(num_classes=int(num_classes), **{**shape, **overrides})
-  model = ViT(config, linear_factory=linear_factory, rngs=rngs or nnx.Rngs(0))
-  keys = _hf_keys(config, prefix)
-  if has_head and num_classes == ckpt_classes:
-    keys.update(_HEAD_KEYS)
-  state = nnx.state(model, nnx.Param)
-  flat = dict(nnx.to_flat_state(state))
-  for ours, (theirs, layout) in keys.items():
-    if theirs not in names:
-      raise ValueError(f'{directory}: tensor {theirs!r} (for {ours}) is missing from the checkpoint')
-    path = tuple(int(p) if p.isdigit() else p for p in ours.split('/'))
-    variable = flat[path]
-    value = _from_hf(np.asarray(get(theirs)), layout, config)
-    if value.shape != variable.shape:
-      raise ValueError(f'{directory}: tensor {theirs!r} has shape {get(theirs).shape}, which does '
-                       f'not fit {ours} {tuple(variable.shape)} of config.json\'s shape')
-    variable.set_value(jnp.asarray(value, variable.dtype))
-  nnx.update(model, state)
-  return model
-
-
-def _effective_kernel(layer: nnx.Module) -> np.ndarray:
-  """The layer's kernel with its adapters folded in (LoRA / ReLoRA: ``kernel + scale A B``).
-
-  A multi-head LoRA layer is saved as its last merged kernel, the function the trainer
-  evaluates.
-  """
-  kernel = np.asarray(layer.kernel[...], np.float32)
-  delta = getattr(layer, 'delta', None)
-  return kernel + np.asarray(delta(), np.float32) if callable(delta) else kernel
-
-
-def vit_save_pretrained(model: ViT, directory: str | os.PathLike, *,
-                        labels: list[str] | None = None, overwrite: bool = False) -> None:
-  """Writes ``model`` as a Hugging Face ``ViTForImageClassification`` directory.
-
-  ``config.json`` and ``model.safetensors`` in float32 whatever the storage dtype.
-  LoRA adapters are merged into the kernels. Refuses to overwrite an existing checkpoint
-  unless ``overwrite=True``.
-  """
-  directory = os.fspath(directory)
-  config = model.config
-  target = os.path.join(directory, 'model.safetensors')
-  if os.path.exists(target) and not overwrite:
-    raise FileExistsError(f'{target} exists; pass overwrite=True to replace it')
-  if labels is not None and len(labels) != config.num_classes:
-    raise ValueError(f'labels has {len(labels)} names for {config.num_classes} classes')
-  labels = labels or [f'LABEL_{i}' for i in range(config.num_classes)]
-  modules = {'/'.join(map(str, path)): m for path, m in nnx.iter_graph(model)
-             if isinstance(m, nnx.Module)}
-  flat = {'/'.join(map(str, path)): v for path, v in nnx.to_flat_state(nnx.state(model, nnx.Param))}
-  tensors = {}
-  for ours, (theirs, layout) in {**_hf_keys(config, 'vit.'), **_HEAD_KEYS}.items():
-    if ours.endswith('/kernel') and ours != 'embed/kernel':
-      value = _effective_kernel(modules[ours.rsplit('/', 1)[0]])
-    else:
-      value = np.asarray(flat[ours][...], np.float32)
-    tensors[theirs] = np.ascontiguousarray(_to_hf(value, layout, config))
-  hf = {
-      'architectures': ['ViTForImageClassification'], 'model_type': 'vit',
-      'hidden_size': config.d_model, 'num_hidden_layers': config.n_layers,
-      'num_attention_heads': config.n_heads, 'intermediate_size': config.d_ff,
-      'hidden_act': 'gelu', 'layer_norm_eps': config.norm_eps, 'image_size': config.image_size,
-      'patch_size': config.patch_size, 'num_channels': config.num_channels,
-      'qkv_bias': config.qkv_bias, 'initializer_range': config.init_std,
-      'hidden_dropout_prob': 0.0, 'attention_probs_dropout_prob': 0.0,
-      'id2label': {str(i): name for i, name in enumerate(labels)},
-      'label2id': {name: i for i, name in enumerate(labels)},
-      'torch_dtype': 'float32',
-  }
-  os.makedirs(directory, exist_ok=True)
-  write_safetensors(target, [(k, v.shape, v.dtype) for k, v in tensors.items()], tensors.__getitem__)
-  with open(os.path.join(directory, 'config.json'), 'w') as f:
-    json.dump(hf, f, indent=2)
 
 
 def classification_metrics(logits: jax.Array, labels: jax.Array,

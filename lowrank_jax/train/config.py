@@ -232,7 +232,7 @@ class VeLoRASettings(Settings):
 @dataclasses.dataclass(frozen=True)
 class ModelSettings(Settings):
   SECTION: ClassVar[str] = "model"
-  family: str = setting("llama", one_of(lambda: tuple(models.FAMILIES)))  # llama or gpt2
+  family: str = setting("llama", one_of(lambda: tuple(models.FAMILIES)))  # llama, gpt2 or vit
   # llama: tiny, 60m, 130m, 350m, 1b, 7b (GaLore paper shapes); gpt2: tiny, 124m, 350m, 774m, 1.5b
   size: str = setting("tiny")
   dtype: str = setting("float32", one_of(DTYPES))  # compute dtype
@@ -246,11 +246,17 @@ class ModelSettings(Settings):
   # Methods such as LoRA choose kinds for their layers; entries here win.
   linear: dict = setting({})
   velora: VeLoRASettings = section(VeLoRASettings)
-  # A Hugging Face model directory (config.json + safetensors) to start from: its architecture,
-  # shapes and vocabulary replace family/size/tie_embeddings/vocab_multiple; its weights the init.
+  # A Hugging Face model directory (config.json + safetensors: LLaMA, GPT-2 or ViT) to start from: its
+  # architecture, shapes and vocabulary replace family/size/tie_embeddings/vocab_multiple; its weights
+  # the init (a ViT's head is new when the data's classes differ).
   init_from: str = setting("")
   # Write the final model here as a Hugging Face directory (adapters merged); empty = don't.
   export_to: str = setting("")
+
+  @property
+  def resolved_family(self) -> str:
+    """The family that runs: the `init_from` checkpoint's architecture, else `family`."""
+    return models.pretrained.architecture(self.init_from).family if self.init_from else self.family
 
   @property
   def name(self) -> str:
@@ -596,13 +602,13 @@ def validate(config: ml_collections.ConfigDict | RunConfig, *, num_devices: int 
 
 def _check_task(run: RunConfig) -> None:
   """Images go with the ViT, token sources with the language models."""
-  vit = run.model.family == "vit"
+  family = run.model.resolved_family
+  vit = family == "vit"
   if vit != (run.task == "classification"):
-    raise ConfigError("data.source", f"{run.data.source!r} does not fit model.family={run.model.family!r}: the "
-                      "vit family reads images", IMAGE_SOURCES if vit else SOURCES[:len(SOURCES) - len(IMAGE_SOURCES)])
-  if vit and run.model.init_from:
-    raise ConfigError("model.init_from", "the trainer loads LLaMA / GPT-2 directories; for a Hugging Face ViT use "
-                      "lowrank_jax.models.vit_from_pretrained in your own code")
+    model = f"model.init_from={run.model.init_from!r} (a {family} checkpoint)" if run.model.init_from else \
+        f"model.family={family!r}"
+    raise ConfigError("data.source", f"{run.data.source!r} does not fit {model}: the vit family reads images",
+                      IMAGE_SOURCES if vit else SOURCES[:len(SOURCES) - len(IMAGE_SOURCES)])
 
 
 def _check_velora(run: RunConfig) -> None:
@@ -615,7 +621,7 @@ def _check_velora(run: RunConfig) -> None:
   kinds = linear_kinds(run)
   for name, size in sizes.items():
     if name not in widths or name == "head":
-      raise ConfigError("model.velora.layers", f"unknown layer name {name!r} for {run.model.family}",
+      raise ConfigError("model.velora.layers", f"unknown layer name {name!r} for {run.model.resolved_family}",
                         [n for n in widths if n != "head"])
     if kinds.get(name, "dense") not in ("dense", "lora"):
       raise ConfigError("model.velora.layers", f"layer {name!r} is a {kinds[name]!r} linear; "

@@ -107,19 +107,27 @@ def _image_sources(cfg: DataSettings):
     raise ConfigError(key, str(e)) from None
 
 
-def image_shape(run: RunConfig) -> tuple[int, int]:
-  """(side, channels) of the first training image: the model's input when `data.image` leaves them 0."""
+def model_image_shape(run: RunConfig) -> tuple[int, int]:
+  """(side, channels) of the images the model takes: `data.image.size` / `.channels` where set, else
+  the pretrained checkpoint's (`model.init_from`: the data is resized to it), else the first
+  training image's."""
+  img = run.data.image
+  if img.size and img.channels:
+    return img.size, img.channels
+  if run.model.init_from:
+    config = models.pretrained_config(run.model.init_from, num_classes=2)  # (its image geometry only)
+    return img.size or config.image_size, img.channels or config.num_channels
   image = _image_sources(run.data)[0][0]["image"]
-  if image.shape[0] != image.shape[1] and not run.data.image.size:
+  if image.shape[0] != image.shape[1] and not img.size:
     raise ConfigError("data.image.size", f"the images are {image.shape[0]} x {image.shape[1]}; the ViT takes "
                       "squares: set the side to resize to")
-  return image.shape[0], image.shape[2]
+  return img.size or image.shape[0], img.channels or image.shape[2]
 
 
 def _image_input(run: RunConfig, *, process_index: int, process_count: int) -> Input:
   cfg, img = run.data, run.data.image
   train, evals, description = _image_sources(cfg)
-  size, channels = img.size or image_shape(run)[0], img.channels or image_shape(run)[1]
+  size, channels = model_image_shape(run)
   try:
     transform = data_lib.ImageTransform(size, channels, img.means, img.stds, img.crop_padding, img.flip)
   except ValueError as e:

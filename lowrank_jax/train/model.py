@@ -20,11 +20,19 @@ from lowrank_jax.train.config import RunConfig
 from lowrank_jax.train.errors import ConfigError
 
 
-def image_defaults(run: RunConfig) -> tuple[int, int]:
-  """(image size, channels) of the run's image data, when `data.image` leaves them 0."""
-  from lowrank_jax.train.input import image_shape  # the data's own shape, read once there
+def model_image_shape(run: RunConfig) -> tuple[int, int]:
+  """(side, channels) of the images the model takes (see `train.input.model_image_shape`)."""
+  from lowrank_jax.train.input import model_image_shape as shape  # (the data's, read there)
 
-  return image_shape(run)
+  return shape(run)
+
+
+def pretrained_overrides(run: RunConfig, vocab_size: int) -> dict:
+  """What the run chooses of a `model.init_from` checkpoint's config: dtypes, remat, and a
+  ViT's class count (the data's; a count other than the checkpoint's gives a fresh head)."""
+  m = run.model
+  extra = {"num_classes": vocab_size} if run.task == "classification" else {}
+  return dict(dtype=m.dtype, param_dtype=m.param_dtype, remat=m.remat, **extra)
 
 
 def padded_vocab(vocab_size: int, multiple: int) -> int:
@@ -32,28 +40,39 @@ def padded_vocab(vocab_size: int, multiple: int) -> int:
 
 
 def model_config(run: RunConfig, vocab_size: int):
-  """The model family's config dataclass (`LlamaConfig`, `GPT2Config`) for this run.
+  """The model family's config dataclass (`LlamaConfig`, `GPT2Config`, `ViTConfig`) for this run.
 
   With `model.init_from` it is the checkpoint's config.json (its vocabulary, not `vocab_size`;
-  `train.input.make_tokenizer` checks that the tokenizer fits it).
+  `train.input.make_tokenizer` checks that the tokenizer fits it; a ViT's classes are the data's).
   """
   m = run.model
   if m.init_from:
-    config = models.pretrained_config(m.init_from, dtype=m.dtype, param_dtype=m.param_dtype, remat=m.remat)
-    if run.data.seq_len > config.max_seq_len:
+    config = models.pretrained_config(m.init_from, **pretrained_overrides(run, vocab_size))
+    if run.task == "classification":
+      _check_image_fits(run, config)
+    elif run.data.seq_len > config.max_seq_len:
       raise ConfigError("data.seq_len", f"must be <= {config.max_seq_len}, the context of {m.init_from}")
     return config
   _, make_config, _ = models.FAMILIES[m.family]
   if run.task == "classification":  # `vocab_size`: the classes; the image shape comes from the data
-    image = run.data.image
+    size, channels = model_image_shape(run)
     try:
-      return make_config(m.size, vocab_size, image_size=image.size or image_defaults(run)[0],
-                         num_channels=image.channels or image_defaults(run)[1], dtype=m.dtype,
+      return make_config(m.size, vocab_size, image_size=size, num_channels=channels, dtype=m.dtype,
                          param_dtype=m.param_dtype, remat=m.remat)
     except ValueError as e:
       raise ConfigError("data.image.size", str(e)) from None
   return make_config(m.size, padded_vocab(vocab_size, m.vocab_multiple), max_seq_len=run.data.seq_len,
                      tie_embeddings=m.tie_embeddings, dtype=m.dtype, param_dtype=m.param_dtype, remat=m.remat)
+
+
+def _check_image_fits(run: RunConfig, config: Any) -> None:
+  """A pretrained ViT takes images of its own size and channels (no position interpolation)."""
+  size, channels = model_image_shape(run)
+  for key, got, want in (("data.image.size", size, config.image_size),
+                         ("data.image.channels", channels, config.num_channels)):
+    if got != want:
+      raise ConfigError(key, f"is {got}, but {run.model.init_from} takes {config.image_size}x{config.image_size}"
+                        f"x{config.num_channels} images: set {want} (or 0: the checkpoint's)")
 
 
 def linear_kinds(run: RunConfig) -> dict[str, str]:
@@ -86,7 +105,7 @@ def linear_factory(run: RunConfig) -> models.LinearFactory:
 
 def _model_class(run: RunConfig):
   if run.model.init_from:
-    return models.pretrained.model_class(model_config(run, 0))
+    return models.pretrained.architecture(run.model.init_from).model_class
   return models.FAMILIES[run.model.family][2]
 
 

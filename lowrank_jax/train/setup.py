@@ -36,8 +36,8 @@ from lowrank_jax.train import parallel
 from lowrank_jax.train.config import RunConfig, resolve
 from lowrank_jax.train.input import make_tokenizer
 from lowrank_jax.train.lapack_threads import limit_decomposition_threads
-from lowrank_jax.train.model import (ModelSplit, abstract_model, build_model, frozen_kernel_count, image_defaults,
-                                     linear_factory, split_model)
+from lowrank_jax.train.model import (ModelSplit, abstract_model, build_model, frozen_kernel_count, linear_factory,
+                                     model_image_shape, pretrained_overrides, split_model)
 from lowrank_jax.train.optimizer import build_optimizer, heads_of
 from lowrank_jax.train.step import TrainState, make_eval_step, make_train_step
 
@@ -48,7 +48,7 @@ def vocab_size_of(run: RunConfig | ml_collections.ConfigDict) -> int:
   if data.source == "synthetic":
     return data.synthetic.vocab_size + 2  # + pad and eos
   run = resolve(run)
-  if run.model.init_from and not run.data.tokenizer and not any(
+  if run.model.init_from and run.task != "classification" and not run.data.tokenizer and not any(
       os.path.exists(os.path.join(os.path.expanduser(run.model.init_from), f))
       for f in ("tokenizer.json", "tokenizer.model")):
     return models.pretrained_config(run.model.init_from).vocab_size  # (the embedding's; no tokenizer needed)
@@ -120,8 +120,7 @@ class Setup:
       rows = lambda dtype: jax.ShapeDtypeStruct((accum, micro, seq), dtype,  # noqa: E731
                                                 sharding=parallel.batch_sharding(self.mesh))
     if self.run.task == "classification":
-      size, channels = image_defaults(self.run)
-      size, channels = self.run.data.image.size or size, self.run.data.image.channels or channels
+      size, channels = model_image_shape(self.run)
       per_example = lambda shape, dtype: jax.ShapeDtypeStruct(  # noqa: E731
           rows(dtype).shape[:-1] + shape, dtype, sharding=rows(dtype).sharding)
       return {"images": per_example((size, size, channels), jnp.float32), "labels": per_example((), jnp.int32)}
@@ -254,7 +253,7 @@ def init_state(setup: Setup, vocab_size: int) -> TrainState:
   """
   seed = setup.run.seed
   if setup.run.model.init_from:
-    model = _pretrained_model(setup)
+    model = _pretrained_model(setup, vocab_size)
   else:
     model = build_model(setup.run, vocab_size, seed=seed)
   _, params, rest = split_model(model)
@@ -263,7 +262,7 @@ def init_state(setup: Setup, vocab_size: int) -> TrainState:
                         rng=jax.random.key_data(jax.random.key(seed + 1)).astype(jnp.uint32))
 
 
-def _pretrained_model(setup: Setup):
+def _pretrained_model(setup: Setup, vocab_size: int):
   m, abstract = setup.run.model, setup.abstract_state
   shardings = {}
   for tree in (abstract.params, abstract.rest):
@@ -272,7 +271,7 @@ def _pretrained_model(setup: Setup):
   replicated = parallel.replicated(setup.mesh)
   return models.from_pretrained(m.init_from, linear_factory=linear_factory(setup.run), seed=setup.run.seed,
                                 sharding=lambda path, _: shardings.get(path, replicated),
-                                dtype=m.dtype, param_dtype=m.param_dtype, remat=m.remat)
+                                **pretrained_overrides(setup.run, vocab_size))
 
 
 def export_model(setup: Setup, state: TrainState) -> str:
