@@ -15,6 +15,9 @@ Two tables:
   too when the trainer has `optimizer.state_bits`. `--nonfinite_guard loss` measures the runs
   with `train.nonfinite_guard=loss` (the default, `step`, makes every update wait for the global
   gradient norm, so the step holds one full set of gradients at the end of the backward pass).
+  `--loss_chunk_positions N` measures them with `train.loss_chunk_positions=N` (the output head and
+  the cross-entropy over N positions at a time: no [tokens, vocab] logits); `--no_8bit` leaves out
+  the 7b 8-bit-state row.
 
 Targets: cpu (XLA:CPU on this host: no remat, bf16 held as f32), tpu-v5e / tpu-v5p /
 tpu-v6e (compiled ahead of time on this host; `pip install -e ".[aot]"`), gpu (on a
@@ -112,7 +115,7 @@ T5_VOCAB = 32101  # the C4 configs' T5 SentencePiece vocabulary (pieces)
 
 
 def model_config(size: str, method: str, *, state_bits: int | None = None, tiny: bool = False,
-                 nonfinite_guard: str | None = None):
+                 nonfinite_guard: str | None = None, loss_chunk_positions: int | None = None):
   """The run measured for (size, method): the method's 130m C4 config at this size, bf16, remat."""
   import importlib
 
@@ -139,21 +142,26 @@ def model_config(size: str, method: str, *, state_bits: int | None = None, tiny:
     if "nonfinite_guard" not in config.train:
       raise SystemExit("--nonfinite_guard: this trainer has no train.nonfinite_guard setting")
     config.train.nonfinite_guard = nonfinite_guard
+  if loss_chunk_positions is not None:
+    config.train.loss_chunk_positions = loss_chunk_positions
   return config
 
 
 def model_case(target_name: str, size: str, method: str, state_bits: int | None, tiny: bool,
-               only: list[str] | None, nonfinite_guard: str | None = None) -> list[dict]:
+               only: list[str] | None, nonfinite_guard: str | None = None,
+               loss_chunk_positions: int | None = None) -> list[dict]:
   from lowrank_jax.train import memory_report
 
   start = time.time()
-  config = model_config(size, method, state_bits=state_bits, tiny=tiny, nonfinite_guard=nonfinite_guard)
+  config = model_config(size, method, state_bits=state_bits, tiny=tiny, nonfinite_guard=nonfinite_guard,
+                        loss_chunk_positions=loss_chunk_positions)
   report = memory_report(config, target_name,
                          only=tuple(only) if only else None)
   row = {"section": size, "target": target_name, "method": method + (f" {state_bits}-bit" if state_bits else ""),
          "program": "+".join(report["programs"]), "compile_s": round(time.time() - start, 1),
          "rank": None if method == "adamw" else (RANKS[size] // 4 if method == "lora" else RANKS[size]),
-         "nonfinite_guard": config.train.get("nonfinite_guard", "step")}
+         "nonfinite_guard": config.train.get("nonfinite_guard", "step"),
+         "loss_chunk_positions": config.train.get("loss_chunk_positions", 0)}
   row.update({k: report[k] for k in ("params_bytes", "opt_state_bytes", "argument_bytes", "temp_bytes", "peak_bytes",
                                      "capacity_bytes", "fits")})
   row["programs"] = {name: p["peak_bytes"] for name, p in report["programs"].items()}
@@ -190,21 +198,23 @@ def one(spec: dict) -> None:
     rows = toy_case(spec["target"], spec["method"], spec.get("programs"))
   else:
     rows = model_case(spec["target"], spec["section"], spec["method"], spec.get("state_bits"), spec.get("tiny", False),
-                      spec.get("programs"), spec.get("nonfinite_guard"))
+                      spec.get("programs"), spec.get("nonfinite_guard"), spec.get("loss_chunk_positions"))
   print("ROWS " + json.dumps(rows), flush=True)
 
 
 def specs_for(targets_: list[str], sections: list[str], tiny: bool, programs: list[str] | None,
-              methods: list[str], nonfinite_guard: str | None = None) -> list[dict]:
+              methods: list[str], nonfinite_guard: str | None = None, loss_chunk_positions: int | None = None,
+              with_8bit: bool = True) -> list[dict]:
   specs = []
   for target in targets_:
     for section in sections:
       if section == "toy":
         specs += [{"section": "toy", "target": target, "method": m, "programs": programs} for m in TOY_CASES]
         continue
-      common = {"section": section, "target": target, "programs": programs, "nonfinite_guard": nonfinite_guard}
+      common = {"section": section, "target": target, "programs": programs, "nonfinite_guard": nonfinite_guard,
+                "loss_chunk_positions": loss_chunk_positions}
       specs += [{**common, "method": m, "tiny": tiny} for m in methods]
-      if section == "7b" and not tiny and "galore" in methods and has_state_bits():
+      if section == "7b" and not tiny and "galore" in methods and with_8bit and has_state_bits():
         specs.append({**common, "method": "galore", "state_bits": 8})
   return specs
 
@@ -229,18 +239,21 @@ def print_tables(rows: list[dict]) -> None:
   models = [r for r in rows if r["section"] != "toy"]
   if models:
     print("\nLLaMA, bf16 weights and states, remat per block, micro-batch 16 x 256, clip_mode previous; GiB per device")
-    print("(guard: train.nonfinite_guard; 'step' holds every gradient until the global norm is known)")
-    print(f"{'size':<4} {'target':<8} {'method':<13} {'guard':<5} {'params':>7} {'states':>7} {'temp':>7} {'peak':>7} "
-          f"{'x AdamW':>7} {'capacity':>8} {'fits':>5} {'measured':>8}")
+    print("(guard: train.nonfinite_guard; 'step' holds every gradient until the global norm is known;"
+          " chunk: train.loss_chunk_positions, 0 = full logits)")
+    print(f"{'size':<4} {'target':<8} {'method':<13} {'guard':<5} {'chunk':>5} {'params':>7} {'states':>7} {'temp':>7} "
+          f"{'peak':>7} {'x AdamW':>7} {'capacity':>8} {'fits':>5} {'measured':>8}")
     for r in models:
       if "error" in r:
         print(f"{r['section']:<4} {r['target']:<8} {r['method']:<13} error: {r['error']}")
         continue
       base = next((b for b in models if b["target"] == r["target"] and b["section"] == r["section"]
                    and b["method"] == "adamw" and "error" not in b
-                   and b.get("nonfinite_guard", "step") == r.get("nonfinite_guard", "step")), None)
+                   and b.get("nonfinite_guard", "step") == r.get("nonfinite_guard", "step")
+                   and b.get("loss_chunk_positions", 0) == r.get("loss_chunk_positions", 0)), None)
       ratio = f"{r['peak_bytes'] / base['peak_bytes']:7.3f}" if base else "      -"
       print(f"{r['section']:<4} {r['target']:<8} {r['method']:<13} {r.get('nonfinite_guard', 'step'):<5} "
+            f"{r.get('loss_chunk_positions', 0):>5} "
             f"{_gib(r['params_bytes'])} "
             f"{_gib(r['opt_state_bytes'])} {_gib(r['temp_bytes'])} {_gib(r['peak_bytes'])} {ratio} "
             f"{_gib(r['capacity_bytes'])} {str(r['fits']):>5} {_gib(r.get('measured_peak_bytes'))}")
@@ -262,6 +275,10 @@ def main() -> None:
                       "minutes on the TPU targets); default: every program the run executes")
   parser.add_argument("--nonfinite_guard", default=None, choices=("step", "loss"),
                       help="model table: train.nonfinite_guard of the runs (default: the trainer's, step)")
+  parser.add_argument("--loss_chunk_positions", type=int, default=None,
+                      help="model table: train.loss_chunk_positions of the runs (default: the trainer's, 0: full "
+                      "logits)")
+  parser.add_argument("--no_8bit", action="store_true", help="model table: leave out the 7b 8-bit-state row")
   parser.add_argument("--one", default=None, help=argparse.SUPPRESS)
   args = parser.parse_args()
   if args.one:
@@ -280,7 +297,8 @@ def main() -> None:
   programs = [p.strip() for p in args.programs.split(",")] if args.programs else None
   methods = [m.strip() for m in args.methods.split(",") if m.strip()]
   for spec in specs_for(targets_, sections, tiny=args.dry_run, programs=programs, methods=methods,
-                        nonfinite_guard=args.nonfinite_guard):
+                        nonfinite_guard=args.nonfinite_guard, loss_chunk_positions=args.loss_chunk_positions,
+                        with_8bit=not args.no_8bit):
     if spec["section"] == "toy" and args.dry_run:
       continue  # the toy is already small; nothing to dry-run
     rows += run_case(spec, args.timeout)

@@ -6,22 +6,27 @@ tiny ViT's accuracy on real images.
 
 Part 1, memory: ViT-B/16 and ViT-L/16 at 224 x 224, 9 classes (PathMNIST), one training
 step compiled ahead of time for one chip of the target on abstract inputs (nothing is
-allocated) and read from ``compiled.memory_analysis()``: full fine-tuning (AdamW), LoRA
-(rank 1, 4, 16, 64, 256 on q, k, v, o, up, down; kernels frozen, everything else
-trained), LoRA rank 16 + VeLoRA (sub-token 16 on q, k, v and down) and GaLore (rank
-128, projector refresh in its own program). Peak = the compiler's own peak on TPU;
-arguments + temporaries + outputs - aliased on XLA:CPU (which has none and holds bf16
-activations as f32: its figures are labelled). No global-norm clipping (it keeps every
-gradient alive), no remat. The step is the library's pieces (model, optax transform,
+allocated) and read from ``compiled.memory_analysis()``. The study's setting (no remat,
+float32 parameters, bf16 compute): full fine-tuning (AdamW), LoRA (rank 1, 4, 16, 64, 256 on
+q, k, v, o, up, down; kernels frozen, everything else trained) and GaLore (rank 128,
+projector refresh in its own program); LoRA rank 16 + VeLoRA (sub-token 16 on the adapters'
+inputs of q, k, v, o, up: the config's choice; and of q, k, v, down); and what a memory-short
+user adds (``--groups remat``): ``model.remat=block`` for full and LoRA rank 16, and LoRA with
+bf16 parameters and moments (``model.param_dtype=bfloat16``). Peak = the
+compiler's own peak on TPU; arguments + temporaries + outputs - aliased on XLA:CPU (which has
+none and holds bf16 activations as f32: its figures are labelled). No global-norm clipping
+(it keeps every gradient alive). The step is the library's pieces (model, optax transform,
 one jitted update with donated state), the same each method, so the ratios compare the
 methods only.
 
 Depth: every block of a ViT has the same shapes, so each figure of the step (arguments,
 temporaries, the compiler's peak) is a straight line in the number of blocks L:
 f(L) = f_0 + L * f_block. The compile time is too (about 1.5 to 4 minutes per ViT block
-on a loaded 2-core host), so by default each case is compiled with 1 and 2 blocks and the
-published depth's figure is f(1) + (L - 1) (f(2) - f(1)); both compiled figures are in the
-JSON. Checked against a direct compile of ViT-B/16 full fine-tuning at 12 blocks (see the
+on a loaded 2-core host), so each case is compiled at two depths (``--depths``, default 2
+and 4) and the published depth's figure is read off the line through the two deepest
+compiled depths of that case (every compiled figure is in the JSON's ``measured``; a
+case compiled at its published depth uses that). A 1-block program's peak can sit
+elsewhere than a deep one's: the line through 1 and 2 blocks put LoRA rank 1 above rank 4. Checked against direct compiles (see the
 README's Vision section); ``--depths full`` compiles the published depth instead.
 
 Part 2, accuracy (CPU, real images, offline): Debian's Fashion-MNIST written in the
@@ -35,6 +40,7 @@ Writes bench/results/vit_memory_rank.json and bench/results/vit_memory_rank.png.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
@@ -44,16 +50,22 @@ TPU_ENV = dict(TPU_SKIP_MDS_QUERY='1', TPU_ACCELERATOR_TYPE='v5litepod-4', TPU_W
                TPU_WORKER_ID='0', JAX_PLATFORMS='cpu', ALLOW_MULTIPLE_LIBTPU_LOAD='1')
 
 
+GROUPS_DEFAULT = ('study', 'velora', 'remat')
+
+
 def parse_args(argv=None):
   p = argparse.ArgumentParser(description=__doc__.split('\n')[0])
   p.add_argument('--target', choices=('tpu-v5e', 'cpu'), default='tpu-v5e')
   p.add_argument('--batch', type=int, default=32, help='images per step (one chip)')
   p.add_argument('--sizes', default='b16,l16', help="'' skips the memory part")
   p.add_argument('--ranks', default='1,4,16,64,256')
+  p.add_argument('--groups', default=','.join(GROUPS_DEFAULT),
+                 help="which cases: 'study' (full, LoRA per rank, GaLore: no remat, float32 parameters), "
+                      "'velora' (LoRA rank 16 + VeLoRA), 'remat' (model.remat block / matmul_inputs, bf16 parameters)")
   p.add_argument('--dtype', default='bfloat16', help='compute dtype (parameters stay float32)')
-  p.add_argument('--depths', default='1,2',
+  p.add_argument('--depths', default='2,4',
                  help="blocks compiled per case: 'full' compiles the published depth (12 / 24 blocks; "
-                      "about 50 min per ViT-B case on a loaded 2-core host); two depths such as '1,2' give "
+                      "about 50 min per ViT-B case on a loaded 2-core host); two depths such as '2,4' give "
                       "the published depth's figures by the straight line through them (see the doc)")
   p.add_argument('--resume', action='store_true',
                  help='reuse the rows of --out.json measured with the same settings; compile only the rest')
@@ -81,18 +93,52 @@ from lowrank_jax.models import LinearFactory, vit  # noqa: E402
 from lowrank_jax.optim.projection import default_projection_mask  # noqa: E402
 
 ADAPTED = ('q', 'k', 'v', 'o', 'up', 'down')
-VELORA_LAYERS = ('q', 'k', 'v', 'down')
+# VeLoRA on the LoRA adapters' inputs, sub-token 16: the layers whose inputs a LoRA step keeps
+# only for the adapters (configs/vit_b16_lora_velora.py), and the previous choice, VeLoRA's
+# full-tuning layers (q, k, v and the MLP's down projection), whose down input a LoRA step
+# never keeps (see velora_analytic_saving).
+VELORA_LAYERS = ('q', 'k', 'v', 'o', 'up')
+VELORA_LAYERS_QKV_DOWN = ('q', 'k', 'v', 'down')
 VELORA_SUB_TOKEN = 16
 GALORE_RANK = 128
 NUM_CLASSES = 9  # PathMNIST
+REMATS = ('block',)  # model.remat of the memory-short rows ('matmul_inputs' also works: add it here)
 
 
-def factory_for(method: str, rank: int | None) -> LinearFactory:
+@dataclasses.dataclass(frozen=True)
+class Case:
+  """One compiled configuration. The study's rows: no remat, float32 parameters."""
+  size: str
+  method: str                   # full, lora, lora_velora, galore
+  rank: int | None = None       # LoRA rank
+  remat: str = 'none'           # model.remat
+  param_dtype: str = 'float32'  # model.param_dtype: every parameter and the Adam moments
+  velora: tuple = ()            # lora_velora: the layers whose adapter input VeLoRA compresses
+
+  def fields(self) -> dict:
+    return dict(size=self.size, method=self.method, rank=self.rank, remat=self.remat,
+                param_dtype=self.param_dtype, velora_layers=list(self.velora))
+
+  @classmethod
+  def of(cls, row: dict) -> 'Case':
+    """The case of a JSON row (rows without the later fields are the study's setting)."""
+    return cls(row['size'], row['method'], row['rank'], row.get('remat', 'none'),
+               row.get('param_dtype', 'float32'), tuple(row.get('velora_layers', ())))
+
+  def label(self) -> str:
+    name = {'full': 'full fine-tuning (AdamW)', 'galore': f'GaLore rank {GALORE_RANK}',
+            'lora': f'LoRA rank {self.rank}',
+            'lora_velora': f'LoRA rank {self.rank} + VeLoRA (sub-token {VELORA_SUB_TOKEN}: '
+                           f'{", ".join(self.velora)})'}[self.method]
+    extras = ([f'`model.remat={self.remat}`'] if self.remat != 'none' else []) + (
+        ['bf16 parameters and moments'] if self.param_dtype != 'float32' else [])
+    return name + (f', {", ".join(extras)}' if extras else '')
+
+
+def factory_for(method: str, rank: int | None, velora: tuple = ()) -> LinearFactory:
   if method in ('full', 'galore'):
     return LinearFactory()
-  layer_options = {}
-  if method == 'lora_velora':
-    layer_options = {n: {'velora_sub_token_size': VELORA_SUB_TOKEN} for n in VELORA_LAYERS}
+  layer_options = {n: {'velora_sub_token_size': VELORA_SUB_TOKEN} for n in velora}
   return LinearFactory({n: 'lora' for n in ADAPTED}, {'lora': {'rank': rank, 'alpha': 2.0 * rank}},
                        layer_options)
 
@@ -149,12 +195,14 @@ def _bytes(tree) -> int:
   return int(sum(np.prod(x.shape) * np.dtype(x.dtype).itemsize for x in jax.tree.leaves(tree)))
 
 
-def measure(size: str, method: str, rank: int | None, device, batch: int, dtype: str,
-            n_layers: int | None = None) -> dict:
+def measure(case: 'Case', device, batch: int, dtype: str, n_layers: int | None = None) -> dict:
   """One case's compiled step; `n_layers` None: the published depth."""
+  size, method, rank = case.size, case.method, case.rank
   depth = {} if n_layers is None else {'n_layers': n_layers}
-  cfg = vit.vit_config(size, NUM_CLASSES, image_size=224, dtype=dtype, **depth)
-  step = Step(lambda: vit.ViT(cfg, linear_factory=factory_for(method, rank), rngs=nnx.Rngs(0)), method, None)
+  cfg = vit.vit_config(size, NUM_CLASSES, image_size=224, dtype=dtype, param_dtype=case.param_dtype,
+                       remat=case.remat, **depth)
+  factory = factory_for(method, rank, case.velora)
+  step = Step(lambda: vit.ViT(cfg, linear_factory=factory, rngs=nnx.Rngs(0)), method, None)
   sharding = jax.sharding.SingleDeviceSharding(device)
   abstract = lambda t: jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), t)  # noqa: E731
   opt_state = jax.eval_shape(step.tx.init, step.trainable)
@@ -165,31 +213,40 @@ def measure(size: str, method: str, rank: int | None, device, batch: int, dtype:
   lowered = step.step.lower(*args)
   t1 = time.perf_counter()
   compiled = lowered.compile()
-  print(f'  ({size} {method} {rank} {cfg.n_layers} blocks: lowered in {t1 - t0:.0f}s, compiled in {time.perf_counter() - t1:.0f}s)',
-        flush=True)
+  print(f'  ({case.label()}, {cfg.n_layers} blocks: lowered in {t1 - t0:.0f}s, compiled in '
+        f'{time.perf_counter() - t1:.0f}s)', flush=True)
   stats = compiled.memory_analysis()
   formula = (stats.argument_size_in_bytes + stats.temp_size_in_bytes + stats.output_size_in_bytes
              - stats.alias_size_in_bytes)
   reported = getattr(stats, 'peak_memory_in_bytes', 0) or 0
   peak = reported if device.platform != 'cpu' and reported else formula
-  return dict(size=size, method=method, rank=rank, batch=batch, n_layers=cfg.n_layers, peak_bytes=int(peak),
+  return dict(case.fields(), batch=batch, n_layers=cfg.n_layers, peak_bytes=int(peak),
               argument_bytes=stats.argument_size_in_bytes, temp_bytes=stats.temp_size_in_bytes,
               output_bytes=stats.output_size_in_bytes, alias_bytes=stats.alias_size_in_bytes,
               trainable_params=_count(step.trainable), frozen_params=_count(step.frozen),
               opt_state_bytes=_bytes(opt_state), compile_s=round(time.perf_counter() - t0, 1))
 
 
-def velora_analytic_saving(size: str, batch: int, dtype: str) -> int:
-  """Bytes VeLoRA removes from what the step keeps for backward: per block, the inputs of the
-  compressed linears (q, k, v share one, [B, T, d]; down's [B, T, d_ff]) in the compute
-  dtype, minus the sub-token scalars kept instead ([B, T, D / sub_token])."""
+# Inputs a LoRA step keeps for backward only because an adapter reads them (buffer dump of the
+# ViT-B/16 step on tpu-v5e): the LayerNorm outputs read by q, k, v (shared) and by up, and the
+# attention output read by o, each [tokens, d_model]. The GELU output read by down is not kept:
+# the compiler rebuilds it from the GELU's own residuals (its input h and erfc(-h / sqrt 2)),
+# which the GELU's gradient needs anyway, so compressing down frees nothing.
+FREED_BY_COMPRESSING = ((('q', 'k', 'v'), True), (('o',), True), (('up',), True), (('down',), False))
+
+
+def velora_analytic_saving(size: str, batch: int, dtype: str, layers: tuple) -> int:
+  """Bytes VeLoRA on the adapters' inputs of `layers` removes from what a LoRA step keeps: per
+  block, each input in FREED_BY_COMPRESSING whose readers are all compressed, in the compute
+  dtype, minus the sub-token scalars kept instead ([tokens, width / sub_token] per layer)."""
   cfg = vit.vit_config(size, NUM_CLASSES, image_size=224)
   itemsize = jnp.dtype(dtype).itemsize
   tokens = batch * cfg.num_tokens
-  per_block = 0
-  for width, layers in ((cfg.d_model, 3), (cfg.d_ff, 1)):
-    per_block += tokens * width * itemsize - layers * tokens * (width // VELORA_SUB_TOKEN) * itemsize
-  return cfg.n_layers * per_block
+  freed = sum(tokens * cfg.d_model * itemsize for readers, kept in FREED_BY_COMPRESSING
+              if kept and set(readers) <= set(layers))
+  scalars = sum(tokens * ((cfg.d_ff if n == 'down' else cfg.d_model) // VELORA_SUB_TOKEN) * itemsize
+                for n in layers)
+  return cfg.n_layers * (freed - scalars)
 
 
 # --- accuracy on real images -----------------------------------------------------------------
@@ -277,28 +334,32 @@ def plot(rows, out_png, target_label):
   except ImportError:
     print("matplotlib not installed (pip install 'lowrank-jax[bench]'): no plot")
     return False
-  fig, ax = plt.subplots(figsize=(6, 4))
+  fig, ax = plt.subplots(figsize=(7, 4.6))
+  get = lambda case: next((r['peak_bytes'] / 2**20 for r in rows if Case.of(r) == case), None)  # noqa: E731
   for size, colour in (('b16', 'tab:blue'), ('l16', 'tab:red')):
-    lora = sorted((r for r in rows if r['size'] == size and r['method'] == 'lora'), key=lambda r: r['rank'])
-    if not lora:
-      continue
     name = {'b16': 'ViT-B/16', 'l16': 'ViT-L/16'}[size]
-    ax.plot([r['rank'] for r in lora], [r['peak_bytes'] / 2**20 for r in lora], 'o-', color=colour,
-            label=f'{name} LoRA')
-    for method, style in (('full', '--'), ('galore', ':'), ('lora_velora', '-.')):
-      for r in rows:
-        if r['size'] == size and r['method'] == method:
-          ax.axhline(r['peak_bytes'] / 2**20, color=colour, linestyle=style, linewidth=1,
-                     label=f'{name} {method.replace("_", "+")}')
+    for remat, marker in (('none', 'o-'), ('block', 's--')):
+      lora = sorted((r for r in rows if Case.of(r) == Case(size, 'lora', r['rank'], remat)), key=lambda r: r['rank'])
+      if lora:
+        ax.plot([r['rank'] for r in lora], [r['peak_bytes'] / 2**20 for r in lora], marker, color=colour,
+                label=f'{name} LoRA' + ('' if remat == 'none' else f', remat={remat}'))
+    bf16 = get(Case(size, 'lora', 16, 'block', 'bfloat16'))
+    if bf16:
+      ax.plot([16], [bf16], '^', color=colour, label=f'{name} LoRA, remat=block, bf16 params')
+    for case, style, text in ((Case(size, 'full'), '--', 'full'), (Case(size, 'galore'), ':', 'GaLore'),
+                              (Case(size, 'lora_velora', 16, velora=VELORA_LAYERS), '-.', 'LoRA r16 + VeLoRA'),
+                              (Case(size, 'full', remat='block'), (0, (6, 2, 1, 2)), 'full, remat=block')):
+      if get(case):
+        ax.axhline(get(case), color=colour, linestyle=style, linewidth=1, label=f'{name} {text}')
   ax.set_xscale('log', base=2)
   ranks = sorted({r['rank'] for r in rows if r['method'] == 'lora'})
   ax.set_xticks(ranks, labels=[str(r) for r in ranks])
   ax.set_ylim(bottom=0)
   ax.set_xlabel('LoRA rank')
   ax.set_ylabel('peak memory per chip (MiB)')
-  depth = '' if all(len(r['from_depths']) == 1 for r in rows) else '\npublished depth on the line through 1- and 2-block compiles'
+  depth = '' if all(len(r['from_depths']) == 1 for r in rows) else '\npublished depth on the line through two compiled depths'
   ax.set_title(f'ViT fine-tuning at 224x224, batch {rows[0]["batch"]} ({target_label}{depth})', fontsize=9)
-  ax.legend(fontsize=7, ncol=2)
+  ax.legend(fontsize=6.5, ncol=2, loc='center')
   fig.tight_layout()
   fig.savefig(out_png, dpi=120)
   return True
@@ -309,50 +370,89 @@ FIELDS = ('peak_bytes', 'argument_bytes', 'temp_bytes', 'output_bytes', 'alias_b
 
 
 def at_depth(measured: list[dict], depth: int) -> dict:
-  """One case at `depth` blocks: compiled there, or on the straight line through two compiled depths."""
+  """One case at `depth` blocks: compiled there, or on the straight line through the two deepest
+  compiled depths (a 1-block program's peak can sit elsewhere than a deep one's)."""
   by_depth = {r['n_layers']: r for r in measured}
   if depth in by_depth:
     return dict(by_depth[depth], from_depths=[depth])
-  (l1, a), (l2, b) = sorted(by_depth.items())[:2]
+  (l1, a), (l2, b) = sorted(by_depth.items())[-2:]
   row = dict(a, n_layers=depth, from_depths=[l1, l2], compile_s=round(a['compile_s'] + b['compile_s'], 1))
   for f in FIELDS:
     row[f] = int(round(a[f] + (depth - l1) * (b[f] - a[f]) / (l2 - l1)))
   return row
 
 
-def case_plan(sizes, ranks) -> list[tuple]:
-  """(size, method, rank), the headline figures first (each compile takes minutes)."""
-  first = [('b16', 'full', None), ('b16', 'lora', 16), ('l16', 'lora', 16), ('b16', 'lora_velora', 16),
-           ('b16', 'galore', None)]
-  plan = [p for p in first if p[0] in sizes]
+GROUPS = GROUPS_DEFAULT
+
+
+def case_plan(sizes, ranks, groups) -> list[Case]:
+  """The cases of each size: the study's (full, LoRA per rank, GaLore; no remat, float32), LoRA +
+  VeLoRA, and a memory-short user's (`model.remat`, bf16 parameters)."""
+  plan = []
   for size in sizes:
-    for method, rank in [('lora', r) for r in ranks] + [('full', None), ('lora_velora', 16), ('galore', None)]:
-      if (size, method, rank) not in plan:
-        plan.append((size, method, rank))
+    if 'study' in groups:
+      plan += [Case(size, 'full'), *(Case(size, 'lora', r) for r in ranks), Case(size, 'galore')]
+    if 'velora' in groups:
+      plan += [Case(size, 'lora_velora', 16, velora=VELORA_LAYERS),
+               Case(size, 'lora_velora', 16, velora=VELORA_LAYERS_QKV_DOWN)]
+    if 'remat' in groups:
+      for remat in REMATS:
+        plan += [Case(size, 'full', remat=remat), Case(size, 'lora', 16, remat=remat)]
+      plan.append(Case(size, 'lora', 16, remat='block', param_dtype='bfloat16'))
   return plan
 
 
 def figures_of(rows, sizes, batch, dtype) -> dict:
-  get = lambda size, method, rank=None: next(  # noqa: E731
-      (r['peak_bytes'] for r in rows if r['size'] == size and r['method'] == method
-       and (rank is None or r['rank'] == rank)), None)
+  get = lambda case: next((r['peak_bytes'] for r in rows if Case.of(r) == case), None)  # noqa: E731
   figures = {}
-  if get('b16', 'lora', 16) and get('l16', 'lora', 16):
-    figures['l16_over_b16_peak_lora_r16'] = get('l16', 'lora', 16) / get('b16', 'lora', 16)
+  if get(Case('b16', 'lora', 16)) and get(Case('l16', 'lora', 16)):
+    figures['l16_over_b16_peak_lora_r16'] = get(Case('l16', 'lora', 16)) / get(Case('b16', 'lora', 16))
   for size in sizes:
-    if get(size, 'full'):
-      lora = [r['peak_bytes'] for r in rows if r['size'] == size and r['method'] == 'lora']
+    full, lora16 = get(Case(size, 'full')), get(Case(size, 'lora', 16))
+    if full:
+      lora = [r['peak_bytes'] for r in rows if Case.of(r) == Case(size, 'lora', r['rank'])]
       if lora:
-        figures[f'{size}_lora_over_full_peak_max_over_ranks'] = max(lora) / get(size, 'full')
-        figures[f'{size}_lora_over_full_peak_min_over_ranks'] = min(lora) / get(size, 'full')
-      if get(size, 'galore'):
-        figures[f'{size}_galore_over_full_peak'] = get(size, 'galore') / get(size, 'full')
-    lora, lv = get(size, 'lora', 16), get(size, 'lora_velora', 16)
-    if lora and lv:
-      figures[f'{size}_lora_velora_over_lora_peak'] = lv / lora
-      figures[f'{size}_velora_saving_measured_bytes'] = lora - lv
-      figures[f'{size}_velora_saving_analytic_bytes'] = velora_analytic_saving(size, batch, dtype)
+        figures[f'{size}_lora_over_full_peak_max_over_ranks'] = max(lora) / full
+        figures[f'{size}_lora_over_full_peak_min_over_ranks'] = min(lora) / full
+      if get(Case(size, 'galore')):
+        figures[f'{size}_galore_over_full_peak'] = get(Case(size, 'galore')) / full
+    for remat in REMATS:
+      full_r, lora_r = get(Case(size, 'full', remat=remat)), get(Case(size, 'lora', 16, remat=remat))
+      if full_r and lora_r:
+        figures[f'{size}_lora_r16_over_full_peak_both_remat_{remat}'] = lora_r / full_r
+      if full and lora_r:
+        figures[f'{size}_lora_r16_remat_{remat}_over_full_no_remat_peak'] = lora_r / full
+    lora_bf16 = get(Case(size, 'lora', 16, remat='block', param_dtype='bfloat16'))
+    if lora_bf16 and get(Case(size, 'full', remat='block')):
+      figures[f'{size}_lora_r16_bf16_over_full_peak_both_remat_block'] = lora_bf16 / get(Case(size, 'full', remat='block'))
+    if lora_bf16 and full:
+      figures[f'{size}_lora_r16_remat_block_bf16_over_full_no_remat_peak'] = lora_bf16 / full
+    for name, layers in (('', VELORA_LAYERS), ('_qkv_down', VELORA_LAYERS_QKV_DOWN)):
+      lv = get(Case(size, 'lora_velora', 16, velora=layers))
+      if lora16 and lv:
+        figures[f'{size}_lora_velora{name}_over_lora_peak'] = lv / lora16
+        figures[f'{size}_velora{name}_saving_measured_bytes'] = lora16 - lv
+        figures[f'{size}_velora{name}_saving_analytic_bytes'] = velora_analytic_saving(size, batch, dtype, layers)
   return figures
+
+
+def table(rows) -> str:
+  """The README's table: one line per case, ViT-B/16 and ViT-L/16 side by side."""
+  lines = ['| method | ViT-B/16 peak | ViT-B/16 trained params | ViT-L/16 peak | ViT-L/16 trained params |',
+           '|---|---|---|---|---|']
+  seen = []
+  for r in rows:
+    c = dataclasses.replace(Case.of(r), size='b16')
+    if c in seen:
+      continue
+    seen.append(c)
+    cells = []
+    for size in ('b16', 'l16'):
+      row = next((x for x in rows if Case.of(x) == dataclasses.replace(c, size=size)), None)
+      cells += ([f'{row["peak_bytes"] / 2**20:,.1f} MiB', f'{row["trainable_params"]:,}'] if row
+                else ['not compiled', '-'])
+    lines.append(f'| {c.label()} | ' + ' | '.join(cells) + ' |')
+  return '\n'.join(lines)
 
 
 def main():
@@ -381,26 +481,32 @@ def main():
     if all(old.get(k) == v for k, v in settings.items()):
       measured = old.get('measured', [])
       print(f'resuming: {len(measured)} compiled cases from {args.out}.json')
-  key = lambda r: (r['size'], r['method'], r['rank'], r['n_layers'])  # noqa: E731
+  groups = [g for g in args.groups.split(',') if g]
+  if not set(groups) <= set(GROUPS):
+    sys.exit(f'--groups: a comma list of {list(GROUPS)}, got {args.groups!r}')
   rows = []
-  for size, method, rank in case_plan(sizes, ranks):
-    published = vit.vit_config(size, NUM_CLASSES).n_layers
-    missing = [n for n in depths or [published] if (size, method, rank, n) not in {key(r) for r in measured}]
-    if missing and args.no_compile:
-      continue
+  for case in case_plan(sizes, ranks, groups):
+    published = vit.vit_config(case.size, NUM_CLASSES).n_layers
+    compiled = {r['n_layers'] for r in measured if Case.of(r) == case}
+    missing = [] if published in compiled else [n for n in depths or [published] if n not in compiled]
+    if args.no_compile:
+      if published not in compiled and len(compiled) < 2:
+        continue
+      missing = []
     for n in missing:
-      measured.append(measure(size, method, rank, device, args.batch, args.dtype, n))
+      measured.append(measure(case, device, args.batch, args.dtype, n))
       write(args, dict(settings, measured=measured, partial=True))
-    row = at_depth([r for r in measured if key(r)[:3] == (size, method, rank) and r['n_layers'] in
-                    (depths or [published])], published)
+    # Every compiled depth of the case counts (e.g. an extra 4-block check): the published depth
+    # itself, or the line through the two deepest.
+    row = at_depth([r for r in measured if Case.of(r) == case], published)
     rows.append(row)
-    print(f'{size} {method:12s} rank {str(rank):>4s}: peak {row["peak_bytes"] / 2**20:9,.1f} MiB  '
+    print(f'{case.label()}, {case.size}: peak {row["peak_bytes"] / 2**20:9,.1f} MiB  '
           f'(args {row["argument_bytes"] / 2**20:8,.1f}, temp {row["temp_bytes"] / 2**20:8,.1f}; '
           f'trainable {row["trainable_params"]:,}; blocks compiled {row["from_depths"]})', flush=True)
   figures = figures_of(rows, sizes, args.batch, args.dtype)
-  result = dict(settings, param_dtype='float32', image_size=224, num_classes=NUM_CLASSES,
-                depths=args.depths, lora_layers=list(ADAPTED),
-                velora=dict(layers=list(VELORA_LAYERS), sub_token_size=VELORA_SUB_TOKEN),
+  result = dict(settings, image_size=224, num_classes=NUM_CLASSES, depths=args.depths, lora_layers=list(ADAPTED),
+                velora=dict(layers=[list(VELORA_LAYERS), list(VELORA_LAYERS_QKV_DOWN)],
+                            sub_token_size=VELORA_SUB_TOKEN),
                 galore=dict(rank=GALORE_RANK, update_proj_gap=200, scale=0.25), rows=rows, figures=figures,
                 measured=measured)
   if args.accuracy_steps:
@@ -412,6 +518,7 @@ def main():
     figures['tiny_lora_minus_full_points'] = 100 * (figures['tiny_lora_acc'] - figures['tiny_full_acc'])
   write(args, result)
   plotted = bool(rows) and plot(rows, args.out + '.png', label)
+  print(table(rows))
   print(json.dumps(figures, indent=2))
   print(f'wrote {args.out}.json' + (f' and {args.out}.png' if plotted else ''))
 

@@ -278,3 +278,34 @@ def test_leaf_groups_give_the_same_update():
   jax.tree.map(np.testing.assert_array_equal, s1, s3)
   with pytest.raises(ValueError, match='`leaf_groups` must be a positive int'):
     optim.quantize_state(optax.adamw(1e-3), leaf_groups=0)
+
+
+def test_update_per_leaf_and_in_chunks_equals_the_plain_one(monkeypatch):
+  # The wrapper ties each parameter's quantized leaves to its gradient and codes leaves over
+  # CHUNK_ELEMENTS in slices (along axis 0 or, in whole blocks, along axis 1).
+  # Reference: dequantize everything, inner.update, quantize each moment whole.
+  params = {'w': jnp.ones((64, 384)), 'e': jnp.ones((384, 128)), 'b': jnp.ones((384,))}
+  grads = jax.tree.map(lambda p: jax.random.normal(jax.random.PRNGKey(p.size), p.shape), params)
+  inner = optim.galore(1e-2, rank=16, projection_mask={'w': True, 'e': False, 'b': False})
+  tx = optim.quantize_state(inner, block_size=BLOCK, min_size=256)
+  state = tx.init(params)
+
+  def plain(g, s, p):
+    u, new = inner.update(g, Q.dequantize_tree(s.inner_state), p)
+    requantize = lambda old, x: Q.quantize(x, block_size=BLOCK, signed=old.signed, sqrt=old.sqrt)
+    return u, jax.tree.map(lambda old, x: requantize(old, x) if isinstance(old, Q.QuantizedArray) else x,
+                           s.inner_state, new, is_leaf=lambda x: isinstance(x, Q.QuantizedArray))
+
+  ref_u, ref_s = jax.jit(plain)(grads, state, params)
+  monkeypatch.setattr(Q, 'CHUNK_ELEMENTS', 5000)
+  cuts = {Q._chunking(x.codes, BLOCK) for x in jax.tree.leaves(state, is_leaf=lambda x: isinstance(x, Q.QuantizedArray))
+          if isinstance(x, Q.QuantizedArray)}
+  assert {(0, 2), (1, 2)} <= cuts  # GaLore's 16 x 384 moments by rows, 'e''s 384 x 128 in whole blocks
+  u, new = jax.jit(tx.update)(grads, state, params)
+  jax.tree.map(np.testing.assert_array_equal, u, ref_u)
+  jax.tree.map(np.testing.assert_array_equal, new.inner_state, ref_s)
+  for q in (Q.quantize(grads['e'], block_size=BLOCK), Q.quantize(grads['w'] ** 2, block_size=BLOCK, signed=False, sqrt=True)):
+    monkeypatch.setattr(Q, 'CHUNK_ELEMENTS', 2**22)
+    whole = Q.dequantize(q)
+    monkeypatch.setattr(Q, 'CHUNK_ELEMENTS', 5000)
+    np.testing.assert_array_equal(Q.dequantize(q), whole)

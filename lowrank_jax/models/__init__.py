@@ -31,6 +31,7 @@ from lowrank_jax.models.vit import (
 )
 from lowrank_jax.models.llama import DTYPES  # dtype names every family accepts (compute and storage)
 from lowrank_jax.models.transformer import REMAT_POLICIES, remat_policy  # model.remat's choices
+from lowrank_jax.models.transformer import DecoderLM  # LLaMA's and GPT-2's hidden_states() / logits()
 
 # family -> (sizes, config builder, model class): what the trainer chooses from.
 FAMILIES = {
@@ -41,7 +42,7 @@ FAMILIES = {
 
 __all__ = [
     'PretrainedError', 'from_pretrained', 'pretrained_config', 'save_pretrained',
-    'REMAT_POLICIES', 'remat_policy',
+    'REMAT_POLICIES', 'remat_policy', 'DecoderLM',
     'DTYPES', 'FAMILIES', 'GPT2', 'GPT2_SIZES', 'GPT2Config', 'gpt2_config',
     'LAYER_NAMES', 'LinearFactory', 'get_linear_builder', 'linear_kinds',
     'register_linear_kind', 'LLAMA_SIZES', 'Llama', 'LlamaConfig', 'count_params',

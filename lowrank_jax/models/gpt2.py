@@ -53,6 +53,7 @@ from flax import nnx
 from lowrank_jax.models.linear_factory import LinearFactory
 from lowrank_jax.models.transformer import (
     CausalSelfAttention,
+    DecoderLM,
     PreNormBlock,
     attach_bias,
     linear_with_bias,
@@ -179,7 +180,7 @@ def _block(config: GPT2Config, linear_factory: LinearFactory, *, rngs: nnx.Rngs)
       dtype=config.compute_dtype)
 
 
-class GPT2(nnx.Module):
+class GPT2(DecoderLM):
   """GPT-2 decoder. ``model(tokens int32[B, T]) -> logits float32[B, T, vocab]``."""
 
   def __init__(self, config: GPT2Config, *, linear_factory: LinearFactory | None = None,
@@ -199,10 +200,9 @@ class GPT2(nnx.Module):
       self.head = linear_factory('head', config.d_model, config.vocab_size,
                                  **_linear_kw(config, config.init_std, rngs))
 
-  def __call__(self, tokens: jax.Array, *, positions: jax.Array | None = None,
-               segment_ids: jax.Array | None = None) -> jax.Array:
-    """``positions`` / ``segment_ids`` int [B, T] for packed rows (learned positions restart,
-    attention stays inside a segment); None: one sequence per row."""
+  def hidden_states(self, tokens: jax.Array, *, positions: jax.Array | None = None,
+                    segment_ids: jax.Array | None = None) -> jax.Array:
+    """The final hidden states [B, T, d_model] (see ``DecoderLM``; ``model(tokens)`` gives the logits)."""
     cfg = self.config
     if tokens.ndim != 2:
       raise ValueError(f'tokens must have shape [batch, seq], got {tokens.shape}')
@@ -213,10 +213,5 @@ class GPT2(nnx.Module):
       positions = jnp.arange(tokens.shape[1], dtype=jnp.int32)[None]
     x = (self.embed(tokens) + self.pos_embed(positions)).astype(cfg.compute_dtype)
     x = run_blocks(self.layers, x, remat=cfg.remat, segment_ids=segment_ids)
-    x = self.final_norm(x)
-    if cfg.tie_embeddings:
-      logits = self.embed.attend(x)  # x @ embedding.T, in the compute dtype
-    else:
-      logits = self.head(x)
-    return logits.astype(jnp.float32)
+    return self.final_norm(x)
 

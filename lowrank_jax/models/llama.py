@@ -33,6 +33,7 @@ from lowrank_jax import nn
 from lowrank_jax.models.linear_factory import LinearFactory
 from lowrank_jax.models.transformer import (
     CausalSelfAttention,
+    DecoderLM,
     PreNormBlock,
     attach_bias,
     linear_with_bias,
@@ -156,7 +157,7 @@ def _block(config: LlamaConfig, linear_factory: LinearFactory, *, rngs: nnx.Rngs
       dtype=config.compute_dtype)
 
 
-class Llama(nnx.Module):
+class Llama(DecoderLM):
   """LLaMA decoder. ``model(tokens int32[B, T]) -> logits float32[B, T, vocab]``."""
 
   def __init__(self, config: LlamaConfig, *, linear_factory: LinearFactory | None = None,
@@ -176,10 +177,9 @@ class Llama(nnx.Module):
                                  dtype=config.compute_dtype, param_dtype=config.storage_dtype,
                                  kernel_init=init, rngs=rngs)
 
-  def __call__(self, tokens: jax.Array, *, positions: jax.Array | None = None,
-               segment_ids: jax.Array | None = None) -> jax.Array:
-    """``positions`` / ``segment_ids`` int [B, T] for packed rows (rotary positions restart,
-    attention stays inside a segment); None: one sequence per row."""
+  def hidden_states(self, tokens: jax.Array, *, positions: jax.Array | None = None,
+                    segment_ids: jax.Array | None = None) -> jax.Array:
+    """The final hidden states [B, T, d_model] (see ``DecoderLM``; ``model(tokens)`` gives the logits)."""
     cfg = self.config
     if tokens.ndim != 2:
       raise ValueError(f'tokens must have shape [batch, seq], got {tokens.shape}')
@@ -188,12 +188,7 @@ class Llama(nnx.Module):
           f'sequence length {tokens.shape[1]} exceeds max_seq_len {cfg.max_seq_len}')
     x = self.embed(tokens).astype(cfg.compute_dtype)
     x = run_blocks(self.layers, x, remat=cfg.remat, positions=positions, segment_ids=segment_ids)
-    x = self.final_norm(x)
-    if cfg.tie_embeddings:
-      logits = self.embed.attend(x)  # x @ embedding.T, in the compute dtype
-    else:
-      logits = self.head(x)
-    return logits.astype(jnp.float32)
+    return self.final_norm(x)
 
 
 def count_params(model_or_state: Any) -> int:

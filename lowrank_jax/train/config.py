@@ -443,6 +443,10 @@ class TrainSettings(Settings):
   # its update; a non-finite gradient under a finite loss reaches the weights, the following losses
   # are not finite and the run stops after max_nonfinite_steps).
   nonfinite_guard: str = setting("step", one_of(NONFINITE_GUARDS))
+  # Language models: the output head and the cross-entropy run over this many sequence positions at a
+  # time (each chunk recomputed in the backward pass), so the float32 [tokens, vocab] logits never exist
+  # whole; the same loss and gradients up to float rounding. 0: the full logits at once.
+  loss_chunk_positions: int = setting(0, non_negative_int)
   progress_bar: bool = setting(True, boolean)
   # Before anything is allocated, refuse a run whose parameters and optimizer state alone exceed
   # 90% of the memory it runs in (host memory available on the CPU, the device's limit on an

@@ -192,7 +192,8 @@ _steps_to_refresh = jax.jit(optim.steps_to_refresh)
 
 def _step_options(run: RunConfig) -> dict[str, Any]:
   """The run's settings `make_train_step` takes, the same for every compiled variant."""
-  return {"accum_dtype": run.train.accum_dtype, "nonfinite_guard": run.train.nonfinite_guard}
+  return {"accum_dtype": run.train.accum_dtype, "nonfinite_guard": run.train.nonfinite_guard,
+          "loss_chunk": run.train.loss_chunk_positions}
 
 
 def _compile_refresh(run: RunConfig, split: ModelSplit, tx, schedule, mesh,
@@ -238,7 +239,8 @@ def build_setup(run: RunConfig | ml_collections.ConfigDict, vocab_size: int, dev
   abstract_state = _abstract_state(params, rest, tx, mesh, fsdp=run.parallel.fsdp, head_mask=head_mask)
   compiled_step = _compile_step(run, split, tx, schedule, mesh, abstract_state, head_mask)
   state_sh, repl = _shardings(abstract_state), parallel.replicated(mesh)
-  eval_step = jax.jit(make_eval_step(split), in_shardings=(state_sh.params, state_sh.rest, parallel.eval_sharding(mesh)),
+  eval_step = jax.jit(make_eval_step(split, run.train.loss_chunk_positions),
+                      in_shardings=(state_sh.params, state_sh.rest, parallel.eval_sharding(mesh)),
                       out_shardings=repl)  # (loss, count), or (loss, count, correct) for images
   compiled_refresh = None if head_mask is not None else _compile_refresh(run, split, tx, schedule, mesh,
                                                                           abstract_state)

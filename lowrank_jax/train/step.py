@@ -8,7 +8,7 @@ updated in place.
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple
+from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -27,16 +27,24 @@ class TrainState(NamedTuple):
   rng: jax.Array  # uint32 key data, for stochastic layers
 
 
+def next_token_weights(tokens: jax.Array) -> jax.Array:
+  """float32 [B, T]: 1 where position t predicts tokens[:, t+1], 0 at the last position (nothing to predict)."""
+  return jnp.ones(tokens.shape, jnp.float32).at[:, -1].set(0.0)
+
+
+def _summed_cross_entropy(logits: jax.Array, labels: jax.Array, weights: jax.Array) -> jax.Array:
+  ce = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), labels)
+  return jnp.sum(ce * weights)
+
+
 def next_token_loss(logits: jax.Array, tokens: jax.Array) -> tuple[jax.Array, jax.Array]:
   """Summed cross-entropy of predicting tokens[:, t+1] at position t, and the count.
 
   Computed on the full logits with the last position weighted 0 (rather than
   slicing logits[:, :-1]) so no copy of the largest activation is made.
   """
-  labels = jnp.roll(tokens, -1, axis=1)
-  weights = jnp.ones(tokens.shape, jnp.float32).at[:, -1].set(0.0)
-  ce = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), labels)
-  return jnp.sum(ce * weights), jnp.sum(weights)
+  weights = next_token_weights(tokens)
+  return _summed_cross_entropy(logits, jnp.roll(tokens, -1, axis=1), weights), jnp.sum(weights)
 
 
 def masked_next_token_loss(logits: jax.Array, tokens: jax.Array, loss_mask: jax.Array
@@ -46,10 +54,46 @@ def masked_next_token_loss(logits: jax.Array, tokens: jax.Array, loss_mask: jax.
   Instruction data: `loss_mask` marks the predictions of response tokens (prediction-aligned,
   last position 0), so prompt tokens and padding contribute nothing.
   """
-  labels = jnp.roll(tokens, -1, axis=1)
-  ce = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), labels)
   weights = loss_mask.astype(jnp.float32)
-  return jnp.sum(ce * weights), jnp.sum(weights)
+  return _summed_cross_entropy(logits, jnp.roll(tokens, -1, axis=1), weights), jnp.sum(weights)
+
+
+def chunked_cross_entropy(logits_fn: Callable[[jax.Array], jax.Array], hidden: jax.Array, labels: jax.Array,
+                          weights: jax.Array, chunk: int) -> jax.Array:
+  """sum over b, t of weights[b, t] * CE(logits_fn(hidden[b, t]), labels[b, t]), `chunk` positions at a time.
+
+  The same sum as `logits_fn` on all of `hidden` followed by the cross-entropy, up to float
+  rounding, without the [B, T, vocab] logits: a `lax.scan` over chunks of `chunk` sequence
+  positions (every row of the batch in each chunk, so a batch split over devices stays split),
+  each chunk under `jax.checkpoint`, so the backward pass recomputes one chunk's logits at a
+  time. The head's gradient is summed over the chunks in the head's dtype. A last partial chunk is
+  padded with weight-0 positions.
+
+  Args:
+    logits_fn: final hidden states [..., d] -> logits [..., vocab] (e.g. `DecoderLM.logits`).
+    hidden: [B, T, d]; labels: int [B, T]; weights: [B, T] (0 where nothing is predicted).
+    chunk: sequence positions per chunk, > 0.
+
+  Returns:
+    The summed weighted cross-entropy, float32 scalar.
+  """
+  b, t = labels.shape
+  n = -(-t // chunk)
+  pad = n * chunk - t
+  if pad:
+    widths = lambda a: [(0, 0), (0, pad)] + [(0, 0)] * (a.ndim - 2)  # noqa: E731
+    hidden, labels, weights = (jnp.pad(a, widths(a)) for a in (hidden, labels, weights))
+  chunks = lambda a: jnp.moveaxis(a.reshape(b, n, chunk, *a.shape[2:]), 1, 0)  # noqa: E731
+
+  @jax.checkpoint
+  def chunk_loss(h, y, w):
+    return _summed_cross_entropy(logits_fn(h), y, w)
+
+  def body(total, xs):
+    return total + chunk_loss(*xs), None
+
+  total, _ = jax.lax.scan(body, jnp.zeros((), jnp.float32), (chunks(hidden), chunks(labels), chunks(weights)))
+  return total
 
 
 def classify(model: Any, batch: dict) -> dict[str, jax.Array]:
@@ -58,17 +102,32 @@ def classify(model: Any, batch: dict) -> dict[str, jax.Array]:
   return vit.classification_metrics(model(batch["images"]), batch["labels"], batch.get("mask"))
 
 
-def batch_loss(model: Any, batch: Any) -> tuple[jax.Array, jax.Array]:
+def batch_loss(model: Any, batch: Any, loss_chunk: int = 0) -> tuple[jax.Array, jax.Array]:
   """(summed loss, count) of a batch: token rows [B, T] (language modelling), or the dict of an
   instruction batch (tokens, segment_ids, positions, loss_mask: packed examples kept apart, the loss
-  on responses only)."""
-  if not isinstance(batch, dict):
-    return next_token_loss(model(batch), batch)
-  if "images" in batch:
+  on responses only), or of images (classification).
+
+  `loss_chunk` (`train.loss_chunk_positions`; language models): 0 computes the full logits; N > 0
+  runs the output head and the cross-entropy over N sequence positions at a time
+  (`chunked_cross_entropy` on `model.hidden_states` and `model.logits`, see `models.DecoderLM`).
+  """
+  if isinstance(batch, dict) and "images" in batch:
     metrics = classify(model, batch)
     return metrics["loss"], metrics["count"]
-  logits = model(batch["tokens"], positions=batch["positions"], segment_ids=batch["segment_ids"])
-  return masked_next_token_loss(logits, batch["tokens"], batch["loss_mask"])
+  if isinstance(batch, dict):
+    tokens, weights = batch["tokens"], batch["loss_mask"].astype(jnp.float32)
+    kw = {"positions": batch["positions"], "segment_ids": batch["segment_ids"]}
+  else:
+    tokens, weights, kw = batch, next_token_weights(batch), {}
+  labels = jnp.roll(tokens, -1, axis=1)
+  if loss_chunk:
+    if not hasattr(model, "hidden_states"):
+      raise TypeError(f"loss_chunk={loss_chunk} needs a model with hidden_states() and logits() "
+                      f"(lowrank_jax.models.DecoderLM); {type(model).__name__} has none: use loss_chunk=0")
+    total = chunked_cross_entropy(model.logits, model.hidden_states(tokens, **kw), labels, weights, loss_chunk)
+  else:
+    total = _summed_cross_entropy(model(tokens, **kw), labels, weights)
+  return total, jnp.sum(weights)
 
 
 def _pmean_floats(tree: Any, axis_name: str) -> Any:
@@ -91,7 +150,7 @@ def _reduce_split_grads(grads: Any, split: Any, axis_name: str) -> Any:
 
 def make_train_step(split: ModelSplit, tx: optax.GradientTransformation, schedule: optax.Schedule,
                     *, axis_name: str | None = None, split_params: Any = None, refresh: bool = False,
-                    accum_dtype: str = "float32", nonfinite_guard: str = "step"):
+                    accum_dtype: str = "float32", nonfinite_guard: str = "step", loss_chunk: int = 0):
   """step(state, tokens[accum, micro, T]) -> (state, metrics); not yet jitted.
 
   With `refresh` it is the projector refresh program instead (`refresh(state, tokens)
@@ -117,11 +176,13 @@ def make_train_step(split: ModelSplit, tx: optax.GradientTransformation, schedul
   gradient norm is not finite; its update waits for every gradient, so an accelerator holds one
   full set of gradients at the end of the backward pass. "loss" checks the loss alone, and the
   compiler frees each layer's gradient right after its update.
+
+  `loss_chunk` (`train.loss_chunk_positions`): see `batch_loss`.
   """
 
   def loss_fn(params, rest, tokens):
     model = split.merge(params, rest)
-    total, count = batch_loss(model, tokens)
+    total, count = batch_loss(model, tokens, loss_chunk)
     return total / jnp.maximum(count, 1.0), split.rest_of(model)  # (a fully padded batch counts 0)
 
   grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
@@ -173,15 +234,15 @@ def make_train_step(split: ModelSplit, tx: optax.GradientTransformation, schedul
   return step
 
 
-def make_eval_step(split: ModelSplit):
+def make_eval_step(split: ModelSplit, loss_chunk: int = 0):
   """eval(params, rest, tokens[B, T]) -> (summed loss, token count); for images (summed loss,
-  image count, correct predictions)."""
+  image count, correct predictions). `loss_chunk`: see `batch_loss`."""
 
   def eval_step(params, rest, tokens):
     model = split.merge(params, rest, evaluation=True)
     if isinstance(tokens, dict) and "images" in tokens:
       metrics = classify(model, tokens)
       return metrics["loss"], metrics["count"], metrics["correct"]
-    return batch_loss(model, tokens)
+    return batch_loss(model, tokens, loss_chunk)
 
   return eval_step
