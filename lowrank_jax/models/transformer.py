@@ -90,6 +90,14 @@ def linear_with_bias(layer: nnx.Module, x: jax.Array) -> jax.Array:
   return y if bias is None else y + bias[...].astype(y.dtype)
 
 
+def _trained_params(module: nnx.Module):
+  """An nnx filter: the module's parameters but those its layers freeze (`frozen_params`: LoRA's base
+  kernels). A frozen weight is never updated in place, and through a barrier its zero gradient
+  would stop being a known zero: a data-parallel step would all-reduce it every step."""
+  frozen = {(*path, name) for path, layer in nnx.iter_modules(module) for name in getattr(layer, 'frozen_params', ())}
+  return lambda path, variable: isinstance(variable, nnx.Param) and tuple(path) not in frozen
+
+
 def _behind_barrier(module: nnx.Module, x: jax.Array, **kwargs: Any) -> jax.Array:
   """`module(x, **kwargs)` with `x` and the module's weights through one optimization barrier.
 
@@ -105,7 +113,7 @@ def _behind_barrier(module: nnx.Module, x: jax.Array, **kwargs: Any) -> jax.Arra
   """
   if not isinstance(x, jax.core.Tracer):
     return module(x, **kwargs)
-  graphdef, params, rest = nnx.split(module, nnx.Param, ...)
+  graphdef, params, rest = nnx.split(module, _trained_params(module), ...)
   x, params = jax.lax.optimization_barrier((x, params))
   fresh = nnx.merge(graphdef, params, rest)
   y = fresh(x, **kwargs)

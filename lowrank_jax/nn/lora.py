@@ -151,6 +151,11 @@ class LoRALinear(nnx.Module, VeLoRAInput):
       self.init_velora(self.in_features, num_groups=None, sub_token_size=velora_sub_token_size,
                        scale=velora_scale, v_init=velora_v_init, key=rngs.params())
 
+  @property
+  def frozen_params(self) -> tuple[str, ...]:
+    """Parameters whose gradient the layer stops (a model leaves them out of its optimization barriers)."""
+    return ('kernel',) if self.freeze_kernel else ()
+
   def __call__(self, x: jax.Array, *, deterministic: bool | None = None,
                rngs: nnx.Rngs | jax.Array | None = None) -> jax.Array:
     x = checkpoint_name(x.astype(self.dtype), MATMUL_INPUT)  # as in Dense: for remat policies

@@ -187,6 +187,9 @@ class MultiHeadLoRALinear(nnx.Module):
     b = jnp.concatenate([cast(self.lora_b), -jax.lax.stop_gradient(cast(self.lora_v_b))], -2)
     return a, b
 
+  #: Parameters whose gradient the layer stops (a model leaves them out of its optimization barriers).
+  frozen_params = ('kernel', 'lora_v_a', 'lora_v_b')
+
   def __call__(self, x: jax.Array, *, use_heads: bool | None = None,
                deterministic: bool | None = None) -> jax.Array:
     x = x.astype(self.dtype)
