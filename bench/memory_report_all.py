@@ -116,7 +116,7 @@ def main() -> None:
       with open(out_path, "w") as f:
         json.dump({"target": args.target, "rows": list(rows.values())}, f, indent=1)
 
-  print(f"\n| config | exit | wall s | peak GiB | capacity GiB | fits |\n|---|---|---|---|---|---|")
+  print("\n| config | exit | wall s | peak GiB | capacity GiB | fits |\n|---|---|---|---|---|---|")
   for row in rows.values():
     peak = f"{row['peak_bytes'] / GIB:.2f}" if row.get("peak_bytes") else "-"
     cap = f"{row['capacity_bytes'] / GIB:.2f}" if row.get("capacity_bytes") else "-"

@@ -57,7 +57,7 @@ from lowrank_jax.models.safetensors_io import DTYPE_CODES, SafetensorsReader, wr
 from lowrank_jax.models.vit import ViT, ViTConfig
 
 __all__ = ['ARCHITECTURES', 'PretrainedError', 'architecture', 'from_pretrained', 'merged_params',
-           'model_class', 'pretrained_config', 'read_hf_config', 'save_pretrained']
+           'pretrained_config', 'read_hf_config', 'save_pretrained']
 
 CONFIG_FILE = 'config.json'
 SINGLE_FILE = 'model.safetensors'
@@ -178,16 +178,19 @@ def _gpt2_to_hf(c: GPT2Config, base: dict) -> dict:
   }
 
 
+def _layer_norm(ours: tuple, theirs: str) -> Tensors:
+  """A LayerNorm's scale and bias: HF's ``<theirs>.weight`` and ``<theirs>.bias``."""
+  return {(*ours, 'scale'): (f'{theirs}.weight', 'copy'), (*ours, 'bias'): (f'{theirs}.bias', 'copy')}
+
+
 def _gpt2_tensors(c: GPT2Config) -> Tensors:
   t: Tensors = {('embed', 'embedding'): ('transformer.wte.weight', 'copy'),
                 ('pos_embed', 'embedding'): ('transformer.wpe.weight', 'copy'),
-                ('final_norm', 'scale'): ('transformer.ln_f.weight', 'copy'),
-                ('final_norm', 'bias'): ('transformer.ln_f.bias', 'copy')}
+                **_layer_norm(('final_norm',), 'transformer.ln_f')}
   for i in range(c.n_layers):
     pre = f'transformer.h.{i}.'
     for ours, theirs in (('attn_norm', 'ln_1'), ('mlp_norm', 'ln_2')):
-      t[('layers', i, ours, 'scale')] = (f'{pre}{theirs}.weight', 'copy')
-      t[('layers', i, ours, 'bias')] = (f'{pre}{theirs}.bias', 'copy')
+      t.update(_layer_norm(('layers', i, ours), pre + theirs))
     for leaf in ('kernel', 'bias'):
       hf_leaf = 'weight' if leaf == 'kernel' else 'bias'
       for j, name in enumerate(('q', 'k', 'v')):
@@ -233,7 +236,7 @@ def _vit_to_hf(c: ViTConfig, base: dict) -> dict:
   if _vit_class_count(base) != c.num_classes:  # the source's label names only if they still fit
     labels = [f'LABEL_{i}' for i in range(c.num_classes)]
     hf.update(id2label=dict(enumerate(labels)), label2id={name: i for i, name in enumerate(labels)})
-  hf.pop('num_labels', None)
+  hf['num_labels'] = c.num_classes  # (a source's stale count would contradict id2label)
   return hf
 
 
@@ -242,15 +245,13 @@ def _vit_tensors(c: ViTConfig) -> Tensors:
                 ('embed', 'bias'): ('vit.embeddings.patch_embeddings.projection.bias', 'copy'),
                 ('cls_token',): ('vit.embeddings.cls_token', 'squeeze2'),
                 ('pos_embed',): ('vit.embeddings.position_embeddings', 'squeeze1'),
-                ('final_norm', 'scale'): ('vit.layernorm.weight', 'copy'),
-                ('final_norm', 'bias'): ('vit.layernorm.bias', 'copy'),
+                **_layer_norm(('final_norm',), 'vit.layernorm'),
                 ('head', 'kernel'): ('classifier.weight', 'linear'),
                 ('head', 'bias'): ('classifier.bias', 'copy')}
   for i in range(c.n_layers):
     pre = f'vit.encoder.layer.{i}.'
     for ours, theirs in (('attn_norm', 'layernorm_before'), ('mlp_norm', 'layernorm_after')):
-      t[('layers', i, ours, 'scale')] = (f'{pre}{theirs}.weight', 'copy')
-      t[('layers', i, ours, 'bias')] = (f'{pre}{theirs}.bias', 'copy')
+      t.update(_layer_norm(('layers', i, ours), pre + theirs))
     for group, name, theirs in (('attn', 'q', 'attention.attention.query'), ('attn', 'k', 'attention.attention.key'),
                                 ('attn', 'v', 'attention.attention.value'), ('attn', 'o', 'attention.output.dense'),
                                 ('mlp', 'up', 'intermediate.dense'), ('mlp', 'down', 'output.dense')):
@@ -439,7 +440,7 @@ def pretrained_config(path: str | os.PathLike, **overrides: Any) -> Any:
   """Our model config (``LlamaConfig`` / ``GPT2Config`` / ``ViTConfig``) for a model directory's config.json.
 
   Needs no weights: enough to build the abstract model (memory reports, compiling ahead).
-  ``overrides`` as :func:`from_pretrained`'s. The model class is ``model_class(config)``.
+  ``overrides`` as :func:`from_pretrained`'s. The model class is ``architecture(path).model_class``.
   """
   path = os.path.expanduser(os.fspath(path))
   arch_name, hf = read_hf_config(path)
@@ -453,10 +454,6 @@ def pretrained_config(path: str | os.PathLike, **overrides: Any) -> Any:
   except (TypeError, ValueError) as e:
     raise PretrainedError(f'{os.path.join(path, CONFIG_FILE)}: {e}') from None
 
-
-def model_class(config: Any) -> type:
-  """``Llama`` for a ``LlamaConfig``, ``GPT2`` for a ``GPT2Config``, ``ViT`` for a ``ViTConfig``."""
-  return {LlamaConfig: Llama, GPT2Config: GPT2, ViTConfig: ViT}[type(config)]
 
 
 def from_pretrained(path: str | os.PathLike, *, linear_factory: LinearFactory | None = None,

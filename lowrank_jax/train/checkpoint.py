@@ -29,7 +29,6 @@ import time
 from typing import Any
 
 import jax
-import numpy as np
 import orbax.checkpoint as ocp
 
 from lowrank_jax.train.errors import TrainingStopped
