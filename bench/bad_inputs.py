@@ -35,12 +35,14 @@ import time
 from pathlib import Path
 from typing import Callable
 
-REPO = Path(__file__).resolve().parents[1]
-SHARED = REPO.parent / "shared" / "data"
+from _common import RESULTS as RESULTS_DIR, ROOT, SHARED_DATA, meta, write_json
+
+REPO = Path(ROOT)
+SHARED = Path(SHARED_DATA)
 C4_TRAIN = SHARED / "c4" / "train.jsonl"
 T5_MODEL = SHARED / "tokenizers" / "c4_t5_32k.model"
 TFDS_DIR = SHARED / "tfds"
-RESULTS = REPO / "bench" / "results" / "bad_inputs.json"
+RESULTS = Path(RESULTS_DIR) / "bad_inputs.json"
 
 CONFIG = "configs/llama_tiny_adamw.py"
 # Small enough that a bad input which is (wrongly) accepted trains for seconds, not minutes.
@@ -441,6 +443,7 @@ def main() -> None:
   if opts.list:
     print("\n".join(c.name for c in selected))
     return
+  info = meta(opts)
   mountable = _can_mount()
   start = time.perf_counter()
   with tempfile.TemporaryDirectory(prefix="bad_inputs_") as d:
@@ -471,9 +474,7 @@ def main() -> None:
     if not r["ok"]:
       print(f"  BAD {r['case']}: rc {r['rc']} (want {r['expected_rc']}), traceback {r['traceback']}, "
             f"{r['answer_lines']} lines, expected {r['expect']} in: {r['answer'][:200]}")
-  Path(opts.out).parent.mkdir(parents=True, exist_ok=True)
-  with open(opts.out, "w") as f:
-    json.dump({"summary": summary, "results": results}, f, indent=1)
+  write_json(opts.out, {"summary": summary, "results": results}, meta=info)
   print(f"wrote {opts.out}")
 
 

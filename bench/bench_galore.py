@@ -35,13 +35,9 @@ Writes ``bench/results/galore_refresh[_quick].json``,
 from __future__ import annotations
 
 import argparse
-import datetime
 import functools
-import json
 import os
-import platform
 import statistics
-import sys
 import time
 
 import jax
@@ -49,29 +45,9 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), '..'))
-
-from lowrank_jax import optim  # noqa: E402
-from lowrank_jax.optim import projection as P  # noqa: E402
-
-RESULTS = os.path.join(os.path.dirname(__file__), 'results')
-
-
-def _meta(args):
-  return {
-      'date': datetime.datetime.now().isoformat(timespec='seconds'),
-      'jax': jax.__version__,
-      'optax': optax.__version__,
-      'backend': jax.default_backend(),
-      'devices': [str(d) for d in jax.devices()],
-      'cpu_count': os.cpu_count(),
-      'machine': platform.machine(),
-      'quick': args.quick,
-      # jaxlib's CPU LAPACK (SVD, QR, eigh) runs on scipy's OpenBLAS; on a
-      # shared machine its threads busy-wait and a refresh can take 20x
-      # longer. The figures in the report were taken with 1 thread.
-      'OPENBLAS_NUM_THREADS': os.environ.get('OPENBLAS_NUM_THREADS'),
-  }
+from _common import RESULTS, meta, set_dotted, write_json
+from lowrank_jax import optim
+from lowrank_jax.optim import projection as P
 
 
 def _compile(fn, *args):
@@ -207,13 +183,13 @@ def bench_update(layers, rank, gap, reps, refresh_reps):
   n_params = _nfloats(params)
   opts = {
       'adamw': optax.adamw(1e-3, weight_decay=0.0),
-      'galore svd': optim.galore(1e-3, rank=rank, update_proj_gap=gap, scale=0.25),
-      'galore randomized': optim.galore(1e-3, rank=rank, update_proj_gap=gap,
+      'galore svd': optim.galore(learning_rate=1e-3, rank=rank, update_proj_gap=gap, scale=0.25),
+      'galore randomized': optim.galore(learning_rate=1e-3, rank=rank, update_proj_gap=gap,
                                         scale=0.25, refresh='randomized'),
-      'osd': optim.osd(1e-3, rank=rank, scale=0.25),
-      'fira': optim.fira(1e-3, rank=rank, update_proj_gap=gap, scale=0.25),
-      'apollo': optim.apollo(1e-3, rank=rank, update_proj_gap=gap),
-      'apollo_mini': optim.apollo_mini(1e-3, update_proj_gap=gap),
+      'osd': optim.osd(learning_rate=1e-3, rank=rank, scale=0.25),
+      'fira': optim.fira(learning_rate=1e-3, rank=rank, update_proj_gap=gap, scale=0.25),
+      'apollo': optim.apollo(learning_rate=1e-3, rank=rank, update_proj_gap=gap),
+      'apollo_mini': optim.apollo_mini(learning_rate=1e-3, update_proj_gap=gap),
   }
   # Methods whose refresh is a decomposition at count 0, gap, 2 gap, ...:
   # their time is amortised over the gap.
@@ -287,7 +263,7 @@ STATE_CASES = [
 def bench_state_1b():
   """Bytes of the optimizer state the trainer builds for configs/llama_1b_galore.py (bf16
   weights) with each method: exact (the abstract state's shapes and dtypes), no compile."""
-  from configs import llama_1b_galore  # noqa: E402
+  from configs import llama_1b_galore
   from lowrank_jax.train.config import resolve
   from lowrank_jax.train.setup import build_setup, vocab_size_of
 
@@ -295,11 +271,7 @@ def bench_state_1b():
   for name, overrides in STATE_CASES:
     config = llama_1b_galore.get_config()
     for key, value in overrides.items():
-      node = config
-      *parents, leaf = key.split('.')
-      for part in parents:
-        node = node[part]
-      node[leaf] = value
+      set_dotted(config, key, value)
     setup = build_setup(resolve(config), vocab_size_of(config))
     leaves = jax.tree.leaves(setup.abstract_state.opt_state)
     rows.append({'method': name, 'state_bytes': int(sum(x.size * x.dtype.itemsize for x in leaves))})
@@ -337,9 +309,11 @@ def main():
   reps = args.reps or (3 if args.quick else 5)
   layers = args.layers or (2 if args.quick else 12)
   suffix = '_quick' if args.quick else ''
-  os.makedirs(RESULTS, exist_ok=True)
-  meta = _meta(args)
-  print(f'backend={meta["backend"]} cpus={meta["cpu_count"]} jax={meta["jax"]}')
+  # jaxlib's CPU LAPACK (SVD, QR, eigh) runs on scipy's OpenBLAS; on a
+  # shared machine its threads busy-wait and a refresh can take 20x
+  # longer. The figures in the report were taken with 1 thread.
+  info = meta(args, OPENBLAS_NUM_THREADS=os.environ.get('OPENBLAS_NUM_THREADS'))
+  print(f'backend={info["device"]["platform"]} cpus={info["cpu_count"]} jax={info["versions"]["jax"]}')
 
   if not args.skip_refresh:
     cases = [((768, 768), 256), ((768, 2048), 256), ((2048, 768), 256)]
@@ -359,8 +333,7 @@ def main():
                   'min_seconds': lambda v: f'{v*1e3:.1f} ms',
                   'energy': lambda v: f'{v:.4f}',
                   'energy_vs_svd': lambda v: f'{v:.4f}'}))
-    with open(os.path.join(RESULTS, f'galore_refresh{suffix}.json'), 'w') as f:
-      json.dump({'meta': meta, 'rows': rows}, f, indent=1)
+    write_json(os.path.join(RESULTS, f'galore_refresh{suffix}.json'), {'rows': rows}, meta=info)
 
   if not args.skip_update:
     print(f'\nupdate time, LLaMA-130m shapes, {layers} layers, rank 256, gap {args.gap}')
@@ -377,9 +350,8 @@ def main():
                   'amortised_s': lambda v: f'{v*1e3:.1f} ms',
                   'ratio_vs_adamw': lambda v: f'{v:.2f}',
                   'state_floats': lambda v: f'{v/1e6:.1f} M'}))
-    with open(os.path.join(RESULTS, f'galore_update{suffix}.json'), 'w') as f:
-      json.dump({'meta': meta, 'layers': layers, 'rank': 256, 'gap': args.gap,
-                 'rows': rows}, f, indent=1)
+    write_json(os.path.join(RESULTS, f'galore_update{suffix}.json'),
+               {'layers': layers, 'rank': 256, 'gap': args.gap, 'rows': rows}, meta=info)
 
 
   if not args.skip_state:
@@ -389,8 +361,7 @@ def main():
     print(_table(rows, ['method', 'state_bytes', 'ratio_vs_adamw'],
                  {'method': str, 'state_bytes': lambda v: f'{v / 2**20:,.1f} MiB',
                   'ratio_vs_adamw': lambda v: f'{v:.3f}'}))
-    with open(os.path.join(RESULTS, 'state_1b.json'), 'w') as f:
-      json.dump({'meta': meta, 'rows': rows}, f, indent=1)
+    write_json(os.path.join(RESULTS, 'state_1b.json'), {'rows': rows}, meta=info)
 
 
 if __name__ == '__main__':

@@ -21,13 +21,12 @@ holds. Writes bench/results/mhlora_<size>[_<N>dev].json.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from _common import RESULTS, meta, write_json
 
 
 def _devices_flag() -> int:
@@ -100,6 +99,7 @@ def main() -> None:
   args = parser.parse_args()
   if jax.device_count() != args.devices:
     sys.exit(f"--devices {args.devices}, but JAX sees {jax.device_count()} devices")
+  info = meta(args)
 
   variants = list(VARIANTS) if args.devices > 1 else ["full", "mhlora", "parallel"]
   runs = {}
@@ -151,11 +151,9 @@ def main() -> None:
             f"| {r['comm_every_step_bytes'] / MiB:,.1f} MiB | {r['comm_at_merge_bytes'] / MiB:,.1f} MiB "
             f"| {held:,.0f} MiB |")
   suffix = f"_{args.devices}dev" if args.devices > 1 else ""
-  out = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", f"mhlora_{args.size}{suffix}.json")
-  os.makedirs(os.path.dirname(out), exist_ok=True)
-  with open(out, "w") as f:
-    json.dump({"args": vars(args), "backend": jax.devices()[0].platform,
-               "device_kind": jax.devices()[0].device_kind, "rows": rows}, f, indent=2)
+  out = os.path.join(RESULTS, f"mhlora_{args.size}{suffix}.json")
+  write_json(out, {"args": vars(args), "backend": jax.devices()[0].platform,
+                   "device_kind": jax.devices()[0].device_kind, "rows": rows}, meta=info, indent=2)
   print(f"\nwrote {out}")
 
 

@@ -30,13 +30,9 @@ Writes ``bench/results/quantize_{codecs,bytes,speed,tpu_temps_<tree>}.json``.
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
 import math
 import os
-import platform
 import statistics
-import sys
 import time
 
 import jax
@@ -45,32 +41,14 @@ import numpy as np
 import optax
 from flax import nnx
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), '..'))
-
-from lowrank_jax import optim  # noqa: E402
-from lowrank_jax.models import llama  # noqa: E402
-from lowrank_jax.optim import quantize as Q  # noqa: E402
-
-RESULTS = os.path.join(os.path.dirname(__file__), 'results')
+from _common import RESULTS, meta, write_json
+from lowrank_jax import optim
+from lowrank_jax.models import llama
+from lowrank_jax.optim import quantize as Q
 
 
-def _meta():
-  return {
-      'date': datetime.datetime.now().isoformat(timespec='seconds'),
-      'jax': jax.__version__,
-      'optax': optax.__version__,
-      'backend': jax.default_backend(),
-      'machine': platform.machine(),
-      'cpus': os.cpu_count(),
-      'load_avg_1m': os.getloadavg()[0],
-  }
-
-
-def _write(name, payload):
-  os.makedirs(RESULTS, exist_ok=True)
-  path = os.path.join(RESULTS, f'quantize_{name}.json')
-  with open(path, 'w') as f:
-    json.dump({'meta': _meta(), **payload}, f, indent=2)
+def _write(name, payload, info):
+  path = write_json(os.path.join(RESULTS, f'quantize_{name}.json'), payload, meta=info, indent=2)
   print(f'wrote {path}')
 
 
@@ -137,7 +115,7 @@ def bench_codecs(steps, shape=(256, 1024)):
     for sm in Q.SECOND_MOMENT_MODES:
       for bs in (256, 2048):
         variants[f'{codec} / {sm} / block {bs}'] = optim.quantize_state(
-            optax.adam(1e-3), codec=codec, second_moment=sm, block_size=bs)
+            inner=optax.adam(1e-3), codec=codec, second_moment=sm, block_size=bs)
   ref_opt = variants['32-bit']
 
   @jax.jit
@@ -212,14 +190,14 @@ def bench_bytes(size='1b', rank=512):
   n = sum(math.prod(x.shape) for x in jax.tree.leaves(params))
   methods = {
       'adamw': lambda: optax.adamw(1e-3, weight_decay=0.0),
-      'galore': lambda: optim.galore(1e-2, rank=rank, update_proj_gap=200, scale=0.25),
-      'osd': lambda: optim.osd(1e-2, rank=rank, scale=0.25),
+      'galore': lambda: optim.galore(learning_rate=1e-2, rank=rank, update_proj_gap=200, scale=0.25),
+      'osd': lambda: optim.osd(learning_rate=1e-2, rank=rank, scale=0.25),
       # OSD's extra state is its projector optimizer's: one moment with Lion, none with
       # plain gradient steps on the projector (quality not measured here).
       'osd (projector optimizer lion)': lambda: optim.osd(
-          1e-2, rank=rank, scale=0.25, projector_optimizer=optax.scale_by_lion()),
+          learning_rate=1e-2, rank=rank, scale=0.25, projector_optimizer=optax.scale_by_lion()),
       'osd (projector optimizer sgd)': lambda: optim.osd(
-          1e-2, rank=rank, scale=0.25, projector_optimizer=optax.identity()),
+          learning_rate=1e-2, rank=rank, scale=0.25, projector_optimizer=optax.identity()),
   }
   rows = []
   print(f'\noptimizer state bytes, LLaMA-{size} tree ({n / 1e6:.1f}M float32 params), '
@@ -228,7 +206,7 @@ def bench_bytes(size='1b', rank=512):
     for bits in (32, 8):
       if bits == 32 and name.startswith('osd ('):
         continue
-      tx = make() if bits == 32 else optim.quantize_state(make())
+      tx = make() if bits == 32 else optim.quantize_state(inner=make())
       state = jax.eval_shape(tx.init, params)
       rows.append(dict(method=name, bits=bits, state_bytes=tree_nbytes(state), moment_bytes=moment_bytes(state)))
   base = {r['method']: r for r in rows if r['bits'] == 32}
@@ -253,8 +231,8 @@ def bench_bytes(size='1b', rank=512):
 def bench_speed(size, reps):
   params = llama_params(size, abstract=False)
   grads = jax.tree.map(lambda p: jax.random.normal(jax.random.PRNGKey(1), p.shape, p.dtype), params)
-  txs = {'32-bit': optax.adamw(1e-3), '8-bit': optim.quantize_state(optax.adamw(1e-3)),
-         '8-bit, leaf_groups=8': optim.quantize_state(optax.adamw(1e-3), leaf_groups=8)}
+  txs = {'32-bit': optax.adamw(1e-3), '8-bit': optim.quantize_state(inner=optax.adamw(1e-3)),
+         '8-bit, leaf_groups=8': optim.quantize_state(inner=optax.adamw(1e-3), leaf_groups=8)}
   cases, mem = {}, {}
   for name, tx in txs.items():
     step = jax.jit(tx.update, donate_argnums=1)
@@ -315,7 +293,7 @@ def bench_tpu_temps(tree):
   on_tpu = lambda t: jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), t)
   txs = {'32-bit': optax.adamw(1e-3)}
   for k in (1, 4, 16):
-    txs[f'8-bit, leaf_groups={k}'] = optim.quantize_state(optax.adamw(1e-3), leaf_groups=k)
+    txs[f'8-bit, leaf_groups={k}'] = optim.quantize_state(inner=optax.adamw(1e-3), leaf_groups=k)
   rows = []
   f32_moments = 2 * tree_nbytes(params)
   print(f'\nAdamW update compiled for TPU v5e, tree {tree!r}: float32 moments {f32_moments / 2**20:.1f} MiB')
@@ -337,14 +315,15 @@ def main():
   ap.add_argument('--reps', type=int, default=7, help='speed: interleaved rounds')
   args = ap.parse_args()
   parts = args.only or ['codecs', 'bytes', 'speed']
+  info = meta(args)
   if 'codecs' in parts:
-    _write('codecs', bench_codecs(args.steps))
+    _write('codecs', bench_codecs(args.steps), info)
   if 'bytes' in parts:
-    _write('bytes', bench_bytes())
+    _write('bytes', bench_bytes(), info)
   if 'speed' in parts:
-    _write('speed', bench_speed(args.size, args.reps))
+    _write('speed', bench_speed(args.size, args.reps), info)
   if 'tpu_temps' in parts:  # not in the default set: needs libtpu
-    _write(f'tpu_temps_{args.tpu_tree}', bench_tpu_temps(args.tpu_tree))
+    _write(f'tpu_temps_{args.tpu_tree}', bench_tpu_temps(args.tpu_tree), info)
 
 
 if __name__ == '__main__':

@@ -23,7 +23,9 @@ import os
 import re
 from urllib.parse import urlparse
 
-C4 = os.path.join(os.path.dirname(__file__), '..', '..', 'shared', 'data', 'c4')
+from _common import SHARED_DATA
+
+C4 = os.path.join(SHARED_DATA, 'c4')
 _SENTENCE_END = re.compile(r'(?<=[.!?])\s+')
 
 

@@ -18,6 +18,8 @@
 #   quality_full.json      #15: bench/quality.py --full (only when its data is present)
 # Budgets (seconds, environment): GPU_TOTAL_S (450), A_S throughput (240), B_S memory (150);
 # THROUGHPUT_ARGS: extra bench/throughput.py flags (e.g. --variants adamw,galore).
+# LOWRANK_COMMIT: the commit the tree is at, for the results' meta when the copy carries no .git
+# (bench/_common.py's meta() reads git first), e.g. LOWRANK_COMMIT=$(git rev-parse HEAD) from the checkout.
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site:$PWD
 set -u
 : "${OUT:?set OUT to an empty output folder}"
@@ -89,7 +91,8 @@ rows = [{k: r.get(k) for k in ('case', 'method', 'size', 'dtype', 'batch', 'seq'
                                'memory_stats_in_use_bytes', 'memory_analysis')}
         for r in src.get('cases', []) if 'memory_stats_peak_bytes' in r]
 json.dump({'source': 'bench/throughput.py GPU cases: device memory_stats() peak after real steps, per process',
-           'device': src['meta'].get('device_kind'), 'rows': rows}, open(sys.argv[2], 'w'), indent=1)
+           'meta': src['meta'], 'device': src['meta']['device'].get('kind'), 'rows': rows},
+          open(sys.argv[2], 'w'), indent=1)
 for r in rows:
   peak = r['memory_stats_peak_bytes']
   print(f"{r['case']:<24} peak {peak / 2**30:8.2f} GiB" if peak else f"{r['case']:<24} peak -")

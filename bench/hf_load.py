@@ -22,6 +22,8 @@ import time
 
 import numpy as np
 
+from _common import RESULTS, meta, write_json
+
 
 def _rss_kib(field: str) -> int:
   with open('/proc/self/status') as f:
@@ -35,10 +37,10 @@ def write_checkpoint(path: str, size: str) -> int:
   import ml_dtypes
   from flax import nnx
   from lowrank_jax import models
-  from lowrank_jax.models import pretrained
   from lowrank_jax.models.safetensors_io import write_safetensors
   config = models.llama_config(size, 32000)
-  tensors = pretrained._llama_tensors(config)  # the loader's own name map
+  hf_format = models.get_family('llama').hf  # the loader's own name map and config.json writer
+  tensors = hf_format.tensors(config)
   abstract = nnx.to_flat_state(nnx.state(nnx.eval_shape(lambda: models.Llama(config, rngs=nnx.Rngs(0)))))
   abstract = {p: tuple(v.get_value().shape) for p, v in abstract}
   shapes = {name: abstract[p][::-1] if layout == 'linear' else abstract[p] for p, (name, layout) in tensors.items()}
@@ -55,7 +57,7 @@ def write_checkpoint(path: str, size: str) -> int:
     weight_map.update({n: file for n in part})
   with open(os.path.join(path, 'model.safetensors.index.json'), 'w') as f:
     json.dump({'metadata': {'total_size': total}, 'weight_map': weight_map}, f)
-  hf = pretrained._llama_to_hf(config)
+  hf = hf_format.config_to_hf(config, {})
   hf['torch_dtype'] = 'bfloat16'
   with open(os.path.join(path, 'config.json'), 'w') as f:
     json.dump(hf, f)
@@ -87,6 +89,7 @@ def main() -> None:
   if args.load:
     print(json.dumps(load_once(args.load, args.param_dtype)))
     return
+  info = meta(args)
   index = os.path.join(args.dir, 'model.safetensors.index.json')
   if not os.path.exists(index):
     start = time.perf_counter()
@@ -109,10 +112,7 @@ def main() -> None:
   for r in rows:
     print(f'{r["param_dtype"]:10s} {r["wall_s"]:7.1f} {r["peak_rss_kib"] / 2**20:13.2f} '
           f'{r["peak_over_checkpoint"]:10.2f} {r["above_baseline_over_checkpoint"]:17.2f}')
-  os.makedirs(os.path.join(os.path.dirname(__file__), 'results'), exist_ok=True)
-  out = os.path.join(os.path.dirname(__file__), 'results', 'hf_load.json')
-  with open(out, 'w') as f:
-    json.dump({'size': args.size, 'rows': rows}, f, indent=2)
+  out = write_json(os.path.join(RESULTS, 'hf_load.json'), {'size': args.size, 'rows': rows}, meta=info, indent=2)
   print('wrote', out)
 
 

@@ -14,12 +14,13 @@ Pass: max |logit difference| <= 1e-4 in every row.
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 import tempfile
 
 import numpy as np
+
+from _common import RESULTS, meta, write_json
 
 try:
   import torch
@@ -62,6 +63,7 @@ def our_logits(model, tokens):
 
 
 def main() -> None:
+  info = meta()
   torch.manual_seed(0)
   tokens = np.random.default_rng(0).integers(0, VOCAB, (2, SEQ)).astype(np.int32)
   rows = []
@@ -95,11 +97,9 @@ def main() -> None:
   for r in rows:
     print(f'{r["case"]:40s} {r["load_max_abs_diff"]:14.2e} {r["export_lora_max_abs_diff"]:12.2e} '
           f'{r["max_abs_logit"]:12.2f} {r["pass"]}')
-  os.makedirs(os.path.join(os.path.dirname(__file__), 'results'), exist_ok=True)
-  path = os.path.join(os.path.dirname(__file__), 'results', 'hf_parity.json')
-  with open(path, 'w') as f:
-    json.dump({'transformers': transformers.__version__, 'torch': torch.__version__, 'jax': jax.__version__,
-               'tolerance': TOLERANCE, 'rows': rows}, f, indent=2)
+  path = write_json(os.path.join(RESULTS, 'hf_parity.json'),
+                    {'transformers': transformers.__version__, 'torch': torch.__version__, 'jax': jax.__version__,
+                     'tolerance': TOLERANCE, 'rows': rows}, meta=info, indent=2)
   print('wrote', path)
   if not all(r['pass'] for r in rows):
     sys.exit(1)

@@ -40,8 +40,7 @@ import subprocess
 import sys
 import time
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
+from _common import RESULTS, ROOT, T5_VOCAB, config_module, meta, write_json
 
 MiB, GiB = 2**20, 2**30
 
@@ -76,11 +75,11 @@ def toy_case(target_name: str, case: str, only: list[str] | None = None) -> list
   adamw = optax.adamw(1e-3)
   tx = {
       "adamw": adamw,
-      "adamw+global": optax.chain(optim.clip_gradients("global", 1.0), adamw),
-      "adamw+block": optax.chain(optim.clip_gradients("block", 1e-3), adamw),
-      "adamw+previous": optax.chain(optim.clip_gradients("previous", 1.0), adamw),
-      "galore": optim.galore(1e-3, rank=256, projection_mask=everything, split_refresh=True),
-      "osd": optim.osd(1e-3, rank=256, projection_mask=everything, split_refresh=True),
+      "adamw+global": optax.chain(optim.clip_gradients(mode="global", threshold=1.0), adamw),
+      "adamw+block": optax.chain(optim.clip_gradients(mode="block", threshold=1e-3), adamw),
+      "adamw+previous": optax.chain(optim.clip_gradients(mode="previous", threshold=1.0), adamw),
+      "galore": optim.galore(learning_rate=1e-3, rank=256, projection_mask=everything, split_refresh=True),
+      "osd": optim.osd(learning_rate=1e-3, rank=256, projection_mask=everything, split_refresh=True),
   }[case]
   state = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sharding),
                        jax.eval_shape(tx.init, params))
@@ -111,15 +110,12 @@ def toy_case(target_name: str, case: str, only: list[str] | None = None) -> list
 
 MODEL_METHODS = ("adamw", "galore", "osd", "lora")
 RANKS = {"1b": 512, "7b": 1024}
-T5_VOCAB = 32101  # the C4 configs' T5 SentencePiece vocabulary (pieces)
 
 
 def model_config(size: str, method: str, *, state_bits: int | None = None, tiny: bool = False,
                  nonfinite_guard: str | None = None, loss_chunk_positions: int | None = None):
   """The run measured for (size, method): the method's 130m C4 config at this size, bf16, remat."""
-  import importlib
-
-  config = importlib.import_module(f"configs.llama_130m_{method}").get_config()
+  config = config_module(f"llama_130m_{method}").get_config()
   config.model.size = "tiny" if tiny else size
   config.model.dtype = config.model.param_dtype = "bfloat16"
   config.model.remat = "block"
@@ -264,7 +260,7 @@ def main() -> None:
   parser.add_argument("--targets", "--target", default="tpu-v5e,tpu-v5p",
                       help="comma-separated: cpu, tpu-v5e, tpu-v5p, tpu-v6e, gpu")
   parser.add_argument("--sections", default="toy,1b,7b", help="comma-separated: toy, 1b, 7b")
-  parser.add_argument("--out", default=os.path.join(ROOT, "bench", "results", "memory_fit.json"))
+  parser.add_argument("--out", default=os.path.join(RESULTS, "memory_fit.json"))
   parser.add_argument("--out_dir", default=None, help="write memory_fit_<targets>.json here instead of --out")
   parser.add_argument("--timeout", type=float, default=None, help="seconds per case (default: none)")
   parser.add_argument("--dry_run", action="store_true",
@@ -291,7 +287,7 @@ def main() -> None:
   out = os.path.join(args.out_dir, f"memory_fit_{'_'.join(targets_)}.json") if args.out_dir else args.out
   if args.dry_run and not args.out_dir:
     out = os.path.join("/tmp", "memory_fit_dry_run.json")
-  os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
+  info = meta(args)
   rows: list[dict] = []
   start = time.time()
   programs = [p.strip() for p in args.programs.split(",")] if args.programs else None
@@ -303,10 +299,8 @@ def main() -> None:
       continue  # the toy is already small; nothing to dry-run
     rows += run_case(spec, args.timeout)
     print(f"[{time.time() - start:6.0f} s] {json.dumps(rows[-1])}", file=sys.stderr, flush=True)
-    with open(out, "w") as f:
-      json.dump({"rows": rows, "complete": False}, f, indent=1)
-  with open(out, "w") as f:
-    json.dump({"rows": rows, "complete": True, "seconds": round(time.time() - start)}, f, indent=1)
+    write_json(out, {"rows": rows, "complete": False}, meta=info)
+  write_json(out, {"rows": rows, "complete": True, "seconds": round(time.time() - start)}, meta=info)
   print_tables(rows)
   print(f"\nwrote {out}")
 

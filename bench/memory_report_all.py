@@ -26,10 +26,8 @@ import time
 
 import numpy as np
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
-
-from lowrank_jax.data import images  # noqa: E402
+from _common import RESULTS, ROOT, meta, write_json
+from lowrank_jax.data import images
 
 GIB = 2**30
 NOT_RUN_CONFIGS = ("base", "c4_recipe", "gpt2_recipe", "__init__")  # building blocks, not runs
@@ -91,10 +89,15 @@ def main() -> None:
   args = parser.parse_args()
 
   suffix = f"_{args.programs.replace(',', '+')}" if args.programs else ""
-  out_path = os.path.join(ROOT, "bench", "results", f"memory_report_all_{args.target}{suffix}.json")
+  out_path = os.path.join(RESULTS, f"memory_report_all_{args.target}{suffix}.json")
+  info = meta(args)
   rows = {}
   if args.resume and os.path.exists(out_path):
-    rows = {r["config"]: r for r in json.load(open(out_path))["rows"] if r["exit_code"] == 0}
+    with open(out_path) as f:
+      previous = json.load(f)
+    rows = {r["config"]: r for r in previous["rows"] if r["exit_code"] == 0}
+    if rows:  # those rows were measured then, not now
+      info["resumed_rows_meta"] = previous.get("meta")
   names = [n for n in shipped_configs()
            if not args.only or any(n.startswith(p) for p in args.only.split(","))]
   with tempfile.TemporaryDirectory() as tmp:
@@ -112,9 +115,7 @@ def main() -> None:
       rows[name] = row
       peak = f"{row['peak_bytes'] / GIB:.2f} GiB" if row.get("peak_bytes") else row.get("error", "")
       print(f"{name}: exit {row['exit_code']}, {row['wall_s']} s, {peak}, fits {row.get('fits')}", flush=True)
-      os.makedirs(os.path.dirname(out_path), exist_ok=True)
-      with open(out_path, "w") as f:
-        json.dump({"target": args.target, "rows": list(rows.values())}, f, indent=1)
+      write_json(out_path, {"target": args.target, "rows": list(rows.values())}, meta=info)
 
   print("\n| config | exit | wall s | peak GiB | capacity GiB | fits |\n|---|---|---|---|---|---|")
   for row in rows.values():

@@ -12,37 +12,14 @@ bench/results/memory_<name>.json. Every row is measured in the same run.
 from __future__ import annotations
 
 import argparse
-import ast
-import importlib.util
-import json
 import os
 import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from lowrank_jax.train import memory_report  # noqa: E402
+from _common import RESULTS, load_config, meta, write_json
+from lowrank_jax.train import memory_report
 
 MIB = 2**20
-
-
-def load_config(path: str, overrides: list[str]):
-  spec = importlib.util.spec_from_file_location("bench_config", path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  config = module.get_config()
-  for item in overrides:
-    key, _, raw = item.partition("=")
-    try:
-      value = ast.literal_eval(raw)
-    except (ValueError, SyntaxError):
-      value = raw
-    node = config
-    *parents, leaf = key.split(".")
-    for p in parents:
-      node = node[p]
-    node[leaf] = value
-  return config
 
 
 def main() -> None:
@@ -51,6 +28,7 @@ def main() -> None:
   parser.add_argument("--set", action="append", default=[], help="KEY=VALUE override for every row")
   parser.add_argument("--name", required=True, help="results go to bench/results/memory_<name>.json")
   args = parser.parse_args()
+  info = meta(args)
 
   rows = []
   for entry in args.configs:
@@ -71,10 +49,8 @@ def main() -> None:
     print(f"| {r['config']} | {r['opt_state_bytes'] / MIB:,.1f} | {r['opt_state_bytes'] / base['opt_state_bytes']:.3f} "
           f"| {r['params_bytes'] / MIB:,.1f} | {r['temp_bytes'] / MIB:,.1f} | {r['peak_bytes'] / MIB:,.1f} "
           f"| {r['peak_bytes'] / base['peak_bytes']:.3f} |")
-  out = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", f"memory_{args.name}.json")
-  os.makedirs(os.path.dirname(out), exist_ok=True)
-  with open(out, "w") as f:
-    json.dump({"overrides": args.set, "rows": rows}, f, indent=2)
+  out = write_json(os.path.join(RESULTS, f"memory_{args.name}.json"), {"overrides": args.set, "rows": rows},
+                   meta=info, indent=2)
   print(f"\nwrote {out}")
 
 

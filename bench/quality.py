@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import concurrent.futures as cf
 import glob
-import importlib
 import itertools
 import json
 import math
@@ -34,10 +33,7 @@ import threading
 import time
 from typing import Any, Callable
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-# The team's offline data (C4 sample, T5 tokenizer); LOWRANK_DATA_DIR points elsewhere (e.g. a copy
-# carried to a GPU machine).
-SHARED = os.environ.get("LOWRANK_DATA_DIR") or os.path.normpath(os.path.join(ROOT, "..", "shared", "data"))
+from _common import RESULTS, ROOT, SHARED_DATA as SHARED, config_module, meta, pyplot, write_json
 
 # Data and shape of each mode. Keys are trainer config keys (`--config.<key>=<value>`).
 MODES: dict[str, dict[str, Any]] = {
@@ -89,12 +85,7 @@ def tiny_methods() -> dict[str, str]:
 
 def config_lr(path: str) -> float:
   """The peak lr a config file sets (its tuned default, or the paper's)."""
-  sys.path.insert(0, ROOT)
-  try:
-    module = importlib.import_module("configs." + os.path.basename(path)[:-3])
-    return float(module.get_config().optimizer.lr)
-  finally:
-    sys.path.remove(ROOT)
+  return float(config_module(os.path.basename(path)[:-3]).get_config().optimizer.lr)
 
 
 def lr_grid(center: float, points: int, factor: float) -> list[float]:
@@ -313,21 +304,8 @@ def table(results: dict[str, Any]) -> str:
   return "\n".join(rows)
 
 
-def _pyplot():
-  """matplotlib's pyplot on a file backend, or None (with a note) when the `bench` extra is absent."""
-  try:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-  except ImportError:
-    print("matplotlib not installed (pip install -e '.[bench]'): no plot written")
-    return None
-  return plt
-
-
 def plot(results: dict[str, Any], path: str, title: str) -> bool:
-  plt = _pyplot()
+  plt = pyplot()
   if plt is None:
     return False
   fig, ax = plt.subplots(figsize=(7, 4.5))
@@ -350,7 +328,7 @@ def plot(results: dict[str, Any], path: str, title: str) -> bool:
 
 def plot_sweep(results: dict[str, Any], path: str, title: str) -> bool:
   """Eval loss against learning rate for every method: where each method's best lr sits in its grid."""
-  plt = _pyplot()
+  plt = pyplot()
   if plt is None:
     return False
   fig, ax = plt.subplots(figsize=(7.5, 4.8))
@@ -393,7 +371,7 @@ def main(argv: list[str] | None = None) -> int:
   parser.add_argument("--seeds", type=int, default=2, help="seeds at the best lr (>= 1)")
   parser.add_argument("--steps", type=int, default=0, help="override the mode's train.steps")
   parser.add_argument("--jobs", type=int, default=2, help="runs side by side (one XLA thread each when > 1)")
-  parser.add_argument("--out", default=os.path.join(ROOT, "bench", "results"), help="output folder")
+  parser.add_argument("--out", default=RESULTS, help="output folder")
   parser.add_argument("--name", default="", help="output file stem (default quality_<mode>)")
   parser.add_argument("--resume", action="store_true",
                       help="reuse the finished runs of an earlier, stopped sweep from its journal "
@@ -465,6 +443,7 @@ def main(argv: list[str] | None = None) -> int:
     if name not in methods:
       parser.error(f"--grid {item!r}: {name!r} is not among the methods run ({sorted(methods)})")
     grids[name] = [float(x) for x in lrs.split("/")]
+  info = meta(args)
   start, load_at_start = time.perf_counter(), os.getloadavg()
   print(f"quality ({mode_name}): {len(methods)} methods x {args.points} lrs + {args.seeds - 1} extra seed(s); "
         f"{mode['train.steps']} steps of {mode['train.batch_size']} x {mode['data.seq_len']} tokens")
@@ -489,8 +468,7 @@ def main(argv: list[str] | None = None) -> int:
             "cpu_s": cpu, "idle_estimate_s": cpu / args.jobs, "load_at_start": load_at_start, "load_at_end": load, "cpus": os.cpu_count(),
             "command": " ".join(["python", "bench/quality.py", *(argv if argv is not None else sys.argv[1:])]),
             "methods": results}
-  with open(os.path.join(args.out, stem + ".json"), "w") as f:
-    json.dump(_strict(report), f, indent=1)
+  write_json(os.path.join(args.out, stem + ".json"), _strict(report), meta=info)
   plot_sweep(results, os.path.join(args.out, stem + "_lr.png"), f"{mode['model.size']} LLaMA, lr sweep per method")
   if plot(results, os.path.join(args.out, stem + ".png"),
           f"{mode['model.size']} LLaMA, {mode['data.source']}, best lr per method"):

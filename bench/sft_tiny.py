@@ -22,20 +22,16 @@ import os
 import shutil
 import tempfile
 
-import sys
-
 import jax
 from flax import nnx
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from bench import c4_instructions  # noqa: E402
-from configs import base, llama_sft_lora  # noqa: E402
-from lowrank_jax import data as data_lib  # noqa: E402
-from lowrank_jax import models  # noqa: E402
-from lowrank_jax.train import train  # noqa: E402
-from lowrank_jax.train.step import batch_loss  # noqa: E402
-
-SHARED = os.path.join(os.path.dirname(__file__), '..', '..', 'shared', 'data')
+import c4_instructions
+from _common import RESULTS, SHARED_DATA as SHARED, meta, write_json
+from configs import base, llama_sft_lora  # importable once _common is imported
+from lowrank_jax import data as data_lib
+from lowrank_jax import models
+from lowrank_jax.train import train
+from lowrank_jax.train.losses import instruction_loss
 
 
 def response_loss(model_dir: str, eval_file: str, tokenizer: str, seq_len: int, batches: int) -> float:
@@ -44,7 +40,7 @@ def response_loss(model_dir: str, eval_file: str, tokenizer: str, seq_len: int, 
   tok = data_lib.make_tokenizer(tokenizer)
   source = data_lib.InstructionSource(eval_file)
   evals = data_lib.make_instruction_eval_batches(source, tok, seq_len=seq_len, batch_size=8, num_batches=batches)
-  loss = nnx.jit(batch_loss)
+  loss = nnx.jit(instruction_loss)
   totals = [jax.device_get(loss(model, b)) for b in evals]
   return float(sum(t for t, _ in totals) / sum(c for _, c in totals))
 
@@ -58,6 +54,7 @@ def main() -> None:
   parser.add_argument('--eval_batches', type=int, default=4)
   parser.add_argument('--tokenizer', default='byte', help="'byte' or a SentencePiece model (e.g. the T5 one)")
   args = parser.parse_args()
+  info = meta(args)
   work = tempfile.mkdtemp(prefix='sft_tiny_')
   data_dir = os.path.join(work, 'c4_sft')
   counts = c4_instructions.build(data_dir, prompt_chars=160, response_chars=80)  # rows of ~450 bytes
@@ -118,10 +115,7 @@ def main() -> None:
             'seq_len': args.seq_len, 'sft_seq_len': args.sft_seq_len, 'tokenizer': args.tokenizer,
             'base_response_loss': before, 'eval_curve': curve,
             'exported_response_loss': after, 'sft_trainable_params': summary.get('trainable_params')}
-  os.makedirs(os.path.join(os.path.dirname(__file__), 'results'), exist_ok=True)
-  out = os.path.join(os.path.dirname(__file__), 'results', 'sft_tiny.json')
-  with open(out, 'w') as f:
-    json.dump(result, f, indent=2)
+  out = write_json(os.path.join(RESULTS, 'sft_tiny.json'), result, meta=info, indent=2)
   print('wrote', out)
   shutil.rmtree(work, ignore_errors=True)
 

@@ -36,10 +36,8 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import datetime
 import json
 import os
-import platform
 import signal
 import statistics
 import subprocess
@@ -47,11 +45,7 @@ import sys
 import time
 from typing import Any
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
-RESULTS = os.path.join(ROOT, 'bench', 'results')
-
-T5_VOCAB = 32101  # the C4 T5 SentencePiece vocabulary as our tokenizer reports it (padded to 32128)
+from _common import RESULTS, ROOT, T5_VOCAB, get_dotted, has_dotted, meta, set_dotted, write_json
 
 # Method variants: label -> config overrides (keys of configs/base.py).
 VARIANTS: dict[str, dict[str, Any]] = {
@@ -99,24 +93,6 @@ class Case:
     return self.batch * self.seq
 
 
-def _set(config, dotted: str, value) -> None:
-  node = config
-  *parents, leaf = dotted.split('.')
-  for p in parents:
-    node = node[p]
-  node[leaf] = value
-
-
-def _has(config, dotted: str) -> bool:
-  node = config
-  for p in dotted.split('.'):
-    try:
-      node = node[p]
-    except (KeyError, AttributeError, TypeError):
-      return False
-  return True
-
-
 def method_of(variant: str) -> str:
   return VARIANTS[variant]['optimizer.name']
 
@@ -129,7 +105,7 @@ def registered(variant: str) -> bool:
 
 def gap_key(config, method: str) -> str | None:
   key = f'optimizer.{method}.update_proj_gap'
-  return key if _has(config, key) else None
+  return key if has_dotted(config, key) else None
 
 
 def case_config(case: Case):
@@ -141,13 +117,13 @@ def case_config(case: Case):
   for key, value in {'model.size': case.size, 'model.dtype': compute, 'model.param_dtype': params,
                      'data.seq_len': case.seq, 'train.batch_size': case.batch, 'train.grad_accum': 1,
                      'train.steps': 10_000, **VARIANTS[case.variant]}.items():
-    _set(config, key, value)
+    set_dotted(config, key, value)
   method = method_of(case.variant)
-  if case.size in RANK_AT_SIZE and _has(config, f'optimizer.{method}.rank') and method != 'lora':
-    _set(config, f'optimizer.{method}.rank', RANK_AT_SIZE[case.size])
+  if case.size in RANK_AT_SIZE and has_dotted(config, f'optimizer.{method}.rank') and method != 'lora':
+    set_dotted(config, f'optimizer.{method}.rank', RANK_AT_SIZE[case.size])
   key = gap_key(config, method)
   if case.gap and key:
-    _set(config, key, case.gap)
+    set_dotted(config, key, case.gap)
   return config
 
 
@@ -211,10 +187,7 @@ class StepRunner:
     self.gap = None
     key = gap_key(config, method_of(case.variant))
     if key:
-      node = config
-      for p in key.split('.'):
-        node = node[p]
-      self.gap = int(node)
+      self.gap = int(get_dotted(config, key))
     self.setup = setup = build_setup(config, vocab)
     self.state = init_state(setup, vocab)
     self.count = 0  # optimizer steps taken by this state
@@ -275,23 +248,8 @@ def _median(xs):
 
 
 def _meta(args) -> dict[str, Any]:
-  import jax
-
-  dev = jax.devices()[0]
-  return {
-      'date': datetime.datetime.now().isoformat(timespec='seconds'),
-      'jax': jax.__version__,
-      'backend': jax.default_backend(),
-      'device_kind': dev.device_kind,
-      'devices': jax.device_count(),
-      'cpu_count': os.cpu_count(),
-      'loadavg_start': os.getloadavg(),
-      'machine': platform.machine(),
-      'python': platform.python_version(),
-      'XLA_FLAGS': os.environ.get('XLA_FLAGS', ''),
-      'OPENBLAS_NUM_THREADS': os.environ.get('OPENBLAS_NUM_THREADS'),
-      'args': vars(args),
-  }
+  return meta(args, XLA_FLAGS=os.environ.get('XLA_FLAGS', ''),
+              OPENBLAS_NUM_THREADS=os.environ.get('OPENBLAS_NUM_THREADS'))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -442,7 +400,7 @@ def run_gpu(args) -> dict[str, Any]:
     else:
       result['failed'].append({'case': name, 'rc': rc, 'wall_s': wall})
     _add_ratios(result)
-    _write(out_path, result)  # after every case: a later timeout keeps what was measured
+    write_json(out_path, result)  # after every case: a later timeout keeps what was measured
   print(format_gpu(result), file=log, flush=True)
   print(format_gpu(result))
   return result
@@ -457,8 +415,8 @@ def _add_ratios(result) -> None:
 
 
 def format_gpu(result) -> str:
-  meta = result['meta']
-  lines = [f"GPU throughput: {meta['device_kind']} (jax {meta['jax']})",
+  info = result['meta']
+  lines = [f"GPU throughput: {info['device']['kind']} (jax {info['versions']['jax']})",
            f"{'case':<26}{'batch x seq':>12}{'step ms':>10}{'tokens/s':>12}{'MFU':>7}{'vs AdamW':>10}"
            f"{'peak GiB':>10}{'compile s':>11}"]
   for r in result['cases']:
@@ -635,7 +593,7 @@ def run_cpu(args) -> dict[str, Any]:
   out_path = args.out or os.path.join(RESULTS, f"throughput_cpu{'_quick' if args.quick else ''}.json")
   for size, variants in plan:
     result['sizes'].append(run_cpu_size(size, variants, args, peer_info))
-    _write(out_path, result)
+    write_json(out_path, result)
   print(format_cpu(result))
   print(f'wrote {out_path}')
   return result
@@ -685,6 +643,7 @@ def run_decomposition_threads(args) -> dict[str, Any]:
   """Refresh time per (LAPACK threads, extra load) setting, settings alternated over repetitions."""
   # OpenBLAS's default is one thread per core; the trainer's choice (lapack_threads.py) is 1.
   settings = [(threads, load) for threads in ('default', '1') for load in (False, True)]
+  run_meta = _meta(args)  # the load average before the measurement
   rows: dict[str, list] = {f'{t}/{"load" if l else "no load"}': [] for t, l in settings}
   for rep in range(args.rounds):
     for threads, load in settings[rep % 4:] + settings[:rep % 4]:
@@ -711,19 +670,12 @@ def run_decomposition_threads(args) -> dict[str, Any]:
   for threads in ('default', '1'):
     quiet, loaded = summary[f'{threads}/no load'], summary[f'{threads}/load']
     summary[f'{threads}: load / no load'] = loaded['refresh_s'] / quiet['refresh_s']
-  result = {'meta': _meta(args), 'size': args.refresh_size, 'rows': rows, 'summary': summary}
+  result = {'meta': run_meta, 'size': args.refresh_size, 'rows': rows, 'summary': summary}
   out_path = args.out or os.path.join(RESULTS, f'refresh_threads_{args.refresh_size}.json')
-  _write(out_path, result)
+  write_json(out_path, result)
   print(json.dumps(summary, indent=1))
   print(f'wrote {out_path}')
   return result
-
-
-def _write(path: str, obj) -> None:
-  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  with open(path + '.tmp', 'w') as f:
-    json.dump(obj, f, indent=1)
-  os.replace(path + '.tmp', path)
 
 
 def main(argv=None):
@@ -770,7 +722,7 @@ def main(argv=None):
     else:
       row = svd_refresh_estimate(args.svd_estimate_one, 0, args.vocab, args)
     row['meta'] = {'jax': __import__('jax').__version__}
-    _write(args.json_out, row)
+    write_json(args.json_out, row)
     print(json.dumps({k: v for k, v in row.items() if k not in ('step_s_all', 'meta')}))
     return
 

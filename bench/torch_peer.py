@@ -26,6 +26,8 @@ import json
 import sys
 import time
 
+from _common import T5_VOCAB  # stdlib only: this worker may run in a venv without JAX
+
 # d_model, d_ff, heads, layers: the GaLore repository's llama_60m ... llama_1b configs.
 SIZES = {
     'tiny': (128, 344, 4, 2),
@@ -93,7 +95,7 @@ def main(argv=None):
   parser.add_argument('--size', default='60m', choices=sorted(SIZES))
   parser.add_argument('--seq', type=int, default=256)
   parser.add_argument('--batch', type=int, default=8)
-  parser.add_argument('--vocab', type=int, default=32101)
+  parser.add_argument('--vocab', type=int, default=T5_VOCAB)
   parser.add_argument('--cases', default='adamw,galore')
   parser.add_argument('--galore-rank', type=int, default=128)
   parser.add_argument('--galore-gap', type=int, default=200)

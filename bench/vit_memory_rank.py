@@ -46,6 +46,8 @@ import os
 import sys
 import time
 
+from _common import RESULTS, meta, pyplot, write_json
+
 TPU_ENV = dict(TPU_SKIP_MDS_QUERY='1', TPU_ACCELERATOR_TYPE='v5litepod-4', TPU_WORKER_HOSTNAMES='localhost',
                TPU_WORKER_ID='0', JAX_PLATFORMS='cpu', ALLOW_MULTIPLE_LIBTPU_LOAD='1')
 
@@ -72,7 +74,7 @@ def parse_args(argv=None):
   p.add_argument('--no_compile', action='store_true',
                  help='with --resume: tabulate the rows already measured, leaving out the cases not measured')
   p.add_argument('--accuracy_steps', type=int, default=0, help='> 0: also run the accuracy part')
-  p.add_argument('--out', default=os.path.join(os.path.dirname(__file__), 'results', 'vit_memory_rank'))
+  p.add_argument('--out', default=os.path.join(RESULTS, 'vit_memory_rank'))
   return p.parse_args(argv)
 
 
@@ -327,12 +329,8 @@ def accuracy_study(steps: int) -> dict:
 
 
 def plot(rows, out_png, target_label):
-  try:
-    import matplotlib  # pylint: disable=g-import-not-at-top
-    matplotlib.use('Agg')
-    import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
-  except ImportError:
-    print("matplotlib not installed (pip install 'lowrank-jax[bench]'): no plot")
+  plt = pyplot()
+  if plt is None:
     return False
   fig, ax = plt.subplots(figsize=(7, 4.6))
   get = lambda case: next((r['peak_bytes'] / 2**20 for r in rows if Case.of(r) == case), None)  # noqa: E731
@@ -474,12 +472,15 @@ def main():
   if depths is not None and len(depths) != 2:
     sys.exit(f"--depths: 'full' or two block counts such as '1,2', got {args.depths!r}")
   settings = dict(target=label, batch=args.batch, compute_dtype=args.dtype)
+  info = meta(args)
   measured = []
   if args.resume and os.path.exists(args.out + '.json'):
     with open(args.out + '.json') as f:
       old = json.load(f)
     if all(old.get(k) == v for k, v in settings.items()):
       measured = old.get('measured', [])
+      if measured:  # those compiles were made then, not now
+        info['resumed_measured_meta'] = old.get('meta')
       print(f'resuming: {len(measured)} compiled cases from {args.out}.json')
   groups = [g for g in args.groups.split(',') if g]
   if not set(groups) <= set(GROUPS):
@@ -495,7 +496,7 @@ def main():
       missing = []
     for n in missing:
       measured.append(measure(case, device, args.batch, args.dtype, n))
-      write(args, dict(settings, measured=measured, partial=True))
+      write(args, dict(settings, measured=measured, partial=True), info)
     # Every compiled depth of the case counts (e.g. an extra 4-block check): the published depth
     # itself, or the line through the two deepest.
     row = at_depth([r for r in measured if Case.of(r) == case], published)
@@ -516,17 +517,15 @@ def main():
     figures['tiny_full_acc'] = acc['best_full']['accuracy']
     figures['tiny_lora_acc'] = acc['best_lora']['accuracy']
     figures['tiny_lora_minus_full_points'] = 100 * (figures['tiny_lora_acc'] - figures['tiny_full_acc'])
-  write(args, result)
+  write(args, result, info)
   plotted = bool(rows) and plot(rows, args.out + '.png', label)
   print(table(rows))
   print(json.dumps(figures, indent=2))
   print(f'wrote {args.out}.json' + (f' and {args.out}.png' if plotted else ''))
 
 
-def write(args, result):
-  os.makedirs(os.path.dirname(args.out), exist_ok=True)
-  with open(args.out + '.json', 'w') as f:
-    json.dump(result, f, indent=2)
+def write(args, result, info):
+  write_json(args.out + '.json', result, meta=info, indent=2)
 
 
 if __name__ == '__main__':

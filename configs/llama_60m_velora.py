@@ -5,7 +5,8 @@
 Sub-token sizes as the official scripts (8 on the attention side, 16 for down), but
 on o and down rather than the official v and down: v shares its input with q and k,
 which still save it, so compressing v alone frees nothing (it costs the projections;
-see the README's measured table). o's and down's inputs have no other consumer.
+see the measured table in docs/results/memory.md, "VeLoRA layer choices at 130m, sequence 1024").
+o's and down's inputs have no other consumer.
 """
 
 from configs import c4_recipe

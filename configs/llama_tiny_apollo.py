@@ -9,7 +9,7 @@ from configs import llama_tiny_adamw
 def get_config():
   config = llama_tiny_adamw.get_config()
   config.optimizer.name = "apollo"
-  # Tuned: the best of the lr sweep in bench/quality.py --quick (README, Quality); the paper uses 1e-2.
+  # Tuned: the best of the lr sweep in bench/quality.py --quick (docs/results/quality.md); the paper uses 1e-2.
   config.optimizer.lr = 5e-3
   config.optimizer.apollo.rank = 32  # d/4
   config.optimizer.apollo.scale = 1.0

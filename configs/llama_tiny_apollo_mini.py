@@ -9,7 +9,7 @@ from configs import llama_tiny_adamw
 def get_config():
   config = llama_tiny_adamw.get_config()
   config.optimizer.name = "apollo_mini"
-  # Tuned in bench/quality.py --quick (C4 sample, 200 steps; README, Quality). The paper's alpha =
+  # Tuned in bench/quality.py --quick (C4 sample, 200 steps; docs/results/quality.md). The paper's alpha =
   # sqrt(128) was set for width >= 512; alpha = sqrt(d / 4) keeps its matrix step relative to the
   # embeddings' (alpha / sqrt(d), APOLLO's rank-d/4 ratio 0.5) at this width d = 128: eval loss
   # 2.399 against 2.435 with sqrt(128) at its best lr.

@@ -7,7 +7,7 @@ whose input the LoRA step keeps only for the adapter: the first LayerNorm's outp
 and v: all three must be compressed to free it), the attention output (o) and the second
 LayerNorm's output (up). Not on down: its input, the GELU's output, is never kept (the step
 rebuilds it from the GELU's own saved values), so compressing it would only add its scalars.
-bench/vit_memory_rank.py measures both choices (README, Vision).
+bench/vit_memory_rank.py measures both choices (docs/vision.md, "Memory: what the measurements show").
 
   python train.py --config configs/vit_b16_lora_velora.py --config.data.path=/data/pathmnist_224.npz
 """

@@ -28,13 +28,14 @@ import numpy as np  # noqa: E402
 
 from lowrank_jax.train import memory_report, train  # noqa: E402
 from lowrank_jax.train.checkpoint import Checkpointer  # noqa: E402
-from lowrank_jax.train.config import validate  # noqa: E402
+from lowrank_jax.train.config import resolve, validate  # noqa: E402
 from lowrank_jax.train.setup import build_setup, vocab_size_of  # noqa: E402
 from train_helpers import tiny_config  # noqa: E402
 
 
 def final_params(config, workdir):
-  setup = build_setup(config, vocab_size_of(config))
+  run = resolve(config)
+  setup = build_setup(run, vocab_size_of(run))
   ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), keep=100)
   state, _, _ = ckpt.restore(setup.abstract_state)
   flat = jax.tree_util.tree_flatten_with_path(jax.tree.map(np.asarray, state.params))[0]
@@ -45,7 +46,8 @@ def collectives(config):
   from lowrank_jax.optim.lte import lte_leaf_roles
   from lowrank_jax.train.collectives import collectives as collectives_of
 
-  setup = build_setup(config, vocab_size_of(config))
+  run = resolve(config)
+  setup = build_setup(run, vocab_size_of(run))
   hlo = setup.compiled_step.lower(setup.abstract_state, setup.abstract_tokens()).compile().as_text()
   params = setup.abstract_state.params
   shapes = {"head": set(), "head_block": set(), "kernel": set()}

@@ -9,7 +9,7 @@ from flax import nnx
 from lowrank_jax import models
 from lowrank_jax.train import ConfigError
 from lowrank_jax.train.config import resolve
-from lowrank_jax.train.step import batch_loss
+from lowrank_jax.train.losses import instruction_loss, language_model_loss
 from train_helpers import tiny_config
 
 VOCAB, B, T = 37, 3, 10
@@ -32,7 +32,8 @@ def _loss_and_grads(name, kind, chunk):
     batch = _batches()[kind]
 
     def mean_loss(params):
-      total, count = batch_loss(nnx.merge(graphdef, params, rest), batch, chunk)
+      loss = instruction_loss if isinstance(batch, dict) else language_model_loss
+      total, count = loss(nnx.merge(graphdef, params, rest), batch, chunk)
       return total / count, (total, count)
 
     _RESULTS[name, kind, chunk] = jax.jit(jax.value_and_grad(mean_loss, has_aux=True))(params)

@@ -11,12 +11,12 @@ from flax import nnx
 
 from lowrank_jax import nn
 from lowrank_jax.models import (
-    LAYER_NAMES,
     LLAMA_SIZES,
     LinearFactory,
     Llama,
     LlamaConfig,
     count_params,
+    layer_names,
     linear_kinds,
     llama_config,
     register_linear_kind,
@@ -398,7 +398,7 @@ def test_linear_factory_kinds_honoured():
 def test_linear_factory_errors():
   with pytest.raises(ValueError, match="'qq'") as err:
     LinearFactory(kinds={'qq': 'dense'})
-  for name in LAYER_NAMES:
+  for name in layer_names():
     assert repr(name) in str(err.value)
   with pytest.raises(ValueError, match="'nope'") as err:
     LinearFactory(kinds={'q': 'nope'})

@@ -80,12 +80,14 @@ def _single_device(overrides, workdir):
   import jax
 
   from lowrank_jax.train.checkpoint import Checkpointer
+  from lowrank_jax.train.config import resolve
   from lowrank_jax.train.setup import build_setup, vocab_size_of
 
   assert jax.device_count() == 1
   config = tiny_config(**overrides)
   summary = train(config, str(workdir))
-  setup = build_setup(config, vocab_size_of(config))
+  run = resolve(config)
+  setup = build_setup(run, vocab_size_of(run))
   state, _, _ = Checkpointer(os.path.join(workdir, "checkpoints"), keep=100).restore(setup.abstract_state)
   flat = jax.tree_util.tree_flatten_with_path(jax.tree.map(np.asarray, state.params))[0]
   return {jax.tree_util.keystr(k): v for k, v in flat}, summary
@@ -136,10 +138,20 @@ def every_method_on_2_devices(request, tmp_path_factory):
 def test_mesh_pmap_and_fsdp_equal_one_device(tmp_path, method, every_method_on_2_devices):
   out, worker = every_method_on_2_devices
   reference, ref_summary = _single_device({**BASE, **method_overrides(method)}, tmp_path / "one")
+  # GaLore refreshes its projectors by SVD every 2 steps here: where two singular values at the rank's
+  # edge nearly coincide, the 1e-7 differences of a 2-device gradient sum turn the kept subspace a
+  # little (measured on one machine: 7.1e-3 on one MLP kernel, every other leaf <= 1e-4). The layouts
+  # all sum the same way, so among themselves they must still agree to the tight tolerance.
+  tol = 1e-2 if method == "galore" else 2e-3
+  first = None
   for name in _layouts(method):
     worker.wait_for(out / f"{method}_{name}.npz.json")
     got = dict(np.load(out / f"{method}_{name}.npz"))
-    _assert_close(got, reference, f"{method} {name} on {EQUALITY_DEVICES} devices vs 1", tol=2e-3)
+    _assert_close(got, reference, f"{method} {name} on {EQUALITY_DEVICES} devices vs 1", tol=tol)
+    if first is None:
+      first = (name, got)
+    else:
+      _assert_close(got, first[1], f"{method} {name} vs {first[0]}, both on {EQUALITY_DEVICES} devices", tol=2e-3)
     summary = json.loads((out / f"{method}_{name}.npz.json").read_text())
     assert abs(summary["train_loss"] - ref_summary["train_loss"]) < 1e-3, (method, name)
 

@@ -6,7 +6,7 @@ import pytest
 from configs import llama_sft_lora
 from lowrank_jax import models
 from lowrank_jax.train import ConfigError, train
-from lowrank_jax.train.step import masked_next_token_loss
+from lowrank_jax.train.losses import masked_next_token_loss
 from test_instructions import ALPACA, write_jsonl
 from test_pretrained import llama_weights, write_checkpoint
 

@@ -4,17 +4,24 @@ import importlib.util
 import json
 import math
 import os
+import sys
 
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def _quality():
-  spec = importlib.util.spec_from_file_location("quality", os.path.join(ROOT, "bench", "quality.py"))
+def _bench_module(name):
+  spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, "bench", f"{name}.py"))
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
   return module
+
+
+def _quality():
+  # quality.py imports its sibling bench/_common.py (a script's own folder is on sys.path).
+  sys.modules.setdefault("_common", _bench_module("_common"))
+  return _bench_module("quality")
 
 
 def test_lr_grid_is_log_spaced_around_the_config_lr():

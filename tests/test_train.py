@@ -45,7 +45,7 @@ def test_grad_accumulation_equals_one_big_batch():
   tokens = np.random.default_rng(0).integers(2, 258, size=(8, 32), dtype=np.int32)
   for accum in (1, 4):
     config = tiny_config(**{"train.batch_size": 8, "train.grad_accum": accum, "data.seq_len": 32})
-    setup = build_setup(config, 258)
+    setup = build_setup(resolve(config), 258)
     state = init_state(setup, 258)
     state, metrics = setup.train_step(state, tokens.reshape(accum, 8 // accum, 32))
     results.append((jax.tree.map(np.asarray, state.params), float(metrics["loss"])))

@@ -8,7 +8,7 @@ import jax
 import numpy as np
 import pytest
 
-from lowrank_jax.train import ConfigError, memory_report, train
+from lowrank_jax.train import ConfigError, memory_report, resolve, train
 from lowrank_jax.train import warm_start
 from lowrank_jax.train.setup import build_setup, init_state
 from train_helpers import saved_params, tiny_config
@@ -39,7 +39,7 @@ def test_trainable_count_and_optimizer_memory(method):
   total, trainable = _independent_counts(config)
   from lowrank_jax.train.setup import param_count, trainable_count
 
-  setup = build_setup(config, 258)
+  setup = build_setup(resolve(config), 258)
   assert param_count(setup) == total
   assert trainable_count(setup) == trainable
   # AdamW moments for exactly the trained parameters: no state for the frozen kernels.
@@ -75,7 +75,7 @@ def test_warm_start_from_a_full_rank_run(tmp_path):
   config = lora_config("relora", **{"train.steps": 4, "optimizer.relora.merge_every": 2,
                                     "optimizer.relora.restart_warmup_steps": 1,
                                     "optimizer.relora.warm_start_from": str(full)})
-  setup = build_setup(config, 258)
+  setup = build_setup(resolve(config), 258)
   fresh = init_state(setup, 258)
   started = warm_start.start_from_full_rank(setup, fresh, 258)
   flat = {_names(p): np.asarray(x) for p, x in jax.tree_util.tree_flatten_with_path(started.params)[0]}

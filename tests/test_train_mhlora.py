@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from lowrank_jax.train import ConfigError, train
-from lowrank_jax.train.config import validate
+from lowrank_jax.train.config import resolve, validate
 from lowrank_jax.train.setup import build_setup, init_state, param_count, trainable_count
 from train_helpers import saved_params, tiny_config
 
@@ -24,14 +24,14 @@ def test_trainable_count():
   dense = layers * (4 * d * d + 3 * d * ff + 2 * d) + d + 2 * vocab * d
   per_linear_heads = heads * (d * r + r * d)  # A_h and B_h of a d x d attention linear
   snapshots = per_linear_heads  # V_h kept as factored snapshots of A_h and B_h
-  setup = build_setup(tiny_config(**FAST), 258)
+  setup = build_setup(resolve(tiny_config(**FAST)), 258)
   assert param_count(setup) == dense + layers * 4 * (per_linear_heads + snapshots)
   assert trainable_count(setup) == dense - layers * 4 * d * d + layers * 4 * per_linear_heads
 
 
 def test_evaluation_uses_the_merged_weights_only():
   config = tiny_config(**FAST)
-  setup = build_setup(config, 258)
+  setup = build_setup(resolve(config), 258)
   state = init_state(setup, 258)
   tokens = jnp.asarray(np.random.default_rng(0).integers(2, 258, (8, 32), dtype=np.int32))
   bumped = jax.tree_util.tree_map_with_path(

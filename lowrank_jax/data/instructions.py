@@ -40,7 +40,7 @@ import grain
 import numpy as np
 
 from lowrank_jax.data.errors import DataError, DataFileError
-from lowrank_jax.data.pipeline import _check_args, _process_share
+from lowrank_jax.data.pipeline import _check_args, _first_batches, _process_share
 from lowrank_jax.data.text_files import _LineFiles, line_number
 
 __all__ = ['ALPACA_TEMPLATE', 'ALPACA_TEMPLATE_NO_INPUT', 'FORMATS', 'InstructionSource',
@@ -241,14 +241,7 @@ def make_instruction_eval_batches(source, tokenizer, *, seq_len: int, batch_size
   share = _process_share(source, process_index, process_count)
   docs = share.map(_Tokenize(tokenizer, train_on_prompt)).to_iter_dataset(grain.ReadOptions(num_threads=0, prefetch_buffer_size=0))
   rows = iter(_Rows(docs, seq_len, tokenizer.pad_id, pack))
-  batches, current = [], []
-  for row in rows:
-    current.append(row)
-    if len(current) == batch_size:
-      batches.append(_stack(current))
-      current = []
-      if len(batches) == num_batches:
-        return batches
+  batches, current = _first_batches(rows, batch_size, num_batches, _stack)
   if current:
     empty = {k: np.zeros_like(v) for k, v in current[0].items()}
     empty['tokens'][:] = tokenizer.pad_id

@@ -73,6 +73,21 @@ def _stack_rows(rows) -> dict[str, np.ndarray]:
   return {"tokens": np.stack(rows).astype(np.int32, copy=False)}
 
 
+def _first_batches(rows, batch_size: int, num_batches: int, stack):
+  """Up to ``num_batches`` batches of ``batch_size`` rows, stacked with ``stack``, from the
+  start of the iterator ``rows``; and the rows read after the last full batch (fewer than
+  ``batch_size``; none when ``num_batches`` batches were formed)."""
+  batches, current = [], []
+  for row in rows:
+    current.append(row)
+    if len(current) == batch_size:
+      batches.append(stack(current))
+      current = []
+      if len(batches) == num_batches:
+        break
+  return batches, current
+
+
 def _check_args(seq_len, batch_size, process_index, process_count):
   for name, value in (("seq_len", seq_len), ("batch_size", batch_size),
                       ("process_count", process_count)):
@@ -167,14 +182,9 @@ def make_eval_batches(source, tokenizer, *, seq_len: int, batch_size: int,
   docs = share.map(tokenize).to_iter_dataset(
       grain.ReadOptions(num_threads=0, prefetch_buffer_size=0))
   rows = iter(PackedIterDataset(docs, seq_len, tokenizer.eos_id))
-  batches, current = [], []
-  for row in rows:
-    current.append(row)
-    if len(current) == batch_size:
-      batches.append(_stack_rows(current))
-      current = []
-      if len(batches) == num_batches:
-        return batches
+  batches, _ = _first_batches(rows, batch_size, num_batches, _stack_rows)
+  if len(batches) == num_batches:
+    return batches
   if not batches:
     available = sum(len(tokenize(share[i])) + 1 for i in range(len(share)))
     raise DataError(

@@ -17,6 +17,7 @@ pickleable (they hold paths and indexes, never open file objects).
 from __future__ import annotations
 
 from lowrank_jax.data.errors import DataError
+from lowrank_jax.data.random_access import checked_index
 from lowrank_jax.data.synthetic import SyntheticLanguage, SyntheticTokenizer
 from lowrank_jax.data.text_files import JsonlSource, TextSource
 from lowrank_jax.data.tfds_source import TfdsSource
@@ -40,10 +41,7 @@ class SourceView:
     return self.stop - self.start
 
   def __getitem__(self, index: int):
-    n = len(self)
-    if not -n <= index < n:
-      raise IndexError(f"index {index} out of range for {n} documents")
-    return self.source[self.start + int(index) % n]
+    return self.source[self.start + checked_index(index, len(self))]
 
   def __repr__(self) -> str:
     return f"SourceView({self.source!r}, {self.start}, {self.stop})"

@@ -57,6 +57,8 @@ import math
 
 import numpy as np
 
+from lowrank_jax.data.random_access import checked_index
+
 __all__ = ["SyntheticLanguage", "SyntheticTokenizer"]
 
 _LANGUAGE_TAG = 0x5EED_1A46  # keeps the language's and the documents' streams
@@ -136,10 +138,7 @@ class SyntheticLanguage:
     return self.num_documents
 
   def __getitem__(self, index: int) -> np.ndarray:
-    n = self.num_documents
-    if not -n <= index < n:
-      raise IndexError(f"index {index} out of range for {n} documents")
-    index = int(index) % n
+    index = checked_index(index, self.num_documents)
     rng = np.random.default_rng(
         [_DOCUMENT_TAG, self.seed, self.doc_seed, index])
     length = int(rng.geometric(self.stop_prob))

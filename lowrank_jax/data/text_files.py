@@ -16,12 +16,12 @@ from __future__ import annotations
 import glob
 import json
 import os
-import threading
 from typing import Sequence
 
 import numpy as np
 
 from lowrank_jax.data.errors import DataFileError
+from lowrank_jax.data.random_access import IndexedFiles, checked_index
 
 __all__ = ["JsonlSource", "TextSource"]
 
@@ -113,7 +113,7 @@ def scan_lines(path: str) -> tuple[np.ndarray, np.ndarray]:
   return starts[keep], ends[keep]
 
 
-class _LineFiles:
+class _LineFiles(IndexedFiles):
   """The shared machinery: index over several files + lazy positioned reads."""
 
   def __init__(self, paths):
@@ -127,8 +127,7 @@ class _LineFiles:
     self._file_ids = np.concatenate(file_ids)
     self._starts = np.concatenate(starts)
     self._ends = np.concatenate(ends)
-    self._fds: dict[int, int] = {}
-    self._lock = threading.Lock()
+    self._init_files()
 
   def _check_first_documents(self) -> None:
     """Read each file's first document, so a file of the wrong kind (or a
@@ -141,54 +140,24 @@ class _LineFiles:
   def __len__(self) -> int:
     return len(self._starts)
 
-  def _fd(self, k: int) -> int:
-    fd = self._fds.get(k)
-    if fd is None:
-      with self._lock:
-        fd = self._fds.get(k)
-        if fd is None:
-          fd = os.open(self.paths[k], os.O_RDONLY)
-          self._fds[k] = fd
-    return fd
-
   def _line(self, index: int) -> tuple[bytes, str, int]:
     """(raw line bytes, file path, byte offset) for error messages."""
-    n = len(self)
-    if not -n <= index < n:
-      raise IndexError(f"index {index} out of range for {n} documents")
-    index = int(index) % n
+    index = checked_index(index, len(self), "documents")
     k = int(self._file_ids[index])
     start, end = int(self._starts[index]), int(self._ends[index])
-    fd = self._fd(k)
-    parts, pos = [], start
-    while pos < end:  # pread may return short reads; loop until done.
-      part = os.pread(fd, end - pos, pos)
-      if not part:
-        raise OSError(f"{self.paths[k]!r} shrank while being read "
-                      f"(offset {pos}); was it modified after indexing?")
-      parts.append(part)
-      pos += len(part)
-    raw = b"".join(parts)
+    raw = self._pread(k, start, end - start)
     if raw.endswith(b"\r"):
       raw = raw[:-1]
     return raw, self.paths[k], start
 
   def __getstate__(self):
     state = self.__dict__.copy()
-    state["_fds"] = {}
-    del state["_lock"]
+    del state["_fds"], state["_lock"]  # descriptors cannot travel; reopened lazily
     return state
 
   def __setstate__(self, state):
     self.__dict__.update(state)
-    self._lock = threading.Lock()
-
-  def __del__(self, _close=os.close):  # os may be gone at interpreter exit
-    for fd in getattr(self, "_fds", {}).values():
-      try:
-        _close(fd)
-      except OSError:
-        pass
+    self._init_files()
 
 
 class TextSource(_LineFiles):

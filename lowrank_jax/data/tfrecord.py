@@ -15,9 +15,10 @@ from __future__ import annotations
 
 import os
 import struct
-import threading
 
 import numpy as np
+
+from lowrank_jax.data.random_access import IndexedFiles, checked_index
 
 __all__ = ["TFRecordShards"]
 
@@ -47,7 +48,7 @@ def index_records(path: str) -> tuple[np.ndarray, np.ndarray]:
   return np.asarray(offsets, np.int64), np.asarray(lengths, np.int64)
 
 
-class TFRecordShards:
+class TFRecordShards(IndexedFiles):
   """Global record index over shard files with known record counts.
 
   ``shard_lengths`` (from the dataset metadata) map a global index to
@@ -64,13 +65,13 @@ class TFRecordShards:
     self.shard_lengths = [int(n) for n in shard_lengths]
     self._cum = np.cumsum([0] + self.shard_lengths)
     self._index: dict[int, tuple[np.ndarray, np.ndarray]] = {}
-    self._fds: dict[int, int] = {}
-    self._lock = threading.Lock()
+    self._init_files()
 
   def __len__(self) -> int:
     return int(self._cum[-1])
 
-  def _shard(self, k: int) -> tuple[int, np.ndarray, np.ndarray]:
+  def _shard(self, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Offsets and lengths of shard ``k``'s records, scanned once."""
     entry = self._index.get(k)
     if entry is None:
       with self._lock:
@@ -81,27 +82,15 @@ class TFRecordShards:
             raise ValueError(
                 f"{self.paths[k]!r} holds {len(offsets)} records but the "
                 f"dataset metadata says {self.shard_lengths[k]}.")
-          self._fds[k] = os.open(self.paths[k], os.O_RDONLY)
           entry = self._index[k] = (offsets, lengths)
-    return (self._fds[k],) + entry
+    return entry
 
   def __getitem__(self, index: int) -> bytes:
-    n = len(self)
-    if not -n <= index < n:
-      raise IndexError(f"index {index} out of range for {n} records")
-    index = int(index) % n
+    index = checked_index(index, len(self), "records")
     k = int(np.searchsorted(self._cum, index, side="right")) - 1
-    fd, offsets, lengths = self._shard(k)
+    offsets, lengths = self._shard(k)
     local = index - int(self._cum[k])
-    offset, length = int(offsets[local]), int(lengths[local])
-    parts, done = [], 0
-    while done < length:
-      part = os.pread(fd, length - done, offset + done)
-      if not part:
-        raise OSError(f"{self.paths[k]!r}: unexpected end of file.")
-      parts.append(part)
-      done += len(part)
-    return b"".join(parts)
+    return self._pread(k, int(offsets[local]), int(lengths[local]))
 
   def __getstate__(self):
     # Offsets are cheap to rebuild; file descriptors cannot travel.
@@ -109,10 +98,3 @@ class TFRecordShards:
 
   def __setstate__(self, state):
     self.__init__(state["paths"], state["shard_lengths"])
-
-  def __del__(self, _close=os.close):  # os may be gone at interpreter exit
-    for fd in getattr(self, "_fds", {}).values():
-      try:
-        _close(fd)
-      except OSError:
-        pass

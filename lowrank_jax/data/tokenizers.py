@@ -64,31 +64,51 @@ class ByteTokenizer:
     return "ByteTokenizer()"
 
 
-class SentencePieceTokenizer:
+class _FileTokenizer:
+  """A tokenizer built from the bytes of one file (``_load(contents)`` in each subclass).
+
+  The file is read once. Pickling stores its contents, not the path, so a pickled
+  tokenizer works in worker processes or hosts that do not have the file.
+  """
+
+  def __init__(self, path: str | os.PathLike):
+    path = os.path.expanduser(os.fspath(path))
+    if not os.path.isfile(path):
+      raise FileNotFoundError(_missing_model_message(path))
+    self.path = path
+    with open(path, "rb") as f:
+      self._contents = f.read()
+    self._load(self._contents)
+
+  def _load(self, contents: bytes) -> None:
+    raise NotImplementedError
+
+  def __getstate__(self):
+    return {"path": self.path, "contents": self._contents}
+
+  def __setstate__(self, state):
+    self.path, self._contents = state["path"], state["contents"]
+    self._load(self._contents)
+
+  def __repr__(self) -> str:
+    return f"{type(self).__name__}({self.path!r})"
+
+
+class SentencePieceTokenizer(_FileTokenizer):
   """A SentencePiece model file.
 
   ``vocab_size`` is the model's piece count (32,101 for the T5 C4 model).
   A model without a pad piece (``pad_id() == -1``, the SentencePiece default)
   gets ``pad_id = eos_id``: the packer never pads, so the value only has to be
   a valid id.
-
-  Pickling stores the serialized model, not the path, so a pickled tokenizer
-  works in worker processes or hosts that do not have the file.
   """
 
-  def __init__(self, path: str | os.PathLike):
+  def _load(self, contents: bytes) -> None:
     import sentencepiece as spm  # pylint: disable=g-import-not-at-top
-    path = os.path.expanduser(os.fspath(path))
-    if not os.path.isfile(path):
-      raise FileNotFoundError(_missing_model_message(path))
-    self.path = path
     try:
-      processor = spm.SentencePieceProcessor(model_file=path)
-    except (RuntimeError, OSError) as e:  # any other file: "could not parse ModelProto"
-      raise ValueError(f"{path!r} is not a SentencePiece model ({e}).") from None
-    self._load(processor)
-
-  def _load(self, sp) -> None:
+      sp = spm.SentencePieceProcessor(model_proto=contents)
+    except (RuntimeError, OSError) as e:  # any other file: ModelProto does not parse
+      raise ValueError(f"{self.path!r} is not a SentencePiece model ({e}).") from None
     self._sp = sp
     self.vocab_size = int(sp.get_piece_size())
     self.eos_id = int(sp.eos_id())
@@ -108,19 +128,8 @@ class SentencePieceTokenizer:
     ids = [int(i) for i in np.asarray(ids).reshape(-1)]
     return self._sp.decode(ids)
 
-  def __getstate__(self):
-    return {"path": self.path, "proto": self._sp.serialized_model_proto()}
 
-  def __setstate__(self, state):
-    import sentencepiece as spm  # pylint: disable=g-import-not-at-top
-    self.path = state["path"]
-    self._load(spm.SentencePieceProcessor(model_proto=state["proto"]))
-
-  def __repr__(self) -> str:
-    return f"SentencePieceTokenizer({self.path!r})"
-
-
-class HFTokenizer:
+class HFTokenizer(_FileTokenizer):
   """A Hugging Face ``tokenizer.json`` (through the ``tokenizers`` library).
 
   ``encode`` adds no special tokens (the packer appends EOS itself). The special ids
@@ -132,21 +141,12 @@ class HFTokenizer:
 
   _EOS_SPELLINGS = ("</s>", "<|endoftext|>", "<|end_of_text|>", "<eos>")
 
-  def __init__(self, path: str | os.PathLike):
-    path = os.path.expanduser(os.fspath(path))
-    if not os.path.isfile(path):
-      raise FileNotFoundError(_missing_model_message(path))
-    self.path = path
-    with open(path, encoding="utf-8") as f:
-      self._load(f.read())
-
-  def _load(self, text: str) -> None:
+  def _load(self, contents: bytes) -> None:
     tokenizers = _import_optional("tokenizers", "a tokenizer.json")
     try:
-      self._tok = tokenizers.Tokenizer.from_str(text)
+      self._tok = tokenizers.Tokenizer.from_str(contents.decode("utf-8"))
     except Exception as e:  # pylint: disable=broad-except  (the library raises Exception)
       raise ValueError(f"{self.path!r} is not a Hugging Face tokenizer.json ({e}).") from None
-    self._json = text
     self.vocab_size = int(self._tok.get_vocab_size(with_added_tokens=True))
     special = _special_tokens_beside(self.path)
     ids = {key: self._id_of(value) for key, value in special.items()}
@@ -174,23 +174,13 @@ class HFTokenizer:
   def decode(self, ids: Iterable[int]) -> str:
     return self._tok.decode([int(i) for i in np.asarray(ids).reshape(-1)])
 
-  def __getstate__(self):
-    return {"path": self.path, "json": self._json}
-
-  def __setstate__(self, state):
-    self.path = state["path"]
-    self._load(state["json"])
-
-  def __repr__(self) -> str:
-    return f"HFTokenizer({self.path!r})"
-
 
 # GPT-2's pre-tokenizer (tiktoken's r50k_base pattern) and its one special token.
 R50K_PATTERN = (r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+""")
 R50K_EOS = "<|endoftext|>"
 
 
-class TiktokenTokenizer:
+class TiktokenTokenizer(_FileTokenizer):
   """A tiktoken BPE file in GPT-2's ``r50k_base`` format, read from a local path.
 
   The file has one ``<base64 token> <rank>`` line per token (OpenAI's
@@ -199,18 +189,9 @@ class TiktokenTokenizer:
   Nothing is downloaded.
   """
 
-  def __init__(self, path: str | os.PathLike):
-    path = os.path.expanduser(os.fspath(path))
-    if not os.path.isfile(path):
-      raise FileNotFoundError(_missing_model_message(path))
-    self.path = path
-    with open(path, "rb") as f:
-      self._load(f.read())
-
   def _load(self, contents: bytes) -> None:
     tiktoken = _import_optional("tiktoken", "a tiktoken BPE file")
     ranks = _parse_tiktoken(contents, self.path)
-    self._contents = contents
     self.eos_id = len(ranks)
     self.pad_id = self.eos_id
     self.bos_id = None
@@ -226,16 +207,6 @@ class TiktokenTokenizer:
   def decode(self, ids: Iterable[int]) -> str:
     ids = [int(i) for i in np.asarray(ids).reshape(-1) if int(i) != self.eos_id]
     return self._enc.decode(ids)
-
-  def __getstate__(self):
-    return {"path": self.path, "contents": self._contents}
-
-  def __setstate__(self, state):
-    self.path = state["path"]
-    self._load(state["contents"])
-
-  def __repr__(self) -> str:
-    return f"TiktokenTokenizer({self.path!r})"
 
 
 def _parse_tiktoken(contents: bytes, path: str) -> dict[bytes, int]:
@@ -266,28 +237,37 @@ def _is_tiktoken_file(path: str) -> bool:
 
 
 def _special_tokens_beside(path: str) -> dict:
-  """{"eos"/"bos"/"pad": token text or id} from tokenizer_config.json or config.json beside `path`."""
-  folder, out = os.path.dirname(path), {}
-  config = os.path.join(folder, "tokenizer_config.json")
-  if os.path.isfile(config):
+  """{"eos"/"bos"/"pad": token text or id} from tokenizer_config.json or config.json beside `path`.
+
+  A token named in tokenizer_config.json wins over config.json's id for it.
+  """
+  out = {}
+  for name, field, value_of in (("tokenizer_config.json", "{}_token", _token_text),
+                                ("config.json", "{}_token_id", _token_id)):
+    config = os.path.join(os.path.dirname(path), name)
+    if not os.path.isfile(config):
+      continue
     with open(config, encoding="utf-8") as f:
       settings = json.load(f)
     for key in ("eos", "bos", "pad"):
-      value = settings.get(f"{key}_token")
-      if isinstance(value, dict):
-        value = value.get("content")
-      if isinstance(value, str):
-        out[key] = value
-  model_config = os.path.join(folder, "config.json")
-  if os.path.isfile(model_config):
-    with open(model_config, encoding="utf-8") as f:
-      settings = json.load(f)
-    for key in ("eos", "bos", "pad"):
-      value = settings.get(f"{key}_token_id")
-      value = value[0] if isinstance(value, list) and value else value
-      if isinstance(value, int) and key not in out:
+      value = value_of(settings.get(field.format(key)))
+      if value is not None and key not in out:
         out[key] = value
   return out
+
+
+def _token_text(value) -> str | None:
+  """A tokenizer_config.json token: its text, or a dict holding it under "content"."""
+  if isinstance(value, dict):
+    value = value.get("content")
+  return value if isinstance(value, str) else None
+
+
+def _token_id(value) -> int | None:
+  """A config.json token id: an int, or a list of ids of which the first is used."""
+  if isinstance(value, list) and value:
+    value = value[0]
+  return value if isinstance(value, int) else None
 
 
 def _import_optional(module: str, what: str):

@@ -43,78 +43,45 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import nnx
 
+from lowrank_jax.models.family import Family, register_family
+from lowrank_jax.models.hf_format import OVERRIDES, HFFormat, PretrainedError, Tensors, hf_get, layer_norm_tensors
 from lowrank_jax.models.linear_factory import LinearFactory
 from lowrank_jax.models.transformer import (
     CausalSelfAttention,
     DecoderLM,
+    ModelConfig,
     PreNormBlock,
     attach_bias,
+    is_positive_int,
     linear_with_bias,
     run_blocks,
 )
 
-DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
 
-
-@dataclasses.dataclass(frozen=True)
-class GPT2Config:
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class GPT2Config(ModelConfig):
   vocab_size: int
-  d_model: int
-  n_heads: int
-  n_layers: int
   d_ff: int | None = None       # MLP width; None -> 4 * d_model
   max_seq_len: int = 1024       # context: number of learned positions
   tie_embeddings: bool = True   # GPT-2 ties the head to the token embedding
   norm_eps: float = 1e-5
-  init_std: float = 0.02
-  dtype: str = 'float32'        # compute dtype
-  param_dtype: str = 'float32'  # storage dtype of the parameters
-  remat: bool = False           # activation checkpointing per block
   bias: bool = False            # biases on every linear (OpenAI's GPT-2 has them)
+
+  POSITIVE_INTS = ModelConfig.POSITIVE_INTS + ('vocab_size', 'max_seq_len')
 
   def __post_init__(self):
     if self.d_ff is None:
-      object.__setattr__(self, 'd_ff', 4 * self.d_model if _is_pos_int(self.d_model) else None)
-    for name in ('vocab_size', 'd_model', 'd_ff', 'n_heads', 'n_layers', 'max_seq_len'):
-      value = getattr(self, name)
-      if not _is_pos_int(value):
-        raise ValueError(f'GPT2Config.{name} must be a positive integer, got {value!r}')
-    if self.d_model % self.n_heads:
-      raise ValueError(
-          f'GPT2Config.d_model ({self.d_model}) must be divisible by n_heads ({self.n_heads})')
+      object.__setattr__(self, 'd_ff', 4 * self.d_model if is_positive_int(self.d_model) else None)
+    super().__post_init__()
     if not isinstance(self.tie_embeddings, bool):
       raise ValueError(f'GPT2Config.tie_embeddings must be a bool, got {self.tie_embeddings!r}')
-    for name in ('norm_eps', 'init_std'):
-      value = getattr(self, name)
-      if not isinstance(value, (int, float)) or isinstance(value, bool) or not value > 0:
-        raise ValueError(f'GPT2Config.{name} must be a positive number, got {value!r}')
-    for name in ('dtype', 'param_dtype'):
-      value = getattr(self, name)
-      if value not in DTYPES:
-        raise ValueError(f'GPT2Config.{name} must be one of {list(DTYPES)}, got {value!r}')
-
-  @property
-  def head_dim(self) -> int:
-    return self.d_model // self.n_heads
-
-  @property
-  def compute_dtype(self):
-    return DTYPES[self.dtype]
-
-  @property
-  def storage_dtype(self):
-    return DTYPES[self.param_dtype]
-
-
-def _is_pos_int(value: Any) -> bool:
-  return not isinstance(value, bool) and isinstance(value, (int, np.integer)) and value > 0
 
 
 # name -> (d_model, n_heads, n_layers); d_ff = 4 d_model. OpenAI's sizes;
@@ -126,17 +93,6 @@ GPT2_SIZES: dict[str, dict[str, int]] = {
     '774m': dict(d_model=1280, n_heads=20, n_layers=36),
     '1.5b': dict(d_model=1600, n_heads=25, n_layers=48),
 }
-
-
-def gpt2_config(size: str, vocab_size: int, **overrides: Any) -> GPT2Config:
-  """The ``GPT2Config`` of a named size, with any field overridden."""
-  if size not in GPT2_SIZES:
-    raise ValueError(f'unknown GPT-2 size {size!r}; valid sizes: {list(GPT2_SIZES)}')
-  fields = {f.name for f in dataclasses.fields(GPT2Config)}
-  unknown = sorted(set(overrides) - fields)
-  if unknown:
-    raise ValueError(f'unknown GPT2Config fields {unknown}; valid fields: {sorted(fields)}')
-  return GPT2Config(**{**GPT2_SIZES[size], 'vocab_size': vocab_size, **overrides})
 
 
 def _linear_kw(config: GPT2Config, std: float, rngs: nnx.Rngs) -> dict[str, Any]:
@@ -204,14 +160,73 @@ class GPT2(DecoderLM):
                     segment_ids: jax.Array | None = None) -> jax.Array:
     """The final hidden states [B, T, d_model] (see ``DecoderLM``; ``model(tokens)`` gives the logits)."""
     cfg = self.config
-    if tokens.ndim != 2:
-      raise ValueError(f'tokens must have shape [batch, seq], got {tokens.shape}')
-    if tokens.shape[1] > cfg.max_seq_len:
-      raise ValueError(
-          f'sequence length {tokens.shape[1]} exceeds max_seq_len {cfg.max_seq_len}')
+    self.check_tokens(tokens)
     if positions is None:
       positions = jnp.arange(tokens.shape[1], dtype=jnp.int32)[None]
     x = (self.embed(tokens) + self.pos_embed(positions)).astype(cfg.compute_dtype)
     x = run_blocks(self.layers, x, remat=cfg.remat, segment_ids=segment_ids)
     return self.final_norm(x)
 
+
+
+# ---------------------------------------------------------------------------
+# Hugging Face `GPT2LMHeadModel`: config.json <-> GPT2Config, parameter path <-> tensor name.
+# Its `Conv1D` weights are already [in, out]; the fused `c_attn` [d, 3d] is split into q, k, v.
+
+_GELUS = ('gelu_new', 'gelu_pytorch_tanh')  # the tanh approximation our MLP computes
+
+
+def _config_from_hf(hf: dict, overrides: dict) -> GPT2Config:
+  act = hf_get(hf, 'activation_function', 'gelu_new')
+  if act not in _GELUS:
+    raise PretrainedError(f'config.json activation_function={act!r}: supported {list(_GELUS)}')
+  for key, ok in (('scale_attn_weights', True), ('scale_attn_by_inverse_layer_idx', False)):
+    if bool(hf_get(hf, key, ok)) != ok:
+      raise PretrainedError(f'config.json {key}={hf[key]!r} is not supported (only {ok})')
+  d = hf_get(hf, 'n_embd', required=True)
+  fields = dict(
+      vocab_size=hf_get(hf, 'vocab_size', required=True), d_model=d, n_heads=hf_get(hf, 'n_head', required=True),
+      n_layers=hf_get(hf, 'n_layer', required=True), d_ff=hf_get(hf, 'n_inner') or 4 * d,
+      max_seq_len=hf_get(hf, 'n_positions', 1024), tie_embeddings=bool(hf_get(hf, 'tie_word_embeddings', True)),
+      norm_eps=float(hf_get(hf, 'layer_norm_epsilon', 1e-5)), bias=True)
+  return GPT2Config(**{**fields, **overrides})
+
+
+def _config_to_hf(c: GPT2Config, base: dict) -> dict:
+  return {
+      'architectures': ['GPT2LMHeadModel'], 'model_type': 'gpt2', 'vocab_size': c.vocab_size,
+      'n_embd': c.d_model, 'n_head': c.n_heads, 'n_layer': c.n_layers, 'n_inner': c.d_ff,
+      'n_positions': c.max_seq_len, 'n_ctx': c.max_seq_len, 'layer_norm_epsilon': c.norm_eps,
+      'activation_function': 'gelu_new', 'tie_word_embeddings': c.tie_embeddings,
+      'resid_pdrop': 0.0, 'embd_pdrop': 0.0, 'attn_pdrop': 0.0,
+  }
+
+
+def _tensors(c: GPT2Config) -> Tensors:
+  t: Tensors = {('embed', 'embedding'): ('transformer.wte.weight', 'copy'),
+                ('pos_embed', 'embedding'): ('transformer.wpe.weight', 'copy'),
+                **layer_norm_tensors(('final_norm',), 'transformer.ln_f')}
+  for i in range(c.n_layers):
+    pre = f'transformer.h.{i}.'
+    for ours, theirs in (('attn_norm', 'ln_1'), ('mlp_norm', 'ln_2')):
+      t.update(layer_norm_tensors(('layers', i, ours), pre + theirs))
+    for leaf in ('kernel', 'bias'):
+      hf_leaf = 'weight' if leaf == 'kernel' else 'bias'
+      for j, name in enumerate(('q', 'k', 'v')):
+        t[('layers', i, 'attn', name, leaf)] = (f'{pre}attn.c_attn.{hf_leaf}', f'fused{j}')
+      for group, name, theirs in (('attn', 'o', 'attn.c_proj'), ('mlp', 'up', 'mlp.c_fc'),
+                                  ('mlp', 'down', 'mlp.c_proj')):
+        t[('layers', i, group, name, leaf)] = (f'{pre}{theirs}.{hf_leaf}', 'copy')  # Conv1D: [in, out]
+  if not c.tie_embeddings:
+    t[('head', 'kernel')] = ('lm_head.weight', 'linear')
+  return t
+
+
+FAMILY = register_family(Family(
+    name='gpt2', title='GPT-2', config_class=GPT2Config, model_class=GPT2, sizes=GPT2_SIZES,
+    task='language_model', layer_names=('q', 'k', 'v', 'o', 'up', 'down', 'head'),
+    hf=HFFormat(_config_from_hf, _config_to_hf, _tensors, OVERRIDES + ('max_seq_len',),
+                aliases=lambda n: (n, n.removeprefix('transformer.')),
+                ignored=re.compile(r'(\.attn\.(masked_)?bias|^lm_head\.weight)$')),
+    hf_architectures=('GPT2LMHeadModel',)))
+gpt2_config = FAMILY.config  # gpt2_config(size, vocab_size, **overrides) -> GPT2Config

@@ -16,9 +16,7 @@ from typing import Any
 from flax import nnx
 
 from lowrank_jax import nn
-
-# Names of the linears a LLaMA block / model asks for.
-LAYER_NAMES: tuple[str, ...] = ('q', 'k', 'v', 'o', 'gate', 'up', 'down', 'head')
+from lowrank_jax.models.family import layer_names
 
 DEFAULT_KIND = 'dense'
 
@@ -72,7 +70,8 @@ class LinearFactory:
 
   Args:
     kinds: layer name -> kind. Names not given use ``'dense'``. Names must be in
-      ``LAYER_NAMES`` and kinds must be registered (see ``linear_kinds()``).
+      ``layer_names()`` (any registered family's) and kinds must be registered
+      (see ``linear_kinds()``).
     options: kind -> extra keyword arguments passed to that kind's builder
       (e.g. ``{'lora': {'rank': 8, 'alpha': 16}}``). Kinds must be registered.
     layer_options: layer name -> keyword arguments for that layer only, applied
@@ -86,18 +85,16 @@ class LinearFactory:
                kinds: Mapping[str, str] | None = None,
                options: Mapping[str, Mapping[str, Any]] | None = None,
                layer_options: Mapping[str, Mapping[str, Any]] | None = None):
+    names = layer_names()
     kinds = dict(kinds or {})
     layer_options = {k: dict(v) for k, v in (layer_options or {}).items()}
     for name in layer_options:
-      if name not in LAYER_NAMES:
-        raise ValueError(
-            f'unknown layer name {name!r} in layer options; valid layer names: {list(LAYER_NAMES)}')
+      if name not in names:
+        raise ValueError(f'unknown layer name {name!r} in layer options; valid layer names: {list(names)}')
     options = {k: dict(v) for k, v in (options or {}).items()}
     for name, kind in kinds.items():
-      if name not in LAYER_NAMES:
-        raise ValueError(
-            f'unknown layer name {name!r} in linear kinds; valid layer names: '
-            f'{list(LAYER_NAMES)}')
+      if name not in names:
+        raise ValueError(f'unknown layer name {name!r} in linear kinds; valid layer names: {list(names)}')
       if kind not in _REGISTRY:
         raise ValueError(
             f'unknown linear kind {kind!r} for layer {name!r}; valid kinds: '
@@ -109,14 +106,14 @@ class LinearFactory:
             f'{list(linear_kinds())}')
       if not isinstance(opts, Mapping):
         raise ValueError(f'options for linear kind {kind!r} must be a mapping, got {opts!r}')
-    self.kinds: dict[str, str] = {name: kinds.get(name, DEFAULT_KIND) for name in LAYER_NAMES}
+    self.kinds: dict[str, str] = {name: kinds.get(name, DEFAULT_KIND) for name in names}
     self.options: dict[str, dict[str, Any]] = options
     self.layer_options: dict[str, dict[str, Any]] = layer_options
 
   def kind_of(self, name: str) -> str:
     """The kind that ``name`` will be built as."""
     if name not in self.kinds:
-      raise ValueError(f'unknown layer name {name!r}; valid layer names: {list(LAYER_NAMES)}')
+      raise ValueError(f'unknown layer name {name!r}; valid layer names: {list(self.kinds)}')
     return self.kinds[name]
 
   def __call__(self, name: str, in_features: int, out_features: int, *,

@@ -3,7 +3,8 @@
 Every linear layer is built through a :class:`LinearFactory`, keyed by the
 layer names ``q, k, v, o`` (attention), ``gate, up, down`` (SwiGLU MLP) and
 ``head`` (output projection), so LoRA-style linears can be swapped in per layer
-name without touching this file.
+name without touching this file. The end of the file maps the model to Hugging Face's
+``LlamaForCausalLM`` (``from_pretrained`` / ``save_pretrained``) and registers the family.
 
 Parameter paths (``nnx.state(model, nnx.Param)``)::
 
@@ -22,84 +23,53 @@ Parameter paths (``nnx.state(model, nnx.Param)``)::
 from __future__ import annotations
 
 import dataclasses
+import re
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
 from lowrank_jax import nn
+from lowrank_jax.models.family import Family, register_family
+from lowrank_jax.models.hf_format import OVERRIDES, HFFormat, PretrainedError, Tensors, hf_get
 from lowrank_jax.models.linear_factory import LinearFactory
 from lowrank_jax.models.transformer import (
     CausalSelfAttention,
     DecoderLM,
+    ModelConfig,
     PreNormBlock,
     attach_bias,
+    is_positive_int,
     linear_with_bias,
     run_blocks,
 )
 
-DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
 
-
-@dataclasses.dataclass(frozen=True)
-class LlamaConfig:
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class LlamaConfig(ModelConfig):
   vocab_size: int
-  d_model: int
-  d_ff: int
-  n_heads: int
-  n_layers: int
   max_seq_len: int = 2048
   tie_embeddings: bool = False
   rope_theta: float = 10000.0
   norm_eps: float = 1e-6
-  init_std: float = 0.02
-  dtype: str = 'float32'        # compute dtype
-  param_dtype: str = 'float32'  # storage dtype of the parameters
-  remat: bool = False           # activation checkpointing per block
   n_kv_heads: int | None = None  # grouped-query attention: k/v heads (None: n_heads)
   attention_bias: bool = False  # biases on q, k, v, o (HF `attention_bias`)
   mlp_bias: bool = False        # biases on gate, up, down (HF `mlp_bias`)
 
+  POSITIVE_INTS = ModelConfig.POSITIVE_INTS + ('vocab_size', 'max_seq_len')
+  POSITIVE_NUMBERS = ModelConfig.POSITIVE_NUMBERS + ('rope_theta',)
+
   def __post_init__(self):
-    for name in ('vocab_size', 'd_model', 'd_ff', 'n_heads', 'n_layers', 'max_seq_len'):
-      value = getattr(self, name)
-      if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value <= 0:
-        raise ValueError(f'LlamaConfig.{name} must be a positive integer, got {value!r}')
-    if self.d_model % self.n_heads:
-      raise ValueError(
-          f'LlamaConfig.d_model ({self.d_model}) must be divisible by n_heads ({self.n_heads})')
+    super().__post_init__()
     if self.head_dim % 2:
       raise ValueError(
           f'LlamaConfig.d_model / n_heads = {self.head_dim} (head dim) must be even for '
           'rotary embeddings')
     if self.n_kv_heads is not None and (
-        isinstance(self.n_kv_heads, bool) or not isinstance(self.n_kv_heads, (int, np.integer))
-        or self.n_kv_heads <= 0 or self.n_heads % self.n_kv_heads):
+        not is_positive_int(self.n_kv_heads) or self.n_heads % self.n_kv_heads):
       raise ValueError(f'LlamaConfig.n_kv_heads must be a positive divisor of n_heads '
                        f'({self.n_heads}) or None, got {self.n_kv_heads!r}')
-    for name in ('rope_theta', 'norm_eps', 'init_std'):
-      value = getattr(self, name)
-      if not isinstance(value, (int, float)) or isinstance(value, bool) or not value > 0:
-        raise ValueError(f'LlamaConfig.{name} must be a positive number, got {value!r}')
-    for name in ('dtype', 'param_dtype'):
-      value = getattr(self, name)
-      if value not in DTYPES:
-        raise ValueError(
-            f'LlamaConfig.{name} must be one of {list(DTYPES)}, got {value!r}')
-
-  @property
-  def head_dim(self) -> int:
-    return self.d_model // self.n_heads
-
-  @property
-  def compute_dtype(self):
-    return DTYPES[self.dtype]
-
-  @property
-  def storage_dtype(self):
-    return DTYPES[self.param_dtype]
 
 
 # name -> (d_model, d_ff, n_heads, n_layers). GaLore paper / repo configs
@@ -112,17 +82,6 @@ LLAMA_SIZES: dict[str, dict[str, int]] = {
     '1b': dict(d_model=2048, d_ff=5461, n_heads=32, n_layers=24),
     '7b': dict(d_model=4096, d_ff=11008, n_heads=32, n_layers=32),
 }
-
-
-def llama_config(size: str, vocab_size: int, **overrides: Any) -> LlamaConfig:
-  """The ``LlamaConfig`` of a named size, with any field overridden."""
-  if size not in LLAMA_SIZES:
-    raise ValueError(f'unknown LLaMA size {size!r}; valid sizes: {list(LLAMA_SIZES)}')
-  fields = {f.name for f in dataclasses.fields(LlamaConfig)}
-  unknown = sorted(set(overrides) - fields)
-  if unknown:
-    raise ValueError(f'unknown LlamaConfig fields {unknown}; valid fields: {sorted(fields)}')
-  return LlamaConfig(**{**LLAMA_SIZES[size], 'vocab_size': vocab_size, **overrides})
 
 
 class MLP(nnx.Module):
@@ -181,11 +140,7 @@ class Llama(DecoderLM):
                     segment_ids: jax.Array | None = None) -> jax.Array:
     """The final hidden states [B, T, d_model] (see ``DecoderLM``; ``model(tokens)`` gives the logits)."""
     cfg = self.config
-    if tokens.ndim != 2:
-      raise ValueError(f'tokens must have shape [batch, seq], got {tokens.shape}')
-    if tokens.shape[1] > cfg.max_seq_len:
-      raise ValueError(
-          f'sequence length {tokens.shape[1]} exceeds max_seq_len {cfg.max_seq_len}')
+    self.check_tokens(tokens)
     x = self.embed(tokens).astype(cfg.compute_dtype)
     x = run_blocks(self.layers, x, remat=cfg.remat, positions=positions, segment_ids=segment_ids)
     return self.final_norm(x)
@@ -203,3 +158,74 @@ def count_params(model_or_state: Any) -> int:
     tree = nnx.state(tree, nnx.Param)
   leaves = jax.tree.leaves(tree)
   return int(sum(int(np.prod(leaf.shape)) for leaf in leaves))
+
+
+# ---------------------------------------------------------------------------
+# Hugging Face `LlamaForCausalLM`: config.json <-> LlamaConfig, parameter path <-> tensor name.
+
+
+def _config_from_hf(hf: dict, overrides: dict) -> LlamaConfig:
+  d, heads = hf_get(hf, 'hidden_size', required=True), hf_get(hf, 'num_attention_heads', required=True)
+  if hf_get(hf, 'hidden_act', 'silu') != 'silu':
+    raise PretrainedError(f'config.json hidden_act={hf["hidden_act"]!r}: only "silu" (LLaMA) is supported')
+  if hf_get(hf, 'head_dim') not in (None, d // heads):
+    raise PretrainedError(f'config.json head_dim={hf["head_dim"]} differs from hidden_size / '
+                          f'num_attention_heads = {d // heads}: not supported')
+  # transformers < 5 writes rope_theta (+ rope_scaling); 5 writes rope_parameters.
+  rope = dict(hf_get(hf, 'rope_parameters') or {})
+  scaling = hf_get(hf, 'rope_scaling') or ({} if rope.get('rope_type', 'default') == 'default' else rope)
+  if scaling:
+    raise PretrainedError(f'config.json rope scaling {scaling!r}: scaled rotary embeddings '
+                          '(e.g. Llama 3.1 "llama3") are not supported; only plain rope_theta')
+  fields = dict(
+      vocab_size=hf_get(hf, 'vocab_size', required=True), d_model=d,
+      d_ff=hf_get(hf, 'intermediate_size', required=True), n_heads=heads,
+      n_layers=hf_get(hf, 'num_hidden_layers', required=True),
+      n_kv_heads=hf_get(hf, 'num_key_value_heads') or heads,
+      max_seq_len=hf_get(hf, 'max_position_embeddings', 2048),
+      tie_embeddings=bool(hf_get(hf, 'tie_word_embeddings', False)),
+      rope_theta=float(rope.get('rope_theta', hf_get(hf, 'rope_theta', 10000.0))),
+      norm_eps=float(hf_get(hf, 'rms_norm_eps', 1e-6)),
+      attention_bias=bool(hf_get(hf, 'attention_bias', False)), mlp_bias=bool(hf_get(hf, 'mlp_bias', False)))
+  return LlamaConfig(**{**fields, **overrides})
+
+
+def _config_to_hf(c: LlamaConfig, base: dict) -> dict:
+  return {
+      'architectures': ['LlamaForCausalLM'], 'model_type': 'llama', 'vocab_size': c.vocab_size,
+      'hidden_size': c.d_model, 'intermediate_size': c.d_ff, 'num_attention_heads': c.n_heads,
+      'num_key_value_heads': c.n_kv_heads or c.n_heads, 'num_hidden_layers': c.n_layers,
+      'head_dim': c.head_dim, 'max_position_embeddings': c.max_seq_len, 'rope_theta': c.rope_theta,
+      'rms_norm_eps': c.norm_eps, 'tie_word_embeddings': c.tie_embeddings, 'hidden_act': 'silu',
+      'attention_bias': c.attention_bias, 'mlp_bias': c.mlp_bias, 'rope_scaling': None,
+      'rope_parameters': {'rope_type': 'default', 'rope_theta': c.rope_theta},
+  }
+
+
+def _tensors(c: LlamaConfig) -> Tensors:
+  t: Tensors = {('embed', 'embedding'): ('model.embed_tokens.weight', 'copy'),
+                ('final_norm', 'scale'): ('model.norm.weight', 'copy')}
+  for i in range(c.n_layers):
+    pre = f'model.layers.{i}.'
+    t[('layers', i, 'attn_norm', 'scale')] = (pre + 'input_layernorm.weight', 'copy')
+    t[('layers', i, 'mlp_norm', 'scale')] = (pre + 'post_attention_layernorm.weight', 'copy')
+    for group, names, bias in (('attn', ('q', 'k', 'v', 'o'), c.attention_bias),
+                               ('mlp', ('gate', 'up', 'down'), c.mlp_bias)):
+      hf_group = 'self_attn' if group == 'attn' else 'mlp'
+      for name in names:
+        hf_name = f'{pre}{hf_group}.{name}_proj.'
+        t[('layers', i, group, name, 'kernel')] = (hf_name + 'weight', 'linear')
+        if bias:
+          t[('layers', i, group, name, 'bias')] = (hf_name + 'bias', 'copy')
+  if not c.tie_embeddings:
+    t[('head', 'kernel')] = ('lm_head.weight', 'linear')
+  return t
+
+
+FAMILY = register_family(Family(
+    name='llama', title='LLaMA', config_class=LlamaConfig, model_class=Llama, sizes=LLAMA_SIZES,
+    task='language_model', layer_names=('q', 'k', 'v', 'o', 'gate', 'up', 'down', 'head'),
+    hf=HFFormat(_config_from_hf, _config_to_hf, _tensors, OVERRIDES + ('max_seq_len',),
+                ignored=re.compile(r'(rotary_emb\.inv_freq|^lm_head\.weight)$')),
+    hf_architectures=('LlamaForCausalLM',)))
+llama_config = FAMILY.config  # llama_config(size, vocab_size, **overrides) -> LlamaConfig

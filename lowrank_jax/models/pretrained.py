@@ -20,8 +20,11 @@ kernels (LoRA / ReLoRA: ``W + (alpha/r) A B``; multi-head LoRA: ``W + (s/N) sum_
 V_h)``, what the next merge gives), so ``transformers`` loads the result and
 ``from_pretrained(save_pretrained(m))`` returns ``m``'s weights exactly.
 
-Layouts. HF stores a ``torch.nn.Linear`` weight as ``[out, in]``; our kernels are
-``[in, out]`` (transposed on the way in and out). GPT-2's ``Conv1D`` is already
+Each family's module maps its config to config.json and its parameters to HF tensor names (its
+``Family.hf``, an ``HFFormat``); this file is the machinery they share.
+
+Layouts. HF stores a ``torch.nn.Linear`` weight as ``[out, in]``; our kernels are ``[in, out]``
+(transposed on the way in and out). GPT-2's ``Conv1D`` is already
 ``[in, out]``, and its fused ``c_attn`` ``[d, 3d]`` is split into q, k, v. HF LLaMA
 checkpoints store q/k rows in the order its ``rotate_half`` rotary embedding expects,
 which is the order :func:`lowrank_jax.nn.apply_rope` uses, so no permutation is needed.
@@ -37,12 +40,10 @@ the checkpoint's class count, or a headless ``ViTModel``, gives a freshly initia
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import re
 import shutil
-from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -50,14 +51,13 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from lowrank_jax.models.gpt2 import GPT2, GPT2Config
+from lowrank_jax.models.family import Family, family_of_architecture, hf_architectures, registered_families
+from lowrank_jax.models.hf_format import PretrainedError
 from lowrank_jax.models.linear_factory import LinearFactory
-from lowrank_jax.models.llama import Llama, LlamaConfig
 from lowrank_jax.models.safetensors_io import DTYPE_CODES, SafetensorsReader, write_safetensors
-from lowrank_jax.models.vit import ViT, ViTConfig
 
-__all__ = ['ARCHITECTURES', 'PretrainedError', 'architecture', 'from_pretrained', 'merged_params',
-           'pretrained_config', 'read_hf_config', 'save_pretrained']
+__all__ = ['PretrainedError', 'family_of', 'from_pretrained', 'merged_params', 'pretrained_config',
+           'read_hf_config', 'save_pretrained']
 
 CONFIG_FILE = 'config.json'
 SINGLE_FILE = 'model.safetensors'
@@ -65,241 +65,16 @@ INDEX_FILE = 'model.safetensors.index.json'
 # Files of a model directory that describe its tokenizer / generation, copied on export.
 TOKENIZER_FILES = ('tokenizer.json', 'tokenizer_config.json', 'special_tokens_map.json', 'tokenizer.model',
                    'vocab.json', 'merges.txt', 'generation_config.json')
-# Fields of our model configs a caller may choose (per architecture below); everything else
-# comes from config.json.
-_LM_OVERRIDES = ('dtype', 'param_dtype', 'remat', 'max_seq_len')
-_VIT_OVERRIDES = ('dtype', 'param_dtype', 'remat', 'num_classes')
 _BF16 = DTYPE_CODES['BF16']
 
 
-class PretrainedError(ValueError):
-  """A model directory that cannot be read as (or written to) a Hugging Face checkpoint."""
-
-
-# ---------------------------------------------------------------------------
-# Architectures: config.json <-> our config, and our parameter path <-> HF tensor name.
-
-# layout: 'copy' (same array), 'linear' (torch [out, in] <-> kernel [in, out]),
-# 'fused{j}' (block j of 3 along the last axis: GPT-2's c_attn into q, k, v),
-# 'conv{C}' (ViT's Conv2d [d, C, p, p] <-> kernel [(p, p, C), d]),
-# 'squeeze{k}' (k leading axes of size 1 dropped: ViT's class token and positions).
-Tensors = dict[tuple, tuple[str, str]]
-
-
-def _get(hf: dict, key: str, default: Any = None, *, required: bool = False) -> Any:
-  if required and key not in hf:
-    raise PretrainedError(f'config.json has no {key!r}, needed for {hf.get("architectures")}')
-  return hf.get(key, default)
-
-
-def _llama_config(hf: dict, overrides: dict) -> LlamaConfig:
-  d, heads = _get(hf, 'hidden_size', required=True), _get(hf, 'num_attention_heads', required=True)
-  if _get(hf, 'hidden_act', 'silu') != 'silu':
-    raise PretrainedError(f'config.json hidden_act={hf["hidden_act"]!r}: only "silu" (LLaMA) is supported')
-  if _get(hf, 'head_dim') not in (None, d // heads):
-    raise PretrainedError(f'config.json head_dim={hf["head_dim"]} differs from hidden_size / '
-                          f'num_attention_heads = {d // heads}: not supported')
-  # transformers < 5 writes rope_theta (+ rope_scaling); 5 writes rope_parameters.
-  rope = dict(_get(hf, 'rope_parameters') or {})
-  scaling = _get(hf, 'rope_scaling') or ({} if rope.get('rope_type', 'default') == 'default' else rope)
-  if scaling:
-    raise PretrainedError(f'config.json rope scaling {scaling!r}: scaled rotary embeddings '
-                          '(e.g. Llama 3.1 "llama3") are not supported; only plain rope_theta')
-  fields = dict(
-      vocab_size=_get(hf, 'vocab_size', required=True), d_model=d,
-      d_ff=_get(hf, 'intermediate_size', required=True), n_heads=heads,
-      n_layers=_get(hf, 'num_hidden_layers', required=True),
-      n_kv_heads=_get(hf, 'num_key_value_heads') or heads,
-      max_seq_len=_get(hf, 'max_position_embeddings', 2048),
-      tie_embeddings=bool(_get(hf, 'tie_word_embeddings', False)),
-      rope_theta=float(rope.get('rope_theta', _get(hf, 'rope_theta', 10000.0))), norm_eps=float(_get(hf, 'rms_norm_eps', 1e-6)),
-      attention_bias=bool(_get(hf, 'attention_bias', False)), mlp_bias=bool(_get(hf, 'mlp_bias', False)))
-  return LlamaConfig(**{**fields, **overrides})
-
-
-def _llama_to_hf(c: LlamaConfig, base: dict) -> dict:
-  return {
-      'architectures': ['LlamaForCausalLM'], 'model_type': 'llama', 'vocab_size': c.vocab_size,
-      'hidden_size': c.d_model, 'intermediate_size': c.d_ff, 'num_attention_heads': c.n_heads,
-      'num_key_value_heads': c.n_kv_heads or c.n_heads, 'num_hidden_layers': c.n_layers,
-      'head_dim': c.head_dim, 'max_position_embeddings': c.max_seq_len, 'rope_theta': c.rope_theta,
-      'rms_norm_eps': c.norm_eps, 'tie_word_embeddings': c.tie_embeddings, 'hidden_act': 'silu',
-      'attention_bias': c.attention_bias, 'mlp_bias': c.mlp_bias, 'rope_scaling': None,
-      'rope_parameters': {'rope_type': 'default', 'rope_theta': c.rope_theta},
-  }
-
-
-def _llama_tensors(c: LlamaConfig) -> Tensors:
-  t: Tensors = {('embed', 'embedding'): ('model.embed_tokens.weight', 'copy'),
-                ('final_norm', 'scale'): ('model.norm.weight', 'copy')}
-  for i in range(c.n_layers):
-    pre = f'model.layers.{i}.'
-    t[('layers', i, 'attn_norm', 'scale')] = (pre + 'input_layernorm.weight', 'copy')
-    t[('layers', i, 'mlp_norm', 'scale')] = (pre + 'post_attention_layernorm.weight', 'copy')
-    for group, names, bias in (('attn', ('q', 'k', 'v', 'o'), c.attention_bias),
-                               ('mlp', ('gate', 'up', 'down'), c.mlp_bias)):
-      hf_group = 'self_attn' if group == 'attn' else 'mlp'
-      for name in names:
-        hf_name = f'{pre}{hf_group}.{name}_proj.'
-        t[('layers', i, group, name, 'kernel')] = (hf_name + 'weight', 'linear')
-        if bias:
-          t[('layers', i, group, name, 'bias')] = (hf_name + 'bias', 'copy')
-  if not c.tie_embeddings:
-    t[('head', 'kernel')] = ('lm_head.weight', 'linear')
-  return t
-
-
-_GPT2_GELUS = ('gelu_new', 'gelu_pytorch_tanh')  # the tanh approximation our MLP computes
-
-
-def _gpt2_config(hf: dict, overrides: dict) -> GPT2Config:
-  act = _get(hf, 'activation_function', 'gelu_new')
-  if act not in _GPT2_GELUS:
-    raise PretrainedError(f'config.json activation_function={act!r}: supported {list(_GPT2_GELUS)}')
-  for key, ok in (('scale_attn_weights', True), ('scale_attn_by_inverse_layer_idx', False)):
-    if bool(_get(hf, key, ok)) != ok:
-      raise PretrainedError(f'config.json {key}={hf[key]!r} is not supported (only {ok})')
-  d = _get(hf, 'n_embd', required=True)
-  fields = dict(
-      vocab_size=_get(hf, 'vocab_size', required=True), d_model=d, n_heads=_get(hf, 'n_head', required=True),
-      n_layers=_get(hf, 'n_layer', required=True), d_ff=_get(hf, 'n_inner') or 4 * d,
-      max_seq_len=_get(hf, 'n_positions', 1024), tie_embeddings=bool(_get(hf, 'tie_word_embeddings', True)),
-      norm_eps=float(_get(hf, 'layer_norm_epsilon', 1e-5)), bias=True)
-  return GPT2Config(**{**fields, **overrides})
-
-
-def _gpt2_to_hf(c: GPT2Config, base: dict) -> dict:
-  return {
-      'architectures': ['GPT2LMHeadModel'], 'model_type': 'gpt2', 'vocab_size': c.vocab_size,
-      'n_embd': c.d_model, 'n_head': c.n_heads, 'n_layer': c.n_layers, 'n_inner': c.d_ff,
-      'n_positions': c.max_seq_len, 'n_ctx': c.max_seq_len, 'layer_norm_epsilon': c.norm_eps,
-      'activation_function': 'gelu_new', 'tie_word_embeddings': c.tie_embeddings,
-      'resid_pdrop': 0.0, 'embd_pdrop': 0.0, 'attn_pdrop': 0.0,
-  }
-
-
-def _layer_norm(ours: tuple, theirs: str) -> Tensors:
-  """A LayerNorm's scale and bias: HF's ``<theirs>.weight`` and ``<theirs>.bias``."""
-  return {(*ours, 'scale'): (f'{theirs}.weight', 'copy'), (*ours, 'bias'): (f'{theirs}.bias', 'copy')}
-
-
-def _gpt2_tensors(c: GPT2Config) -> Tensors:
-  t: Tensors = {('embed', 'embedding'): ('transformer.wte.weight', 'copy'),
-                ('pos_embed', 'embedding'): ('transformer.wpe.weight', 'copy'),
-                **_layer_norm(('final_norm',), 'transformer.ln_f')}
-  for i in range(c.n_layers):
-    pre = f'transformer.h.{i}.'
-    for ours, theirs in (('attn_norm', 'ln_1'), ('mlp_norm', 'ln_2')):
-      t.update(_layer_norm(('layers', i, ours), pre + theirs))
-    for leaf in ('kernel', 'bias'):
-      hf_leaf = 'weight' if leaf == 'kernel' else 'bias'
-      for j, name in enumerate(('q', 'k', 'v')):
-        t[('layers', i, 'attn', name, leaf)] = (f'{pre}attn.c_attn.{hf_leaf}', f'fused{j}')
-      for group, name, theirs in (('attn', 'o', 'attn.c_proj'), ('mlp', 'up', 'mlp.c_fc'),
-                                  ('mlp', 'down', 'mlp.c_proj')):
-        t[('layers', i, group, name, leaf)] = (f'{pre}{theirs}.{hf_leaf}', 'copy')  # Conv1D: [in, out]
-  if not c.tie_embeddings:
-    t[('head', 'kernel')] = ('lm_head.weight', 'linear')
-  return t
-
-
-def _vit_class_count(hf: dict) -> int:
-  return len(_get(hf, 'id2label') or {}) or int(_get(hf, 'num_labels', 0) or 0)
-
-
-def _vit_config(hf: dict, overrides: dict) -> ViTConfig:
-  if _get(hf, 'hidden_act', 'gelu') != 'gelu':  # anything else would silently change the function
-    raise PretrainedError(f'config.json hidden_act={hf["hidden_act"]!r}: only "gelu" (exact) is supported')
-  headless = 'ViTForImageClassification' not in (_get(hf, 'architectures') or [])
-  overrides = dict(overrides)
-  if 'num_classes' not in overrides:
-    if headless:
-      raise PretrainedError('a ViTModel has no classifier: pass num_classes (the trainer takes it from the data)')
-    overrides['num_classes'] = _vit_class_count(hf)
-  fields = dict(
-      image_size=int(_get(hf, 'image_size', 224)), patch_size=int(_get(hf, 'patch_size', 16)),
-      num_channels=int(_get(hf, 'num_channels', 3)), d_model=_get(hf, 'hidden_size', required=True),
-      n_heads=_get(hf, 'num_attention_heads', required=True), n_layers=_get(hf, 'num_hidden_layers', required=True),
-      d_ff=_get(hf, 'intermediate_size', required=True), qkv_bias=bool(_get(hf, 'qkv_bias', True)),
-      norm_eps=float(_get(hf, 'layer_norm_eps', 1e-12)), init_std=float(_get(hf, 'initializer_range', 0.02)))
-  return ViTConfig(**{**fields, **overrides})
-
-
-def _vit_to_hf(c: ViTConfig, base: dict) -> dict:
-  hf = {
-      'architectures': ['ViTForImageClassification'], 'model_type': 'vit', 'hidden_size': c.d_model,
-      'num_hidden_layers': c.n_layers, 'num_attention_heads': c.n_heads, 'intermediate_size': c.d_ff,
-      'hidden_act': 'gelu', 'layer_norm_eps': c.norm_eps, 'image_size': c.image_size,
-      'patch_size': c.patch_size, 'num_channels': c.num_channels, 'qkv_bias': c.qkv_bias,
-      'initializer_range': c.init_std, 'hidden_dropout_prob': 0.0, 'attention_probs_dropout_prob': 0.0,
-  }
-  if _vit_class_count(base) != c.num_classes:  # the source's label names only if they still fit
-    labels = [f'LABEL_{i}' for i in range(c.num_classes)]
-    hf.update(id2label=dict(enumerate(labels)), label2id={name: i for i, name in enumerate(labels)})
-  hf['num_labels'] = c.num_classes  # (a source's stale count would contradict id2label)
-  return hf
-
-
-def _vit_tensors(c: ViTConfig) -> Tensors:
-  t: Tensors = {('embed', 'kernel'): ('vit.embeddings.patch_embeddings.projection.weight', f'conv{c.num_channels}'),
-                ('embed', 'bias'): ('vit.embeddings.patch_embeddings.projection.bias', 'copy'),
-                ('cls_token',): ('vit.embeddings.cls_token', 'squeeze2'),
-                ('pos_embed',): ('vit.embeddings.position_embeddings', 'squeeze1'),
-                **_layer_norm(('final_norm',), 'vit.layernorm'),
-                ('head', 'kernel'): ('classifier.weight', 'linear'),
-                ('head', 'bias'): ('classifier.bias', 'copy')}
-  for i in range(c.n_layers):
-    pre = f'vit.encoder.layer.{i}.'
-    for ours, theirs in (('attn_norm', 'layernorm_before'), ('mlp_norm', 'layernorm_after')):
-      t.update(_layer_norm(('layers', i, ours), pre + theirs))
-    for group, name, theirs in (('attn', 'q', 'attention.attention.query'), ('attn', 'k', 'attention.attention.key'),
-                                ('attn', 'v', 'attention.attention.value'), ('attn', 'o', 'attention.output.dense'),
-                                ('mlp', 'up', 'intermediate.dense'), ('mlp', 'down', 'output.dense')):
-      t[('layers', i, group, name, 'kernel')] = (f'{pre}{theirs}.weight', 'linear')
-      if c.qkv_bias or name not in ('q', 'k', 'v'):
-        t[('layers', i, group, name, 'bias')] = (f'{pre}{theirs}.bias', 'copy')
-  return t
-
-
-_NOTHING = re.compile(r'(?!)')
-
-
-@dataclasses.dataclass(frozen=True)
-class _Arch:
-  family: str  # the trainer's model.family
-  model_class: type
-  config_from_hf: Callable[[dict, dict], Any]
-  # (our config, the config.json it came from or {}) -> the config.json keys we set.
-  config_to_hf: Callable[[Any, dict], dict]
-  tensors: Callable[[Any], Tensors]
-  # Names a checkpoint may use for one of ours (GPT-2 hub files were saved without 'transformer.').
-  aliases: Callable[[str], tuple[str, ...]]
-  # Checkpoint entries that are buffers, not weights (or a tied head saved anyway).
-  ignored: re.Pattern
-  overrides: tuple[str, ...] = _LM_OVERRIDES
-  # Tensors freshly initialised when the checkpoint lacks them or holds another shape (a new head).
-  replaceable: re.Pattern = _NOTHING
-
-
-_VIT = _Arch('vit', ViT, _vit_config, _vit_to_hf, _vit_tensors, lambda n: (n, n.removeprefix('vit.')),
-             re.compile(r'^(vit\.)?pooler\.'), _VIT_OVERRIDES, re.compile(r'^classifier\.'))
-ARCHITECTURES: dict[str, _Arch] = {
-    'LlamaForCausalLM': _Arch('llama', Llama, _llama_config, _llama_to_hf, _llama_tensors, lambda n: (n,),
-                              re.compile(r'(rotary_emb\.inv_freq|^lm_head\.weight)$')),
-    'GPT2LMHeadModel': _Arch('gpt2', GPT2, _gpt2_config, _gpt2_to_hf, _gpt2_tensors,
-                             lambda n: (n, n.removeprefix('transformer.')),
-                             re.compile(r'(\.attn\.(masked_)?bias|^lm_head\.weight)$')),
-    'ViTForImageClassification': _VIT,
-    'ViTModel': _VIT,
-}
-
-
-def _arch_of_model(model: Any) -> tuple[str, _Arch]:
-  for name, arch in ARCHITECTURES.items():
-    if isinstance(model, arch.model_class):
-      return name, arch
-  raise PretrainedError(f'save_pretrained: {type(model).__name__} has no Hugging Face format; '
-                        f'supported: {sorted({a.model_class.__name__ for a in ARCHITECTURES.values()})}')
+def _family_of_model(model: Any) -> Family:
+  """The family of one of our models that has a Hugging Face format."""
+  for family in registered_families():
+    if family.hf is not None and isinstance(model, family.model_class):
+      return family
+  raise PretrainedError(f'save_pretrained: {type(model).__name__} has no Hugging Face format; supported: '
+                        f'{sorted(f.model_class.__name__ for f in registered_families() if f.hf is not None)}')
 
 
 # ---------------------------------------------------------------------------
@@ -321,10 +96,10 @@ def read_hf_config(path: str | os.PathLike) -> tuple[str, dict]:
   except ValueError as e:
     raise PretrainedError(f'{file}: not valid JSON: {e}') from None
   names = hf.get('architectures') or []
-  known = [n for n in names if n in ARCHITECTURES]
+  known = [n for n in names if n in hf_architectures()]
   if not known:
     raise PretrainedError(f'{file}: architecture {names or hf.get("model_type")!r} is not supported; '
-                          f'supported: {list(ARCHITECTURES)}')
+                          f'supported: {list(hf_architectures())}')
   return known[0], hf
 
 
@@ -431,26 +206,26 @@ def _place(view: np.ndarray, dtype: Any, sharding: Any) -> jax.Array:
   return jax.make_array_from_callback(view.shape, sharding, lambda index: _host_copy(view[index], dtype))
 
 
-def architecture(path: str | os.PathLike) -> _Arch:
-  """How a model directory is read: its family (``'llama'``, ``'gpt2'``, ``'vit'``), model class, tensors."""
-  return ARCHITECTURES[read_hf_config(path)[0]]
+def family_of(path: str | os.PathLike) -> Family:
+  """The family that reads a model directory (its ``name``, ``model_class``, ``task``, ``hf`` format)."""
+  return family_of_architecture(read_hf_config(path)[0])
 
 
 def pretrained_config(path: str | os.PathLike, **overrides: Any) -> Any:
   """Our model config (``LlamaConfig`` / ``GPT2Config`` / ``ViTConfig``) for a model directory's config.json.
 
   Needs no weights: enough to build the abstract model (memory reports, compiling ahead).
-  ``overrides`` as :func:`from_pretrained`'s. The model class is ``architecture(path).model_class``.
+  ``overrides`` as :func:`from_pretrained`'s. The model class is ``family_of(path).model_class``.
   """
   path = os.path.expanduser(os.fspath(path))
   arch_name, hf = read_hf_config(path)
-  arch = ARCHITECTURES[arch_name]
-  unknown = sorted(set(overrides) - set(arch.overrides))
+  hf_format = family_of_architecture(arch_name).hf
+  unknown = sorted(set(overrides) - set(hf_format.overrides))
   if unknown:
     raise PretrainedError(f'from_pretrained: {unknown} cannot be overridden for {arch_name} (they come from '
-                          f'{CONFIG_FILE}); valid overrides: {list(arch.overrides)}')
+                          f'{CONFIG_FILE}); valid overrides: {list(hf_format.overrides)}')
   try:
-    return arch.config_from_hf(hf, overrides)
+    return hf_format.config_from_hf(hf, overrides)
   except (TypeError, ValueError) as e:
     raise PretrainedError(f'{os.path.join(path, CONFIG_FILE)}: {e}') from None
 
@@ -488,21 +263,22 @@ def from_pretrained(path: str | os.PathLike, *, linear_factory: LinearFactory | 
   """
   path = os.path.expanduser(os.fspath(path))
   arch_name, _ = read_hf_config(path)
-  arch = ARCHITECTURES[arch_name]
+  family = family_of_architecture(arch_name)
+  hf_format = family.hf
   config = pretrained_config(path, **overrides)
   factory = linear_factory or LinearFactory()
-  build = lambda: arch.model_class(config, linear_factory=factory, rngs=nnx.Rngs(seed))  # noqa: E731
+  build = lambda: family.model_class(config, linear_factory=factory, rngs=nnx.Rngs(seed))  # noqa: E731
   graphdef, abstract_state = nnx.split(nnx.eval_shape(build))
   flat = list(nnx.to_flat_state(abstract_state))
-  tensors = arch.tensors(config)
+  tensors = hf_format.tensors(config)
   ckpt = _Checkpoint(path)
 
   # Resolve every tensor before reading any, so a bad checkpoint fails at once.
   ours_of: dict[str, list[tuple]] = {}  # checkpoint name -> our paths it fills
   resolved: dict[tuple, tuple[str, str]] = {}
   for our_path, (hf_name, layout) in tensors.items():
-    name = next((n for n in arch.aliases(hf_name) if n in ckpt.where), None)
-    if name is None and arch.replaceable.search(hf_name):
+    name = next((n for n in hf_format.aliases(hf_name) if n in ckpt.where), None)
+    if name is None and hf_format.replaceable.search(hf_name):
       continue  # a new head: initialised below
     if name is None:
       raise PretrainedError(f'{path}: tensor {hf_name!r} is missing from the checkpoint (needed for '
@@ -511,11 +287,11 @@ def from_pretrained(path: str | os.PathLike, *, linear_factory: LinearFactory | 
     ours_of.setdefault(name, []).append(our_path)
   abstract = {p: v.get_value() for p, v in flat}
   for our_path, (name, layout) in list(resolved.items()):  # a head of another class count is replaced
-    if arch.replaceable.search(name) and _ours_shape(ckpt.shape(name), layout) != tuple(abstract[our_path].shape):
+    if hf_format.replaceable.search(name) and _ours_shape(ckpt.shape(name), layout) != tuple(abstract[our_path].shape):
       del resolved[our_path]
       ours_of.pop(name, None)
   unused = sorted(n for n in ckpt.where
-                  if n not in ours_of and not arch.ignored.search(n) and not arch.replaceable.search(n))
+                  if n not in ours_of and not hf_format.ignored.search(n) and not hf_format.replaceable.search(n))
   if unused:
     raise PretrainedError(f'{path}: unexpected tensor {unused[0]!r} ({len(unused)} in all) is not part of '
                           f'{arch_name} with this config.json')
@@ -627,7 +403,7 @@ def save_pretrained(model: nnx.Module, path: str | os.PathLike, *, dtype: str | 
   A bias-free GPT-2 (as this library pre-trains it) is written with zero biases, which
   ``GPT2LMHeadModel`` requires.
   """
-  _, arch = _arch_of_model(model)
+  hf_format = _family_of_model(model).hf
   path = os.path.expanduser(os.fspath(path))
   existing = read_existing(path)
   if existing and not overwrite:
@@ -638,7 +414,7 @@ def save_pretrained(model: nnx.Module, path: str | os.PathLike, *, dtype: str | 
   if dtype.name not in ('float32', 'bfloat16', 'float16'):
     raise PretrainedError(f'save_pretrained: dtype must be float32, bfloat16 or float16, got {dtype}')
   params = merged_params(model)
-  tensors = arch.tensors(config)
+  tensors = hf_format.tensors(config)
   by_name: dict[str, list[tuple]] = {}
   for our_path, (name, _) in tensors.items():
     by_name.setdefault(name, []).append(our_path)
@@ -680,7 +456,7 @@ def save_pretrained(model: nnx.Module, path: str | os.PathLike, *, dtype: str | 
   hf_config = {}
   if source is not None:
     _, hf_config = read_hf_config(source)
-  hf_config.update(arch.config_to_hf(config, dict(hf_config)))
+  hf_config.update(hf_format.config_to_hf(config, dict(hf_config)))
   hf_config.update(config_updates or {})
   hf_config['torch_dtype'] = dtype.name
   hf_config.pop('quantization_config', None)

@@ -1,4 +1,5 @@
-"""The pieces LLaMA and GPT-2 share: causal self-attention, the pre-norm block, the block stack.
+"""The pieces the model families share: their config's common fields (``ModelConfig``), causal
+self-attention, the pre-norm block, the block stack.
 
 Each model supplies what differs (norms, MLP, rotary or learned positions, init);
 the attention and residual structure are written once here.
@@ -6,14 +7,79 @@ the attention and residual structure are written once here.
 
 from __future__ import annotations
 
-from typing import Any
+import dataclasses
+from typing import Any, ClassVar
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from lowrank_jax import nn
 from lowrank_jax.models.linear_factory import LinearFactory
+
+# dtype names every family accepts, for compute (`dtype`) and storage (`param_dtype`).
+DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
+
+
+def is_positive_int(value: Any) -> bool:
+  return not isinstance(value, bool) and isinstance(value, (int, np.integer)) and value > 0
+
+
+def is_positive_number(value: Any) -> bool:
+  return not isinstance(value, bool) and isinstance(value, (int, float)) and value > 0
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class ModelConfig:
+  """The fields every family's config has, and their checks.
+
+  A family's config subclasses it (keyword-only, frozen), adds its own fields, gives the
+  shape fields its defaults, and lists its extra positive fields in ``POSITIVE_INTS`` /
+  ``POSITIVE_NUMBERS``; its ``__post_init__`` calls this one first.
+  """
+  d_model: int
+  n_heads: int
+  n_layers: int
+  d_ff: int                     # MLP width
+  norm_eps: float
+  init_std: float = 0.02
+  dtype: str = 'float32'        # compute dtype: a key of DTYPES
+  param_dtype: str = 'float32'  # storage dtype of the parameters: a key of DTYPES
+  remat: bool | str = False     # activation checkpointing per block: see REMAT_POLICIES
+
+  POSITIVE_INTS: ClassVar[tuple[str, ...]] = ('d_model', 'n_heads', 'n_layers', 'd_ff')
+  POSITIVE_NUMBERS: ClassVar[tuple[str, ...]] = ('norm_eps', 'init_std')
+
+  def __post_init__(self):
+    cls = type(self).__name__
+    for name in self.POSITIVE_INTS:
+      if not is_positive_int(value := getattr(self, name)):
+        raise ValueError(f'{cls}.{name} must be a positive integer, got {value!r}')
+    for name in self.POSITIVE_NUMBERS:
+      if not is_positive_number(value := getattr(self, name)):
+        raise ValueError(f'{cls}.{name} must be a positive number, got {value!r}')
+    if self.d_model % self.n_heads:
+      raise ValueError(f'{cls}.d_model ({self.d_model}) must be divisible by n_heads ({self.n_heads})')
+    for name in ('dtype', 'param_dtype'):
+      if (value := getattr(self, name)) not in DTYPES:
+        raise ValueError(f'{cls}.{name} must be one of {list(DTYPES)}, got {value!r}')
+    try:
+      remat_policy(self.remat)
+    except ValueError as e:
+      raise ValueError(f'{cls}.remat: {e}') from None
+
+  @property
+  def head_dim(self) -> int:
+    return self.d_model // self.n_heads
+
+  @property
+  def compute_dtype(self):
+    return DTYPES[self.dtype]
+
+  @property
+  def storage_dtype(self):
+    return DTYPES[self.param_dtype]
 
 
 class CausalSelfAttention(nnx.Module):
@@ -106,10 +172,10 @@ def _behind_barrier(module: nnx.Module, x: jax.Array, **kwargs: Any) -> jax.Arra
   the weights. A step that donates the weights and updates each one as soon as its gradient
   exists can then overwrite a weight in place. Without it the TPU compiler updated the attention
   kernels before their last backward read (dx = dy W^T) and so kept a copy of each from the
-  forward pass to the backward: 3.6 GiB of a LLaMA 7b step's temporaries (README "Memory
-  report"). Only attention is wrapped: over the whole block the same barrier made the compiler
-  hold AdamW's MLP gradients to the end of the backward pass (+5.7 GiB at 7b). Outside a trace
-  the call is plain.
+  forward pass to the backward: 3.6 GiB of a LLaMA 7b step's temporaries (docs/memory.md, "What the
+  model does for the peak"). Only attention is wrapped: over the whole block the same barrier
+  made the compiler hold AdamW's MLP gradients to the end of the backward pass (+5.7 GiB at 7b).
+  Outside a trace the call is plain.
   """
   if not isinstance(x, jax.core.Tracer):
     return module(x, **kwargs)
@@ -156,6 +222,13 @@ class DecoderLM(nnx.Module):
                     segment_ids: jax.Array | None = None) -> jax.Array:
     """The final hidden states [B, T, d_model] (after the final norm), in the compute dtype."""
     raise NotImplementedError
+
+  def check_tokens(self, tokens: jax.Array) -> None:
+    """Raises ``ValueError`` unless ``tokens`` is [batch, seq] with seq <= ``config.max_seq_len``."""
+    if tokens.ndim != 2:
+      raise ValueError(f'tokens must have shape [batch, seq], got {tokens.shape}')
+    if tokens.shape[1] > self.config.max_seq_len:
+      raise ValueError(f'sequence length {tokens.shape[1]} exceeds max_seq_len {self.config.max_seq_len}')
 
   def logits(self, hidden: jax.Array) -> jax.Array:
     """float32 logits [..., vocab] of final hidden states [..., d_model]: the output head, or

@@ -32,36 +32,36 @@ Face's ViT: weights, class token and positions from a normal of std ``init_std``
 truncated at two std; biases 0; LayerNorm scale 1, bias 0. No dropout.
 
 Checkpoints: :func:`lowrank_jax.models.from_pretrained` / ``save_pretrained`` read and write a
-Hugging Face ``ViTForImageClassification`` / ``ViTModel`` directory (``models/pretrained.py``).
+Hugging Face ``ViTForImageClassification`` / ``ViTModel`` directory; the tensor map is at the end
+of this file, the family's registry record last.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+import re
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import nnx
 
+from lowrank_jax.models.family import Family, register_family
+from lowrank_jax.models.hf_format import OVERRIDES, HFFormat, PretrainedError, Tensors, hf_get, layer_norm_tensors
 from lowrank_jax.models.linear_factory import LinearFactory
 from lowrank_jax.models.transformer import (
     CausalSelfAttention,
+    ModelConfig,
     PreNormBlock,
     attach_bias,
     linear_with_bias,
-    remat_policy,
     run_blocks,
 )
-
-DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
 
 __all__ = ['ViT', 'ViTConfig', 'VIT_SIZES', 'classification_metrics', 'vit_config', 'patchify']
 
 
-@dataclasses.dataclass(frozen=True)
-class ViTConfig:
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class ViTConfig(ModelConfig):
   num_classes: int
   image_size: int = 224         # square images of image_size x image_size pixels
   patch_size: int = 16
@@ -72,17 +72,11 @@ class ViTConfig:
   d_ff: int = 3072
   qkv_bias: bool = True         # biases on q, k, v (o, MLP, head and embedding always have one)
   norm_eps: float = 1e-12       # Hugging Face ViT's layer_norm_eps
-  init_std: float = 0.02
-  dtype: str = 'float32'        # compute dtype
-  param_dtype: str = 'float32'  # storage dtype of the parameters
-  remat: bool | str = False     # activation checkpointing per block: see transformer.REMAT_POLICIES
+
+  POSITIVE_INTS = ModelConfig.POSITIVE_INTS + ('image_size', 'patch_size', 'num_channels', 'num_classes')
 
   def __post_init__(self):
-    for name in ('image_size', 'patch_size', 'num_channels', 'd_model', 'n_heads', 'n_layers',
-                 'd_ff', 'num_classes'):
-      value = getattr(self, name)
-      if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value <= 0:
-        raise ValueError(f'ViTConfig.{name} must be a positive integer, got {value!r}')
+    super().__post_init__()
     if self.num_classes < 2:
       raise ValueError(
           f'ViTConfig.num_classes must be at least 2 for classification, got {self.num_classes}')
@@ -91,21 +85,6 @@ class ViTConfig:
       raise ValueError(
           f'ViTConfig.image_size ({self.image_size}) must be divisible by patch_size '
           f'({self.patch_size}); patch sizes that divide {self.image_size}: {valid}')
-    if self.d_model % self.n_heads:
-      raise ValueError(
-          f'ViTConfig.d_model ({self.d_model}) must be divisible by n_heads ({self.n_heads})')
-    for name in ('norm_eps', 'init_std'):
-      value = getattr(self, name)
-      if not isinstance(value, (int, float)) or isinstance(value, bool) or not value > 0:
-        raise ValueError(f'ViTConfig.{name} must be a positive number, got {value!r}')
-    for name in ('dtype', 'param_dtype'):
-      value = getattr(self, name)
-      if value not in DTYPES:
-        raise ValueError(f'ViTConfig.{name} must be one of {list(DTYPES)}, got {value!r}')
-    try:
-      remat_policy(self.remat)
-    except ValueError as e:
-      raise ValueError(f'ViTConfig.remat: {e}') from None
 
   @property
   def grid(self) -> int:
@@ -121,14 +100,6 @@ class ViTConfig:
   def patch_dim(self) -> int:
     return self.patch_size * self.patch_size * self.num_channels
 
-  @property
-  def compute_dtype(self):
-    return DTYPES[self.dtype]
-
-  @property
-  def storage_dtype(self):
-    return DTYPES[self.param_dtype]
-
 
 # name -> shape. b16 / l16: ViT-Base/16 and ViT-Large/16 (Dosovitskiy et al., Table 1);
 # 'tiny' is for CPU runs on 28 x 28 images (7 x 7 patches of 4 x 4).
@@ -137,17 +108,6 @@ VIT_SIZES: dict[str, dict[str, int]] = {
     'b16': dict(d_model=768, n_heads=12, n_layers=12, d_ff=3072, patch_size=16),
     'l16': dict(d_model=1024, n_heads=16, n_layers=24, d_ff=4096, patch_size=16),
 }
-
-
-def vit_config(size: str, num_classes: int, **overrides: Any) -> ViTConfig:
-  """The ``ViTConfig`` of a named size, with any field overridden."""
-  if size not in VIT_SIZES:
-    raise ValueError(f'unknown ViT size {size!r}; valid sizes: {list(VIT_SIZES)}')
-  fields = {f.name for f in dataclasses.fields(ViTConfig)}
-  unknown = sorted(set(overrides) - fields)
-  if unknown:
-    raise ValueError(f'unknown ViTConfig fields {unknown}; valid fields: {sorted(fields)}')
-  return ViTConfig(**{**VIT_SIZES[size], 'num_classes': num_classes, **overrides})
 
 
 def patchify(images: jax.Array, patch_size: int) -> jax.Array:
@@ -246,3 +206,78 @@ def classification_metrics(logits: jax.Array, labels: jax.Array,
   nll = -jnp.take_along_axis(logp, labels[:, None], axis=-1)[:, 0]
   hit = (jnp.argmax(logits, axis=-1) == labels).astype(jnp.float32)
   return {'loss': jnp.sum(nll * weight), 'correct': jnp.sum(hit * weight), 'count': jnp.sum(weight)}
+
+
+# ---------------------------------------------------------------------------
+# Hugging Face `ViTForImageClassification` (or a headless `ViTModel`): config.json <-> ViTConfig,
+# parameter path <-> tensor name. The classifier is the one replaceable part: a class count
+# other than the checkpoint's, or a headless `ViTModel`, gives a freshly initialised head.
+
+
+def _class_count(hf: dict) -> int:
+  return len(hf_get(hf, 'id2label') or {}) or int(hf_get(hf, 'num_labels', 0) or 0)
+
+
+def _config_from_hf(hf: dict, overrides: dict) -> ViTConfig:
+  if hf_get(hf, 'hidden_act', 'gelu') != 'gelu':  # anything else would silently change the function
+    raise PretrainedError(f'config.json hidden_act={hf["hidden_act"]!r}: only "gelu" (exact) is supported')
+  headless = 'ViTForImageClassification' not in (hf_get(hf, 'architectures') or [])
+  overrides = dict(overrides)
+  if 'num_classes' not in overrides:
+    if headless:
+      raise PretrainedError('a ViTModel has no classifier: pass num_classes (the trainer takes it from the data)')
+    overrides['num_classes'] = _class_count(hf)
+  fields = dict(
+      image_size=int(hf_get(hf, 'image_size', 224)), patch_size=int(hf_get(hf, 'patch_size', 16)),
+      num_channels=int(hf_get(hf, 'num_channels', 3)), d_model=hf_get(hf, 'hidden_size', required=True),
+      n_heads=hf_get(hf, 'num_attention_heads', required=True),
+      n_layers=hf_get(hf, 'num_hidden_layers', required=True),
+      d_ff=hf_get(hf, 'intermediate_size', required=True), qkv_bias=bool(hf_get(hf, 'qkv_bias', True)),
+      norm_eps=float(hf_get(hf, 'layer_norm_eps', 1e-12)), init_std=float(hf_get(hf, 'initializer_range', 0.02)))
+  return ViTConfig(**{**fields, **overrides})
+
+
+def _config_to_hf(c: ViTConfig, base: dict) -> dict:
+  hf = {
+      'architectures': ['ViTForImageClassification'], 'model_type': 'vit', 'hidden_size': c.d_model,
+      'num_hidden_layers': c.n_layers, 'num_attention_heads': c.n_heads, 'intermediate_size': c.d_ff,
+      'hidden_act': 'gelu', 'layer_norm_eps': c.norm_eps, 'image_size': c.image_size,
+      'patch_size': c.patch_size, 'num_channels': c.num_channels, 'qkv_bias': c.qkv_bias,
+      'initializer_range': c.init_std, 'hidden_dropout_prob': 0.0, 'attention_probs_dropout_prob': 0.0,
+  }
+  if _class_count(base) != c.num_classes:  # the source's label names only if they still fit
+    labels = [f'LABEL_{i}' for i in range(c.num_classes)]
+    hf.update(id2label=dict(enumerate(labels)), label2id={name: i for i, name in enumerate(labels)})
+  hf['num_labels'] = c.num_classes  # (a source's stale count would contradict id2label)
+  return hf
+
+
+def _tensors(c: ViTConfig) -> Tensors:
+  t: Tensors = {('embed', 'kernel'): ('vit.embeddings.patch_embeddings.projection.weight', f'conv{c.num_channels}'),
+                ('embed', 'bias'): ('vit.embeddings.patch_embeddings.projection.bias', 'copy'),
+                ('cls_token',): ('vit.embeddings.cls_token', 'squeeze2'),
+                ('pos_embed',): ('vit.embeddings.position_embeddings', 'squeeze1'),
+                **layer_norm_tensors(('final_norm',), 'vit.layernorm'),
+                ('head', 'kernel'): ('classifier.weight', 'linear'),
+                ('head', 'bias'): ('classifier.bias', 'copy')}
+  for i in range(c.n_layers):
+    pre = f'vit.encoder.layer.{i}.'
+    for ours, theirs in (('attn_norm', 'layernorm_before'), ('mlp_norm', 'layernorm_after')):
+      t.update(layer_norm_tensors(('layers', i, ours), pre + theirs))
+    for group, name, theirs in (('attn', 'q', 'attention.attention.query'), ('attn', 'k', 'attention.attention.key'),
+                                ('attn', 'v', 'attention.attention.value'), ('attn', 'o', 'attention.output.dense'),
+                                ('mlp', 'up', 'intermediate.dense'), ('mlp', 'down', 'output.dense')):
+      t[('layers', i, group, name, 'kernel')] = (f'{pre}{theirs}.weight', 'linear')
+      if c.qkv_bias or name not in ('q', 'k', 'v'):
+        t[('layers', i, group, name, 'bias')] = (f'{pre}{theirs}.bias', 'copy')
+  return t
+
+
+FAMILY = register_family(Family(
+    name='vit', title='ViT', config_class=ViTConfig, model_class=ViT, sizes=VIT_SIZES,
+    task='classification', layer_names=('q', 'k', 'v', 'o', 'up', 'down', 'head'),
+    hf=HFFormat(_config_from_hf, _config_to_hf, _tensors, OVERRIDES + ('num_classes',),
+                aliases=lambda n: (n, n.removeprefix('vit.')), ignored=re.compile(r'^(vit\.)?pooler\.'),
+                replaceable=re.compile(r'^classifier\.')),
+    hf_architectures=('ViTForImageClassification', 'ViTModel')))
+vit_config = FAMILY.config  # vit_config(size, num_classes, **overrides) -> ViTConfig

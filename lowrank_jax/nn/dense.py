@@ -6,6 +6,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 
@@ -30,6 +31,43 @@ def matmul(x: jax.Array, kernel: jax.Array) -> jax.Array:
   return y.reshape(*x.shape[:-1], kernel.shape[-1])
 
 
+def positive_int(layer: Any, name: str, value: Any) -> int:
+  """``value`` as an ``int``; unless it is a positive integer, a ValueError naming ``layer``'s
+  class and the argument ``name``."""
+  if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value <= 0:
+    raise ValueError(f'{type(layer).__name__}: {name} must be a positive integer, got {value!r}')
+  return int(value)
+
+
+def positive_number(layer: Any, name: str, value: Any) -> float:
+  """``value`` as a ``float``; unless it is a number > 0, a ValueError naming ``layer``'s class
+  and the argument ``name``."""
+  if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+    raise ValueError(f'{type(layer).__name__}: {name} must be a positive number, got {value!r}')
+  return float(value)
+
+
+def init_linear(layer: nnx.Module, in_features: int, out_features: int, *, dtype: DTypeLike,
+                param_dtype: DTypeLike, kernel_init: Initializer, rngs: nnx.Rngs) -> jax.Array:
+  """What every linear kind's constructor does first, from the arguments they all share.
+
+  Checks ``in_features`` / ``out_features`` (positive integers), sets them and ``dtype`` /
+  ``param_dtype`` on ``layer``, and draws ``layer.kernel`` (in, out) in ``param_dtype`` with
+  ``kernel_init`` from one key of ``rngs.params``. Returns that key (VeLoRA derives its
+  vector from it). A kind calls this before it draws anything else, so for the same
+  ``rngs`` every kind's kernel is ``Dense``'s kernel and what a kind draws next (adapters)
+  comes from the same later keys as before.
+  """
+  layer.in_features = positive_int(layer, 'in_features', in_features)
+  layer.out_features = positive_int(layer, 'out_features', out_features)
+  layer.dtype = jnp.dtype(dtype)
+  layer.param_dtype = jnp.dtype(param_dtype)
+  key = rngs.params()
+  layer.kernel = nnx.Param(
+      kernel_init(key, (layer.in_features, layer.out_features), layer.param_dtype))
+  return key
+
+
 class Dense(nnx.Module):
   """``y = x @ kernel`` with ``kernel: Param[(in_features, out_features)]``.
 
@@ -39,7 +77,8 @@ class Dense(nnx.Module):
 
   Every linear kind (LoRA, multi-head LoRA, VeLoRA, ...) takes the same
   constructor arguments and exposes ``in_features`` / ``out_features``, so the
-  model's linear factory can build any of them interchangeably.
+  model's linear factory can build any of them interchangeably; they all set
+  these and draw the kernel with :func:`init_linear`.
   """
 
   def __init__(
@@ -52,13 +91,8 @@ class Dense(nnx.Module):
       kernel_init: Initializer = default_kernel_init,
       rngs: nnx.Rngs,
   ):
-    self.in_features = int(in_features)
-    self.out_features = int(out_features)
-    self.dtype = jnp.dtype(dtype)
-    self.param_dtype = jnp.dtype(param_dtype)
-    self.kernel = nnx.Param(
-        kernel_init(rngs.params(), (self.in_features, self.out_features),
-                    self.param_dtype))
+    init_linear(self, in_features, out_features, dtype=dtype, param_dtype=param_dtype,
+                kernel_init=kernel_init, rngs=rngs)
 
   def __call__(self, x: jax.Array) -> jax.Array:
     kernel = self.kernel[...]

@@ -30,19 +30,15 @@ so with ``B == 0`` the layer returns bit-for-bit what ``Dense`` returns.
 from __future__ import annotations
 
 import math
-from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 
-from lowrank_jax.nn.dense import MATMUL_INPUT, default_kernel_init, matmul
+from lowrank_jax.nn.dense import (MATMUL_INPUT, DTypeLike, Initializer, default_kernel_init,
+    init_linear, matmul, positive_int, positive_number)
 from lowrank_jax.nn.velora import VeLoRAInput
-
-Initializer = Any  # (key, shape, dtype) -> Array
-DTypeLike = Any
 
 __all__ = ['LoRALinear', 'lora_a_bound', 'lora_a_init']
 
@@ -58,12 +54,6 @@ def lora_a_init(key: jax.Array, shape: tuple[int, ...],
   """Kaiming-uniform(a=sqrt(5)) for an ``(..., in, rank)`` factor (fan-in = ``shape[-2]``)."""
   bound = lora_a_bound(shape[-2])
   return jax.random.uniform(key, shape, jnp.float32, -bound, bound).astype(dtype)
-
-
-def _check_positive_int(name: str, value: Any) -> int:
-  if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value <= 0:
-    raise ValueError(f'LoRALinear: {name} must be a positive integer, got {value!r}')
-  return int(value)
 
 
 class LoRALinear(nnx.Module, VeLoRAInput):
@@ -123,22 +113,17 @@ class LoRALinear(nnx.Module, VeLoRAInput):
       velora_scale: float = 1.0,
       velora_v_init: str = 'batch_average_once',
   ):
-    self.in_features = _check_positive_int('in_features', in_features)
-    self.out_features = _check_positive_int('out_features', out_features)
-    self.rank = _check_positive_int('rank', rank)
-    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not alpha > 0:
-      raise ValueError(f'LoRALinear: alpha must be a positive number, got {alpha!r}')
+    self.rank = positive_int(self, 'rank', rank)
+    self.alpha = positive_number(self, 'alpha', alpha)
     if (isinstance(dropout, bool) or not isinstance(dropout, (int, float))
         or not 0.0 <= dropout < 1.0):
       raise ValueError(f'LoRALinear: dropout must be a number in [0, 1), got {dropout!r}')
-    self.alpha = float(alpha)
     self.scale = self.alpha / self.rank
     self.dropout_rate = float(dropout)
     self.freeze_kernel = bool(freeze_kernel)
-    self.dtype = jnp.dtype(dtype)
-    self.param_dtype = jnp.dtype(param_dtype)
-    self.kernel = nnx.Param(
-        kernel_init(rngs.params(), (self.in_features, self.out_features), self.param_dtype))
+    # The kernel takes the params stream's first key (as Dense's), lora_a the next.
+    init_linear(self, in_features, out_features, dtype=dtype, param_dtype=param_dtype,
+                kernel_init=kernel_init, rngs=rngs)
     self.lora_a = nnx.LoRAParam(
         lora_a_init(rngs.params(), (self.in_features, self.rank), self.param_dtype))
     self.lora_b = nnx.LoRAParam(jnp.zeros((self.rank, self.out_features), self.param_dtype))

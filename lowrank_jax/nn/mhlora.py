@@ -73,17 +73,14 @@ heads.
 from __future__ import annotations
 
 import math
-from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from lowrank_jax.nn.dense import default_kernel_init, matmul
-
-Initializer = Any  # (key, shape, dtype) -> Array
-DTypeLike = Any
+from lowrank_jax.nn.dense import (DTypeLike, Initializer, default_kernel_init, init_linear, matmul,
+    positive_int, positive_number)
 
 MODES: tuple[str, ...] = ('parallel', 'mhlora')
 
@@ -112,12 +109,6 @@ def lte_a_init(key: jax.Array, shape: tuple[int, ...],
   mats = jax.vmap(lambda k: ortho(k, (fan_in, rank), jnp.float32))(keys)
   mats = mats * math.sqrt(fan_in / rank)
   return mats.reshape(shape).astype(dtype)
-
-
-def _check_positive_int(name: str, value: Any) -> int:
-  if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value <= 0:
-    raise ValueError(f'MultiHeadLoRALinear: {name} must be a positive integer, got {value!r}')
-  return int(value)
 
 
 class MultiHeadLoRALinear(nnx.Module):
@@ -153,22 +144,18 @@ class MultiHeadLoRALinear(nnx.Module):
       alpha: float = 4096.0,
       mode: str = 'parallel',
   ):
-    self.in_features = _check_positive_int('in_features', in_features)
-    self.out_features = _check_positive_int('out_features', out_features)
-    self.num_heads = _check_positive_int('num_heads', num_heads)
-    self.rank = _check_positive_int('rank', rank)
-    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not alpha > 0:
-      raise ValueError(f'MultiHeadLoRALinear: alpha must be a positive number, got {alpha!r}')
+    self.num_heads = positive_int(self, 'num_heads', num_heads)
+    self.rank = positive_int(self, 'rank', rank)
+    self.alpha = positive_number(self, 'alpha', alpha)
     if mode not in MODES:
       raise ValueError(f'MultiHeadLoRALinear: mode must be one of {list(MODES)}, got {mode!r}')
-    self.alpha = float(alpha)
     self.scale = self.alpha / self.rank
     self.mode = mode
     self.deterministic = False
-    self.dtype = jnp.dtype(dtype)
-    self.param_dtype = jnp.dtype(param_dtype)
+    # The kernel takes the params stream's first key (as Dense's), lora_a the next.
+    init_linear(self, in_features, out_features, dtype=dtype, param_dtype=param_dtype,
+                kernel_init=kernel_init, rngs=rngs)
     n, i, o, r = self.num_heads, self.in_features, self.out_features, self.rank
-    self.kernel = nnx.Param(kernel_init(rngs.params(), (i, o), self.param_dtype))
     self.lora_a = nnx.LoRAParam(lte_a_init(rngs.params(), (n, i, r), self.param_dtype))
     self.lora_b = nnx.LoRAParam(jnp.zeros((n, r, o), self.param_dtype))
     self.lora_v_a = LoRASnapshot(jnp.zeros((n, i, r), self.param_dtype))

@@ -54,16 +54,12 @@ float32 whatever the input dtype; ``v`` is stored in float32.
 from __future__ import annotations
 
 import functools
-from typing import Any
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from lowrank_jax.nn.dense import default_kernel_init, matmul
-
-Initializer = Any  # (key, shape, dtype) -> Array
-DTypeLike = Any
+from lowrank_jax.nn.dense import DTypeLike, Initializer, default_kernel_init, init_linear, matmul
 
 V_INITS: tuple[str, ...] = ('batch_average_once', 'batch_average', 'random')
 DEFAULT_NUM_GROUPS = 32  # the official code's default
@@ -325,13 +321,9 @@ class VeLoRALinear(nnx.Module, VeLoRAInput):
       kernel_init: Initializer = default_kernel_init,
       rngs: nnx.Rngs,
   ):
-    self.in_features = int(in_features)
-    self.out_features = int(out_features)
-    self.dtype = jnp.dtype(dtype)
-    self.param_dtype = jnp.dtype(param_dtype)
-    key = rngs.params()  # one draw, as Dense: the rest of the model inits identically.
-    self.kernel = nnx.Param(
-        kernel_init(key, (self.in_features, self.out_features), self.param_dtype))
+    # One draw, as Dense (the rest of the model inits identically); v comes from the same key.
+    key = init_linear(self, in_features, out_features, dtype=dtype, param_dtype=param_dtype,
+                      kernel_init=kernel_init, rngs=rngs)
     self.init_velora(self.in_features, num_groups=num_groups, sub_token_size=sub_token_size,
                      scale=scale, v_init=v_init, key=jax.random.fold_in(key, 1))
 

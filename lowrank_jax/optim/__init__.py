@@ -6,6 +6,8 @@ Usable in any Optax code: nothing here imports the rest of ``lowrank_jax``.
 * :func:`scale_by_osd` / :func:`osd`: Online Subspace Descent (Liang et al., 2024).
 * :func:`apollo` / :func:`apollo_mini` / :func:`scale_by_apollo`: APOLLO (Zhu et al., 2024).
 * :func:`fira` / :func:`scale_by_fira`: Fira (Chen et al., 2024).
+  Each takes ``learning_rate`` (the optimizers) and ``rank`` by position and
+  the rest by keyword, in one order the four share.
 * :mod:`lowrank_jax.optim.subspace`: the transform all four share
   (:func:`scale_by_subspace`, pluggable projector and lift rules) and the split
   refresh program (:func:`refresh_due`, :func:`refresh_projectors`).

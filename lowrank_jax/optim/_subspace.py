@@ -12,7 +12,6 @@ has a nonzero size and is a plain array, which orbax saves and restores.
 from __future__ import annotations
 
 import dataclasses
-import warnings
 from typing import Any, Callable, Optional, Sequence
 
 import jax
@@ -241,18 +240,16 @@ def base_params(params, low, plans):
   return lp, dp
 
 
-def run_base(base, treedef, low, dense, plans, low_state, dense_state, params, extra_args):
-  """Runs the two base instances; returns low/dense update leaf lists and states."""
-  lp, dp = base_params(params, low, plans)
-  unflat = lambda x: None if x is None else treedef.unflatten(x)
-  low_upd, low_state = base.update(unflat(low), low_state, unflat(lp), **extra_args)
-  dense_upd, dense_state = base.update(unflat(dense), dense_state, unflat(dp), **extra_args)
-  return (
-      treedef.flatten_up_to(low_upd),
-      treedef.flatten_up_to(dense_upd),
-      low_state,
-      dense_state,
-  )
+def run_base(base, treedef, plans, *, updates, states, params, extra_args):
+  """Runs the two base instances on ``updates`` (the low-rank and dense leaf lists)
+  with ``states`` (their states); returns the two update leaf lists and the two states."""
+  unflat = lambda x: None if x is None else treedef.unflatten(x)  # noqa: E731
+  outs, new_states = [], []
+  for upd, state, p in zip(updates, states, base_params(params, updates[0], plans)):
+    out, new_state = base.update(unflat(upd), state, unflat(p), **extra_args)
+    outs.append(treedef.flatten_up_to(out))
+    new_states.append(new_state)
+  return tuple(outs), tuple(new_states)
 
 
 def canonical_mats(leaves, plans):
@@ -344,13 +341,3 @@ def as_schedule(x) -> Callable[[jax.Array], jax.Array]:
 
 def safe_increment(count):
   return optax.safe_int32_increment(count)
-
-
-def renamed_arg(new_value: Any, old_value: Any, old: str, new: str, default: Any = None) -> Any:
-  """``new_value``, or the deprecated keyword's value with a DeprecationWarning."""
-  if old_value is None:
-    return new_value
-  if new_value is not default:
-    raise TypeError(f'give `{new}` only (`{old}` is its deprecated name)')
-  warnings.warn(f'`{old}=` is deprecated; use `{new}=`', DeprecationWarning, stacklevel=3)
-  return old_value

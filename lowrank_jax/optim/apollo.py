@@ -7,10 +7,11 @@ licence is non-commercial; nothing here comes from it).
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Optional
 
 import optax
 
+from lowrank_jax.optim import _factory
 from lowrank_jax.optim import _subspace as sub
 from lowrank_jax.optim import subspace
 
@@ -23,19 +24,17 @@ SCALINGS = subspace.SCALINGS
 MINI_SCALE = 128 ** 0.5
 
 
+@_factory.method()
 def scale_by_apollo(
     rank: int = 256,
+    *,
     update_proj_gap: int = 200,
     scale: float = 1.0,
     scaling: str = 'channel',
     norm_growth_limit: Optional[float] = 1.01,
-    proj_type: str = 'std',
     projector: str = 'random',
     seed: int = 0,
-    base_optimizer: Optional[optax.GradientTransformation] = None,
-    moments: str = 'keep',
-    projection_mask: Any = None,
-    projector_dtype: Any = None,
+    **core,
 ) -> optax.GradientTransformationExtraArgs:
   r"""APOLLO's update direction: the raw gradient scaled by Adam's effect in a random subspace.
 
@@ -69,15 +68,20 @@ def scale_by_apollo(
       smaller ratio (about ``sqrt(r/n)``).
     scaling: ``'channel'`` (APOLLO) or ``'tensor'`` (APOLLO-Mini).
     norm_growth_limit: ``gamma`` of the limiter (1.01); None disables it.
-    proj_type: as :func:`~lowrank_jax.optim.scale_by_galore` (``std``:
-      compress the smaller side). Channel scaling needs a one-sided type.
     projector: ``'random'`` (the paper), ``'svd'`` or ``'randomized'``
       (GaLore's refresh; stores the projector).
     seed: seed of the Gaussian projectors (stored in the state as a key).
+    proj_type: as :func:`~lowrank_jax.optim.scale_by_galore` (``std``:
+      compress the smaller side). Channel scaling needs a one-sided type.
     base_optimizer: the low-rank optimizer, default ``optax.scale_by_adam()``.
     moments: at a re-draw, ``'keep'`` (default), ``'reset'`` or ``'rotate'``.
     projection_mask, projector_dtype: as
       :func:`~lowrank_jax.optim.scale_by_galore`.
+    split_refresh: with ``projector='svd'`` or ``'randomized'``, as
+      :func:`~lowrank_jax.optim.scale_by_galore` (a random projector has no
+      refresh to split).
+
+  Only ``rank`` may be passed by position.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs`` whose state is a
@@ -90,34 +94,11 @@ def scale_by_apollo(
   else:
     rule = subspace.DecompositionRefresh(update_proj_gap, projector)
   return subspace.scale_by_subspace(
-      rule,
-      subspace.ScaleGradient(scale, scaling, norm_growth_limit),
-      base_optimizer,
-      rank=rank,
-      proj_type=proj_type,
-      moments=moments,
-      projection_mask=projection_mask,
-      projector_dtype=projector_dtype,
-  )
+      rule, subspace.ScaleGradient(scale, scaling, norm_growth_limit), rank=rank, **core)
 
 
-def apollo(
-    learning_rate: optax.ScalarOrSchedule,
-    rank: int = 256,
-    update_proj_gap: int = 200,
-    scale: float = 1.0,
-    scaling: str = 'channel',
-    norm_growth_limit: Optional[float] = 1.01,
-    weight_decay: float = 0.0,
-    weight_decay_mask: Any = None,
-    proj_type: str = 'std',
-    projector: str = 'random',
-    seed: int = 0,
-    base_optimizer: Optional[optax.GradientTransformation] = None,
-    moments: str = 'keep',
-    projection_mask: Any = None,
-    projector_dtype: Any = None,
-) -> optax.GradientTransformationExtraArgs:
+@_factory.optimizer(scale_by_apollo)
+def apollo(learning_rate: optax.ScalarOrSchedule, **kwargs) -> dict:
   r"""APOLLO: :func:`scale_by_apollo`, decoupled weight decay, learning rate.
 
   The paper's LLaMA pre-training recipe: rank ``d/4`` of the model width,
@@ -137,9 +118,12 @@ def apollo(
   Args:
     learning_rate: float or optax schedule.
     weight_decay, weight_decay_mask: as :func:`~lowrank_jax.optim.galore`.
-    rank, update_proj_gap, scale, scaling, norm_growth_limit, proj_type,
-      projector, seed, base_optimizer, moments, projection_mask,
-      projector_dtype: see :func:`scale_by_apollo`.
+    rank, update_proj_gap, scale, scaling, norm_growth_limit, projector,
+      seed, proj_type, base_optimizer, moments, projection_mask,
+      projector_dtype, split_refresh: see :func:`scale_by_apollo`.
+
+  ``learning_rate`` and ``rank`` may be passed by position; the rest are
+  keyword-only.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs``.
@@ -148,54 +132,24 @@ def apollo(
     Zhu et al., "APOLLO: SGD-like Memory, AdamW-level Performance", MLSys
     2025, https://arxiv.org/abs/2412.05270.
   """
-  return optax.chain(
-      scale_by_apollo(rank=rank, update_proj_gap=update_proj_gap, scale=scale, scaling=scaling,
-                      norm_growth_limit=norm_growth_limit, proj_type=proj_type, projector=projector, seed=seed, base_optimizer=base_optimizer,
-      moments=moments, projection_mask=projection_mask, projector_dtype=projector_dtype),
-      optax.add_decayed_weights(weight_decay, weight_decay_mask),
-      optax.scale_by_learning_rate(learning_rate),
-  )
+  return kwargs  # scale_by_apollo's arguments, unchanged (_factory.optimizer chains the rest)
 
 
-def apollo_mini(
-    learning_rate: optax.ScalarOrSchedule,
-    rank: int = 1,
-    update_proj_gap: int = 200,
-    scale: float = MINI_SCALE,
-    norm_growth_limit: Optional[float] = 1.01,
-    weight_decay: float = 0.0,
-    weight_decay_mask: Any = None,
-    proj_type: str = 'std',
-    projector: str = 'random',
-    seed: int = 0,
-    base_optimizer: Optional[optax.GradientTransformation] = None,
-    moments: str = 'keep',
-    projection_mask: Any = None,
-    projector_dtype: Any = None,
-) -> optax.GradientTransformationExtraArgs:
+@_factory.optimizer(scale_by_apollo, rank=1, scale=MINI_SCALE, scaling='tensor')
+def apollo_mini(learning_rate: optax.ScalarOrSchedule, **kwargs) -> dict:
   r"""APOLLO-Mini: :func:`apollo` with a rank-1 space and one scale per tensor.
 
-  The paper's settings: ``rank=1``, ``scaling='tensor'``, ``alpha =
-  sqrt(128)``, ``T = 200``, ``gamma = 1.01``, learning rate 0.01. Its state
-  is two ``1 x max(m, n)`` moment rows per matrix (about SGD's memory).
+  The paper's settings, which are this function's defaults: ``rank=1``,
+  ``scaling='tensor'``, ``scale = sqrt(128)`` (:data:`MINI_SCALE`), ``T =
+  200``, ``gamma = 1.01``; learning rate 0.01. Its state is two ``1 x max(m,
+  n)`` moment rows per matrix (about SGD's memory).
 
   Example:
     >>> import optax
     >>> from lowrank_jax.optim import apollo_mini
     >>> opt = apollo_mini(optax.cosine_decay_schedule(1e-2, 1000))
 
-  Args:
-    learning_rate, rank, update_proj_gap, scale, norm_growth_limit,
-      weight_decay, weight_decay_mask, ...: as :func:`apollo`.
-
-  Returns:
-    An ``optax.GradientTransformationExtraArgs``.
-
-  References:
-    Zhu et al., "APOLLO: SGD-like Memory, AdamW-level Performance", MLSys
-    2025, https://arxiv.org/abs/2412.05270.
+  Args and returns: as :func:`apollo`, with the defaults above. APOLLO-Mini
+  is introduced in the same paper (https://arxiv.org/abs/2412.05270).
   """
-  return apollo(learning_rate, rank=rank, update_proj_gap=update_proj_gap, scale=scale, scaling='tensor',
-                norm_growth_limit=norm_growth_limit, weight_decay=weight_decay,
-                weight_decay_mask=weight_decay_mask, proj_type=proj_type, projector=projector, seed=seed, base_optimizer=base_optimizer,
-      moments=moments, projection_mask=projection_mask, projector_dtype=projector_dtype)
+  return kwargs  # scale_by_apollo's arguments, unchanged (_factory.optimizer chains the rest)

@@ -6,27 +6,25 @@ Constraint?", 2024, https://arxiv.org/abs/2410.01623.
 
 from __future__ import annotations
 
-from typing import Any, Optional, Union
+from typing import Optional, Union
 
 import optax
 
+from lowrank_jax.optim import _factory
 from lowrank_jax.optim import projection as proj_lib
 from lowrank_jax.optim import subspace
 
 
+@_factory.method()
 def scale_by_fira(
     rank: int = 128,
+    *,
     update_proj_gap: int = 200,
     scale: float = 0.25,
     scaling: str = 'channel',
     norm_growth_limit: Optional[float] = 1.01,
-    proj_type: str = 'std',
     refresh: Union[str, proj_lib.RandomizedRefresh] = 'svd',
-    base_optimizer: Optional[optax.GradientTransformation] = None,
-    moments: str = 'keep',
-    projection_mask: Any = None,
-    projector_dtype: Any = None,
-    split_refresh: bool = False,
+    **core,
 ) -> optax.GradientTransformationExtraArgs:
   r"""Fira's update direction: GaLore's plus the out-of-subspace gradient, norm-scaled.
 
@@ -48,46 +46,25 @@ def scale_by_fira(
   norm per matrix.
 
   Args:
-    rank, update_proj_gap, proj_type, refresh, base_optimizer, moments,
-      projection_mask, projector_dtype, split_refresh: as
-      :func:`~lowrank_jax.optim.scale_by_galore`.
     scale: ``alpha`` of the low-rank term (0.25, as GaLore's LLaMA runs).
     scaling: ``'channel'`` (the paper's column-wise factor) or ``'tensor'``.
     norm_growth_limit: ``gamma`` (1.01); None disables the limiter.
+    rank, update_proj_gap, refresh, proj_type, base_optimizer, moments,
+      projection_mask, projector_dtype, split_refresh: as
+      :func:`~lowrank_jax.optim.scale_by_galore`.
+
+  Only ``rank`` may be passed by position.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs``.
   """
   return subspace.scale_by_subspace(
       subspace.DecompositionRefresh(update_proj_gap, refresh),
-      subspace.ProjectBackPlusResidual(scale, scaling, norm_growth_limit),
-      base_optimizer,
-      rank=rank,
-      proj_type=proj_type,
-      moments=moments,
-      projection_mask=projection_mask,
-      projector_dtype=projector_dtype,
-      split_refresh=split_refresh,
-  )
+      subspace.ProjectBackPlusResidual(scale, scaling, norm_growth_limit), rank=rank, **core)
 
 
-def fira(
-    learning_rate: optax.ScalarOrSchedule,
-    rank: int = 128,
-    update_proj_gap: int = 200,
-    scale: float = 0.25,
-    weight_decay: float = 0.0,
-    weight_decay_mask: Any = None,
-    scaling: str = 'channel',
-    norm_growth_limit: Optional[float] = 1.01,
-    proj_type: str = 'std',
-    refresh: Union[str, proj_lib.RandomizedRefresh] = 'svd',
-    base_optimizer: Optional[optax.GradientTransformation] = None,
-    moments: str = 'keep',
-    projection_mask: Any = None,
-    projector_dtype: Any = None,
-    split_refresh: bool = False,
-) -> optax.GradientTransformationExtraArgs:
+@_factory.optimizer(scale_by_fira)
+def fira(learning_rate: optax.ScalarOrSchedule, **kwargs) -> dict:
   r"""Fira: :func:`scale_by_fira`, decoupled weight decay, learning rate.
 
   The paper's LLaMA recipe is GaLore's: ranks 128/256/256/512 for
@@ -105,9 +82,12 @@ def fira(
   Args:
     learning_rate: float or optax schedule.
     weight_decay, weight_decay_mask: as :func:`~lowrank_jax.optim.galore`.
-    rank, update_proj_gap, scale, scaling, norm_growth_limit, proj_type,
-      refresh, base_optimizer, moments, projection_mask, projector_dtype,
+    rank, update_proj_gap, scale, scaling, norm_growth_limit, refresh,
+      proj_type, base_optimizer, moments, projection_mask, projector_dtype,
       split_refresh: see :func:`scale_by_fira`.
+
+  ``learning_rate`` and ``rank`` may be passed by position; the rest are
+  keyword-only.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs``.
@@ -116,11 +96,4 @@ def fira(
     Chen et al., "Fira: Can We Achieve Full-rank Training of LLMs Under
     Low-rank Constraint?", 2024, https://arxiv.org/abs/2410.01623.
   """
-  return optax.chain(
-      scale_by_fira(rank=rank, update_proj_gap=update_proj_gap, scale=scale, scaling=scaling,
-                    norm_growth_limit=norm_growth_limit, proj_type=proj_type, refresh=refresh,
-                    base_optimizer=base_optimizer, moments=moments, projection_mask=projection_mask,
-                    projector_dtype=projector_dtype, split_refresh=split_refresh),
-      optax.add_decayed_weights(weight_decay, weight_decay_mask),
-      optax.scale_by_learning_rate(learning_rate),
-  )
+  return kwargs  # scale_by_fira's arguments, unchanged (_factory.optimizer chains the rest)

@@ -6,11 +6,11 @@ Projection", ICML 2024, https://arxiv.org/abs/2403.03507.
 
 from __future__ import annotations
 
-from typing import Any, Optional, Union
+from typing import Union
 
 import optax
 
-from lowrank_jax.optim import _subspace as sub
+from lowrank_jax.optim import _factory
 from lowrank_jax.optim import projection as proj_lib
 from lowrank_jax.optim import subspace
 
@@ -25,20 +25,14 @@ REFRESH_MODES = subspace.REFRESH_ALGORITHMS
 GaLoreState = subspace.SubspaceState
 
 
+@_factory.method()
 def scale_by_galore(
     rank: int = 128,
+    *,
     update_proj_gap: int = 200,
     scale: float = 1.0,
-    proj_type: str = 'std',
     refresh: Union[str, proj_lib.RandomizedRefresh] = 'svd',
-    base_optimizer: Optional[optax.GradientTransformation] = None,
-    moments: str = 'keep',
-    projection_mask: Any = None,
-    projector_dtype: Any = None,
-    split_refresh: bool = False,
-    *,
-    base: Optional[optax.GradientTransformation] = None,
-    mask: Any = None,
+    **core,
 ) -> optax.GradientTransformationExtraArgs:
   r"""Runs ``base_optimizer`` on low-rank projections of the gradients (GaLore).
 
@@ -105,11 +99,11 @@ def scale_by_galore(
     update_proj_gap: steps between projector refreshes.
     scale: multiplies the projected-back updates (the paper's alpha; 0.25 in
       its LLaMA runs). Unprojected leaves are not scaled.
+    refresh: ``'svd'``, ``'randomized'`` or a
+      :class:`~lowrank_jax.optim.projection.RandomizedRefresh`.
     proj_type: ``'std'`` (compress the smaller dim: moments ``r x max(m,
       n)``, the paper's default), ``'reverse_std'`` (compress the larger, as
       ``optax.contrib.galore``), ``'left'``, ``'right'``, ``'full'``.
-    refresh: ``'svd'``, ``'randomized'`` or a
-      :class:`~lowrank_jax.optim.projection.RandomizedRefresh`.
     base_optimizer: the transform run in the subspace; default
       ``optax.scale_by_adam()``.
     moments: ``'keep'``, ``'reset'`` or ``'rotate'`` (see above).
@@ -129,45 +123,20 @@ def scale_by_galore(
     split_refresh: refresh only in :func:`~lowrank_jax.optim.refresh_projectors`,
       run when :func:`~lowrank_jax.optim.refresh_due`; the update then holds
       no decomposition. Same parameters as the one-transform form.
-    base, mask: deprecated names of ``base_optimizer`` and ``projection_mask``.
+
+  Only ``rank`` may be passed by position; the rest are keyword-only, in the
+  order all the subspace methods share.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs``; extra args are passed to
     ``base``.
   """
-  base_optimizer = sub.renamed_arg(base_optimizer, base, 'base', 'base_optimizer')
-  projection_mask = sub.renamed_arg(projection_mask, mask, 'mask', 'projection_mask')
   return subspace.scale_by_subspace(
-      subspace.DecompositionRefresh(update_proj_gap, refresh),
-      subspace.ProjectBack(scale),
-      base_optimizer,
-      rank=rank,
-      proj_type=proj_type,
-      moments=moments,
-      projection_mask=projection_mask,
-      projector_dtype=projector_dtype,
-      split_refresh=split_refresh,
-  )
+      subspace.DecompositionRefresh(update_proj_gap, refresh), subspace.ProjectBack(scale), rank=rank, **core)
 
 
-def galore(
-    learning_rate: optax.ScalarOrSchedule,
-    rank: int = 128,
-    update_proj_gap: int = 200,
-    scale: float = 1.0,
-    proj_type: str = 'std',
-    refresh: Union[str, proj_lib.RandomizedRefresh] = 'svd',
-    base_optimizer: Optional[optax.GradientTransformation] = None,
-    moments: str = 'keep',
-    weight_decay: float = 0.0,
-    weight_decay_mask: Any = None,
-    projection_mask: Any = None,
-    projector_dtype: Any = None,
-    split_refresh: bool = False,
-    *,
-    base: Optional[optax.GradientTransformation] = None,
-    mask: Any = None,
-) -> optax.GradientTransformationExtraArgs:
+@_factory.optimizer(scale_by_galore)
+def galore(learning_rate: optax.ScalarOrSchedule, **kwargs) -> dict:
   r"""GaLore optimizer: :func:`scale_by_galore`, decoupled weight decay, learning rate.
 
   ``chain(scale_by_galore(...), add_decayed_weights(weight_decay,
@@ -186,30 +155,17 @@ def galore(
 
   Args:
     learning_rate: float or optax schedule.
-    rank, update_proj_gap, scale, proj_type, refresh, base_optimizer, moments,
+    rank, update_proj_gap, scale, refresh, proj_type, base_optimizer, moments,
       projection_mask, projector_dtype, split_refresh: see
       :func:`scale_by_galore`.
     weight_decay: decoupled weight decay coefficient.
     weight_decay_mask: pytree or callable selecting the leaves that decay
       (as ``optax.add_decayed_weights``'s ``mask``); None decays all.
-    base, mask: deprecated names of ``base_optimizer`` and ``projection_mask``.
+
+  ``learning_rate`` and ``rank`` may be passed by position; the rest are
+  keyword-only.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs``.
   """
-  return optax.chain(
-      scale_by_galore(
-          rank=rank,
-          update_proj_gap=update_proj_gap,
-          scale=scale,
-          proj_type=proj_type,
-          refresh=refresh,
-          base_optimizer=sub.renamed_arg(base_optimizer, base, 'base', 'base_optimizer'),
-          moments=moments,
-          projection_mask=sub.renamed_arg(projection_mask, mask, 'mask', 'projection_mask'),
-          projector_dtype=projector_dtype,
-          split_refresh=split_refresh,
-      ),
-      optax.add_decayed_weights(weight_decay, weight_decay_mask),
-      optax.scale_by_learning_rate(learning_rate),
-  )
+  return kwargs  # scale_by_galore's arguments, unchanged (_factory.optimizer chains the rest)

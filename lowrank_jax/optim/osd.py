@@ -7,10 +7,11 @@ https://github.com/kyleliang919/Online-Subspace-Descent.
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Optional
 
 import optax
 
+from lowrank_jax.optim import _factory
 from lowrank_jax.optim import _subspace as sub
 from lowrank_jax.optim import subspace
 
@@ -25,20 +26,15 @@ DEFAULT_PROJECTOR_LR = 1.0 / 200
 OSDState = subspace.SubspaceState
 
 
+@_factory.method(exclude=('moments',))  # the subspace moves every step, by online PCA, not by refreshes
 def scale_by_osd(
     rank: int = 128,
-    proj_type: str = 'std',
+    *,
+    scale: float = 1.0,
     projector_optimizer: Optional[optax.GradientTransformation] = None,
     projector_lr: optax.ScalarOrSchedule = DEFAULT_PROJECTOR_LR,
     orthogonality: float = 0.0,
-    base_optimizer: Optional[optax.GradientTransformation] = None,
-    scale: float = 1.0,
-    projection_mask: Any = None,
-    projector_dtype: Any = None,
-    split_refresh: bool = False,
-    *,
-    base: Optional[optax.GradientTransformation] = None,
-    mask: Any = None,
+    **core,
 ) -> optax.GradientTransformationExtraArgs:
   r"""Online Subspace Descent: GaLore with the projector learned by online PCA.
 
@@ -76,7 +72,7 @@ def scale_by_osd(
 
   Args:
     rank: projection rank (static int; ``min(rank, n_in, n_out)`` per leaf).
-    proj_type: as in :func:`scale_by_galore`.
+    scale: multiplies the projected-back updates.
     projector_optimizer: gradient transformation for ``P`` *without* learning
       rate (the direction; ``P -= projector_lr * direction``). Default
       ``optax.scale_by_adam()``, as the official code's AdamW.
@@ -85,51 +81,34 @@ def scale_by_osd(
       official code's ``1 / update_proj_gap``. To follow the weight schedule
       as in the paper use :func:`osd`'s ``projector_lr_ratio``.
     orthogonality: ``lambda`` of the penalty ``||P^T P - I||^2``.
+    proj_type: as in :func:`scale_by_galore`.
     base_optimizer: transform run in the subspace, default ``optax.scale_by_adam()``.
-    scale: multiplies the projected-back updates.
     projection_mask: which leaves are projected, as in :func:`scale_by_galore`.
     projector_dtype: dtype of ``P`` and so of the projector optimizer's
       updates; float32 by default.
     split_refresh: compute the step-0 SVD only in
       :func:`~lowrank_jax.optim.refresh_projectors` (see
       :func:`scale_by_galore`); the update then holds no decomposition.
-    base, mask: deprecated names of ``base_optimizer`` and ``projection_mask``.
+
+  Only ``rank`` may be passed by position.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs``.
   """
   popt = optax.scale_by_adam() if projector_optimizer is None else projector_optimizer
   return subspace.scale_by_subspace(
-      subspace.OnlinePCA(popt, sub.as_schedule(projector_lr), orthogonality),
-      subspace.ProjectBack(scale),
-      sub.renamed_arg(base_optimizer, base, 'base', 'base_optimizer'),
-      rank=rank,
-      proj_type=proj_type,
-      projection_mask=sub.renamed_arg(projection_mask, mask, 'mask', 'projection_mask'),
-      projector_dtype=projector_dtype,
-      split_refresh=split_refresh,
-  )
+      subspace.OnlinePCA(popt, sub.as_schedule(projector_lr), orthogonality), subspace.ProjectBack(scale),
+      rank=rank, **core)
 
 
+@_factory.optimizer(scale_by_osd)
 def osd(
     learning_rate: optax.ScalarOrSchedule,
-    rank: int = 128,
-    proj_type: str = 'std',
-    projector_optimizer: Optional[optax.GradientTransformation] = None,
+    *,
     projector_lr: Optional[optax.ScalarOrSchedule] = None,
     projector_lr_ratio: Optional[float] = None,
-    orthogonality: float = 0.0,
-    base_optimizer: Optional[optax.GradientTransformation] = None,
-    scale: float = 1.0,
-    weight_decay: float = 0.0,
-    weight_decay_mask: Any = None,
-    projection_mask: Any = None,
-    projector_dtype: Any = None,
-    split_refresh: bool = False,
-    *,
-    base: Optional[optax.GradientTransformation] = None,
-    mask: Any = None,
-) -> optax.GradientTransformationExtraArgs:
+    **kwargs,
+) -> dict:
   r"""Online Subspace Descent optimizer: :func:`scale_by_osd`, weight decay, learning rate.
 
   The projector learning rate is, in order of precedence:
@@ -149,10 +128,12 @@ def osd(
     projector_lr, projector_lr_ratio: see above (give at most one).
     weight_decay, weight_decay_mask: decoupled weight decay, as in
       :func:`~lowrank_jax.optim.galore`.
-    rank, proj_type, projector_optimizer, orthogonality, base_optimizer,
-      scale, projection_mask, projector_dtype, split_refresh: see
+    rank, scale, projector_optimizer, orthogonality, proj_type,
+      base_optimizer, projection_mask, projector_dtype, split_refresh: see
       :func:`scale_by_osd`.
-    base, mask: deprecated names of ``base_optimizer`` and ``projection_mask``.
+
+  ``learning_rate`` and ``rank`` may be passed by position; the rest are
+  keyword-only.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs``.
@@ -169,19 +150,4 @@ def osd(
     plr = projector_lr
   else:
     plr = DEFAULT_PROJECTOR_LR
-  return optax.chain(
-      scale_by_osd(
-          rank=rank,
-          proj_type=proj_type,
-          projector_optimizer=projector_optimizer,
-          projector_lr=plr,
-          orthogonality=orthogonality,
-          base_optimizer=sub.renamed_arg(base_optimizer, base, 'base', 'base_optimizer'),
-          scale=scale,
-          projection_mask=sub.renamed_arg(projection_mask, mask, 'mask', 'projection_mask'),
-          projector_dtype=projector_dtype,
-          split_refresh=split_refresh,
-      ),
-      optax.add_decayed_weights(weight_decay, weight_decay_mask),
-      optax.scale_by_learning_rate(learning_rate),
-  )
+  return dict(kwargs, projector_lr=plr)  # scale_by_osd's arguments (_factory.optimizer chains the rest)

@@ -400,6 +400,7 @@ SECOND_MOMENT_MODES = ('sqrt', 'direct')
 def quantize_state(
     inner: optax.GradientTransformation,
     bits: int = 8,
+    *,
     block_size: int = 256,
     min_size: int = 4096,
     codec: str = 'dynamic',

@@ -357,10 +357,10 @@ class ProjectBackPlusResidual(LiftRule):
 def scale_by_subspace(
     projector_rule: ProjectorRule,
     lift_rule: LiftRule,
-    base_optimizer: Optional[optax.GradientTransformation] = None,
     *,
     rank: int = 128,
     proj_type: str = 'std',
+    base_optimizer: Optional[optax.GradientTransformation] = None,
     moments: str = 'keep',
     projection_mask: Any = None,
     projector_dtype: Any = None,
@@ -373,12 +373,12 @@ def scale_by_subspace(
       :class:`OnlinePCA`, :class:`GaussianRedraw`, or your own).
     lift_rule: a :class:`LiftRule` (:class:`ProjectBack`,
       :class:`ScaleGradient`, :class:`ProjectBackPlusResidual`, ...).
-    base_optimizer: gradient-only transform run on the low-rank gradients
-      and, as a second instance, on the unprojected leaves; default
-      ``optax.scale_by_adam()``.
     rank: projection rank (static int; ``min(rank, n_in, n_out)`` per leaf).
       Rules that store projectors read it at init only; others also at update.
     proj_type: which side is compressed (:data:`projection.PROJ_TYPES`).
+    base_optimizer: gradient-only transform run on the low-rank gradients
+      and, as a second instance, on the unprojected leaves; default
+      ``optax.scale_by_adam()``.
     moments: at a change of subspace, ``'keep'`` the base moments, ``'reset'``
       them (``base_optimizer.init``), or ``'rotate'`` them into the new basis
       (see :func:`~lowrank_jax.optim.scale_by_galore`).
@@ -485,8 +485,9 @@ def scale_by_subspace(
       projs, low_state = jax.lax.cond(rule.due(count), refreshed, lambda o: o, (old_projs, low_state))
 
     low, dense = sub.split_updates(leaves, mats, projs, plans)
-    low_upd, dense_upd, low_state, dense_state = sub.run_base(
-        base, treedef, low, dense, plans, low_state, state.dense_state, params, extra_args)
+    (low_upd, dense_upd), (low_state, dense_state) = sub.run_base(
+        base, treedef, plans, updates=(low, dense), states=(low_state, state.dense_state), params=params,
+        extra_args=extra_args)
 
     use_limiter = lift.gamma is not None
     prevs = treedef.flatten_up_to(state.lift_state) if use_limiter else [None] * len(leaves)

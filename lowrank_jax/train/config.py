@@ -1,566 +1,31 @@
-"""The run's configuration: typed, frozen settings, resolved once from the command line's ConfigDict.
+"""The run's configuration, resolved once: a command line's ConfigDict -> a checked `RunConfig`.
 
 `resolve(config)` reads an `ml_collections.ConfigDict` (a `configs/*.py` file plus
-`--config.KEY=VALUE` overrides) into a `RunConfig`: one frozen dataclass per section
-(`model`, `data`, `train`, `parallel`, `optimizer`) and the chosen method's own
-settings (`lowrank_jax.train.methods`). Every value is checked on the way in, so a bad
-one is one `ConfigError` naming its dotted key and the valid choices, before anything
-is compiled. The rest of the trainer takes the `RunConfig`, never the ConfigDict.
-
-A field's default, its check and its comment sit together in its dataclass; the
-defaults are also what `configs/base.py` starts every config from (`default_config`).
-To add a key: add a field here (or in your method's settings) with `setting(...)`.
+`--config.KEY=VALUE` overrides) into a `RunConfig` (`settings.py`): every section's fields
+checked on the way in, the chosen method's own settings (`lowrank_jax.train.methods`), and the
+checks across sections (data against model, VeLoRA and ranks against the model's layer shapes,
+the batch against the devices). A bad value is one `ConfigError` naming its dotted key and the
+valid choices, before anything is compiled. Everything below takes the `RunConfig`, never the
+ConfigDict.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import glob
-import json
-import math
-import os
-from collections.abc import Mapping
-from typing import Any, Callable, ClassVar, Iterable
+from typing import Any
 
+import jax
 import ml_collections
 
 from lowrank_jax import models
-from lowrank_jax.data import images as data_images
-from lowrank_jax.data import instructions as data_instructions
-from lowrank_jax.nn.velora import V_INITS
-from lowrank_jax.optim.clipping import CLIP_MODES
-from lowrank_jax.optim.quantize import SUPPORTED_BITS
+from lowrank_jax.train import methods
 from lowrank_jax.train.errors import ConfigError
-
-# --- checks: (dotted key, value) -> the value, or ConfigError -------------------------------
-
-Check = Callable[[str, Any], Any]
-
-
-def _is_number(value: Any) -> bool:
-  """A finite int or float: NaN and infinity pass no numeric check (lr=nan would train NaN)."""
-  return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-
-
-def positive_int(key: str, value: Any) -> int:
-  if not _is_number(value) or not float(value).is_integer():
-    raise ConfigError(key, f"must be a positive integer, got {value!r}")
-  if value <= 0:
-    raise ConfigError(key, f"must be > 0, got {value!r}")
-  return int(value)
-
-
-def non_negative_int(key: str, value: Any) -> int:
-  if not _is_number(value) or not float(value).is_integer() or value < 0:
-    raise ConfigError(key, f"must be an integer >= 0, got {value!r}")
-  return int(value)
-
-
-def positive(key: str, value: Any) -> float:
-  if not _is_number(value):
-    raise ConfigError(key, f"must be a positive number, got {value!r}")
-  if value <= 0:
-    raise ConfigError(key, f"must be > 0, got {value!r}")
-  return value
-
-
-def non_negative(key: str, value: Any) -> float:
-  if not _is_number(value) or value < 0:
-    raise ConfigError(key, f"must be a number >= 0, got {value!r}")
-  return value
-
-
-def in_range(lo: float, hi: float, *, hi_inclusive: bool = False) -> Check:
-  """A number in [lo, hi) (or [lo, hi])."""
-  def check(key: str, value: Any) -> float:
-    if not (_is_number(value) and lo <= value and (value <= hi if hi_inclusive else value < hi)):
-      raise ConfigError(key, f"must be in [{lo}, {hi}{']' if hi_inclusive else ')'}, got {value!r}")
-    return value
-  return check
-
-
-def boolean(key: str, value: Any) -> bool:
-  if not isinstance(value, bool):
-    raise ConfigError(key, f"must be True or False, got {value!r}")
-  return value
-
-
-def one_of(choices: Iterable[Any] | Callable[[], Iterable[Any]]) -> Check:
-  """One of `choices` (a sequence, or a function returning one for registries that grow)."""
-  def check(key: str, value: Any) -> Any:
-    valid = list(choices() if callable(choices) else choices)
-    if value not in valid:
-      raise ConfigError(key, f"unknown value {value!r}", valid)
-    return value
-  return check
-
-
-def _remat(key: str, value: Any) -> str:
-  """model.remat: a policy name, or the old boolean (also as the strings 'True' / 'False')."""
-  if isinstance(value, str) and value.lower() in ("true", "false"):
-    value = value.lower() == "true"
-  if not isinstance(value, (bool, str)) or (isinstance(value, str) and value not in models.REMAT_POLICIES):
-    raise ConfigError(key, f"unknown value {value!r}", [*models.REMAT_POLICIES, True, False])
-  return models.remat_policy(value)
-
-
-def comma_list(spec: str) -> list[str]:
-  """"a, b,c" -> ['a', 'b', 'c']: the one parser of comma-separated config values."""
-  return [item.strip() for item in spec.split(",") if item.strip()]
-
-
-def layer_names(key: str, spec: Any) -> str:
-  """A comma-separated list of the models' linear layer names, e.g. "q,k,v,o"."""
-  names = comma_list(spec) if isinstance(spec, str) else []
-  if not names:
-    raise ConfigError(key, f"names no layer, got {spec!r}", models.LAYER_NAMES)
-  for name in names:
-    if name not in models.LAYER_NAMES:
-      raise ConfigError(key, f"unknown layer name {name!r}", models.LAYER_NAMES)
-  return spec
-
-
-def setting(default: Any, *checks: Check) -> Any:
-  """A settings field: its default and the checks its value passes, in order."""
-  if isinstance(default, dict):
-    return dataclasses.field(default_factory=lambda: dict(default), metadata={"checks": checks})
-  return dataclasses.field(default=default, metadata={"checks": checks})
-
-
-def section(cls: type) -> Any:
-  """A field holding a nested settings dataclass, read from `cls.SECTION`."""
-  return dataclasses.field(default_factory=cls, metadata={"section": cls})
-
-
-# --- reading sections --------------------------------------------------------------------------
-
-def _node(config: Any, dotted: str) -> Any:
-  """The value at a dotted key of a ConfigDict (or nested dict); ConfigError if absent."""
-  node = config
-  for part in dotted.split("."):
-    try:
-      node = node[part]
-    except (KeyError, AttributeError, TypeError):
-      raise ConfigError(dotted, "missing (configs should start from configs/base.py)") from None
-  return node
-
-
-def read(cls: type, config: Any) -> Any:
-  """An instance of settings dataclass `cls` from `config` at `cls.SECTION`, every field checked."""
-  values = {}
-  for f in dataclasses.fields(cls):
-    if "section" in f.metadata:
-      values[f.name] = read(f.metadata["section"], config)
-      continue
-    key = f"{cls.SECTION}.{f.name}"
-    value = _node(config, key)
-    if isinstance(value, ml_collections.ConfigDict):
-      value = value.to_dict()
-    for check in f.metadata.get("checks", ()):
-      value = check(key, value)
-    values[f.name] = value
-  settings = cls(**values)
-  settings.check()
-  return settings
-
-
-class Settings:
-  """Base of every settings dataclass: `SECTION` is its dotted place in the config."""
-  SECTION: ClassVar[str] = ""
-
-  def check(self) -> None:
-    """Checks across this section's fields (each field's own checks have run)."""
-
-  def to_dict(self) -> dict[str, Any]:
-    """The section as the config spells it (what `config.json` holds)."""
-    out = {}
-    for f in dataclasses.fields(self):
-      value = getattr(self, f.name)
-      out[f.name] = value.to_dict() if isinstance(value, Settings) else value
-    return out
-
-
-def defaults(cls: type) -> ml_collections.ConfigDict:
-  """A ConfigDict of `cls`'s defaults (nested sections included)."""
-  out = ml_collections.ConfigDict()
-  for f in dataclasses.fields(cls):
-    if "section" in f.metadata:  # a section of its own (model.velora), not one read from elsewhere
-      nested = f.metadata["section"]
-      if nested.SECTION == f"{cls.SECTION}.{f.name}":
-        out[f.name] = defaults(nested)
-    else:
-      default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-      out[f.name] = ml_collections.ConfigDict(default) if isinstance(default, Mapping) else default
-  return out
-
-
-# --- the sections ------------------------------------------------------------------------------
-
-DTYPES = tuple(models.DTYPES)
-
-
-@dataclasses.dataclass(frozen=True)
-class VeLoRASettings(Settings):
-  """Compress the activations these linears save for backward to rank-1 sub-token projections.
-
-  Works on dense and LoRA linears and composes with any optimizer method.
-  """
-  SECTION: ClassVar[str] = "model.velora"
-  # "layer[:sub_token_size],..." e.g. "v:8,down:16" (the paper's choice); empty = off.
-  layers: str = setting("")
-  sub_token_size: int = setting(16, positive_int)  # for layers listed without a size
-  scale: float = setting(1.0, positive)  # multiplies the compressed weight gradient
-  v_init: str = setting("batch_average_once", one_of(V_INITS))  # batch_average_once, batch_average, random
-
-  @property
-  def sizes(self) -> dict[str, int]:
-    """{layer name: sub-token size} of `layers`."""
-    out = {}
-    for item in comma_list(self.layers):
-      name, _, size = item.partition(":")
-      try:
-        out[name.strip()] = int(size) if size.strip() else self.sub_token_size
-      except ValueError:
-        raise ConfigError(f"{self.SECTION}.layers", "expected 'layer[:sub_token_size],...' such as "
-                          f"'v:8,down:16', got {self.layers!r}") from None
-    return out
-
-  def check(self) -> None:
-    self.sizes  # noqa: B018  (parses, or names the key)
-
-
-@dataclasses.dataclass(frozen=True)
-class ModelSettings(Settings):
-  SECTION: ClassVar[str] = "model"
-  family: str = setting("llama", one_of(lambda: tuple(models.FAMILIES)))  # llama, gpt2 or vit
-  # llama: tiny, 60m, 130m, 350m, 1b, 7b (GaLore paper shapes); gpt2: tiny, 124m, 350m, 774m, 1.5b
-  size: str = setting("tiny")
-  dtype: str = setting("float32", one_of(DTYPES))  # compute dtype
-  param_dtype: str = setting("float32", one_of(DTYPES))  # storage dtype of parameters (and Adam moments)
-  tie_embeddings: bool = setting(False, boolean)
-  # Activation checkpointing per transformer block: none, block (keep only each block's input) or
-  # matmul_inputs (keep the linears' inputs); the old True / False mean block / none.
-  remat: str = setting("none", _remat)
-  vocab_multiple: int = setting(128, positive_int)  # pad the vocabulary up to a multiple (fast matmuls)
-  # Linear kind per layer name (q, k, v, o, gate, up, down, head); unnamed layers are 'dense'.
-  # Methods such as LoRA choose kinds for their layers; entries here win.
-  linear: dict = setting({})
-  velora: VeLoRASettings = section(VeLoRASettings)
-  # A Hugging Face model directory (config.json + safetensors: LLaMA, GPT-2 or ViT) to start from: its
-  # architecture, shapes and vocabulary replace family/size/tie_embeddings/vocab_multiple; its weights
-  # the init (a ViT's head is new when the data's classes differ).
-  init_from: str = setting("")
-  # Write the final model here as a Hugging Face directory (adapters merged); empty = don't.
-  export_to: str = setting("")
-
-  @property
-  def resolved_family(self) -> str:
-    """The family that runs: the `init_from` checkpoint's architecture, else `family`."""
-    return models.pretrained.architecture(self.init_from).family if self.init_from else self.family
-
-  @property
-  def name(self) -> str:
-    """How logs name the model: its checkpoint directory, else family-size."""
-    return os.path.basename(os.path.normpath(self.init_from)) if self.init_from else f"{self.family}-{self.size}"
-
-  def check(self) -> None:
-    if self.init_from:
-      try:
-        models.pretrained_config(self.init_from)
-      except models.PretrainedError as e:
-        raise ConfigError("model.init_from", str(e)) from None
-    if self.export_to and models.pretrained.read_existing(self.export_to):
-      raise ConfigError("model.export_to", f"{self.export_to} already holds a checkpoint; choose a new directory")
-    sizes, _, _ = models.FAMILIES[self.family]
-    one_of(sorted(sizes))("model.size", self.size)
-    for name, kind in self.linear.items():
-      if name not in models.LAYER_NAMES:
-        raise ConfigError(f"model.linear.{name}", "unknown layer name", models.LAYER_NAMES)
-      if kind not in models.linear_kinds():
-        raise ConfigError(f"model.linear.{name}", f"unknown linear kind {kind!r}", models.linear_kinds())
-
-
-@dataclasses.dataclass(frozen=True)
-class SyntheticSettings(Settings):
-  """The built-in language (data.source 'synthetic'): a sparse Markov chain with a known entropy rate."""
-  SECTION: ClassVar[str] = "data.synthetic"
-  vocab_size: int = setting(256, positive_int)
-  branching: int = setting(4, positive_int)
-  stop_prob: float = setting(1 / 64, in_range(0.0, 1.0))
-
-  def check(self) -> None:
-    if self.branching > self.vocab_size:
-      raise ConfigError("data.synthetic.branching", f"must be <= data.synthetic.vocab_size={self.vocab_size}")
-    if self.stop_prob <= 0:
-      raise ConfigError("data.synthetic.stop_prob", "must be > 0 (documents must end)")
-
-
-# Image classification (model.family 'vit'): MedMNIST-layout .npz files, a folder per class, a TFDS
-# image dataset, or real images installed offline (Debian's Fashion-MNIST, scikit-learn's digits).
-IMAGE_SOURCES = ("npz", "image_folder", "tfds_images") + tuple(sorted(data_images.OFFLINE_DATASETS))
-SOURCES = ("synthetic", "jsonl", "text", "tfds", "instructions") + IMAGE_SOURCES
-
-
-def _floats(key: str, value: Any) -> str:
-  """A comma-separated list of numbers, e.g. '0.485,0.456,0.406'."""
-  try:
-    numbers = [float(x) for x in comma_list(str(value))]
-  except ValueError:
-    numbers = []
-  if not numbers:
-    raise ConfigError(key, f"expected numbers separated by commas such as '0.5' or '0.485,0.456,0.406', got {value!r}")
-  return str(value)
-
-
-@dataclasses.dataclass(frozen=True)
-class ImageSettings(Settings):
-  """Image classification data: the image the model sees and the light training augmentation."""
-  SECTION: ClassVar[str] = "data.image"
-  size: int = setting(0, non_negative_int)  # pixels per side fed to the model (resized); 0 = the data's own
-  channels: int = setting(0, one_of((0, 1, 3)))  # 1 grey or 3 RGB (converted); 0 = the data's own
-  mean: str = setting("0.5", _floats)  # per channel (or one for all) of x / 255; HF ViT: 0.5
-  std: str = setting("0.5", _floats)  # x -> (x / 255 - mean) / std
-  crop_padding: int = setting(0, non_negative_int)  # augmentation: pad this many pixels, random crop (0: off)
-  flip: bool = setting(False, boolean)  # augmentation: random left-right flip
-  image_key: str = setting("image")  # tfds_images: the image feature
-  label_key: str = setting("label")  # tfds_images: the label feature
-
-  @property
-  def means(self) -> tuple[float, ...]:
-    return tuple(float(x) for x in comma_list(self.mean))
-
-  @property
-  def stds(self) -> tuple[float, ...]:
-    return tuple(float(x) for x in comma_list(self.std))
-
-  def check(self) -> None:
-    if any(x <= 0 for x in self.stds):
-      raise ConfigError("data.image.std", f"must be positive, got {self.std!r}")
-
-
-@dataclasses.dataclass(frozen=True)
-class InstructionSettings(Settings):
-  """data.source 'instructions': JSON-lines prompt/response examples, the loss on the response only."""
-  SECTION: ClassVar[str] = "data.instructions"
-  format: str = setting("alpaca", one_of(data_instructions.FORMATS))  # alpaca or prompt_response
-  template: str = setting("{prompt}")  # prompt_response: the prompt, a str.format template over the record
-  response_key: str = setting("response")  # prompt_response: the field holding the response
-  pack: bool = setting(True, boolean)  # several examples per row (attention kept apart), else one + padding
-  train_on_prompt: bool = setting(False, boolean)  # also count prompt tokens (Alpaca-LoRA's train_on_inputs)
-
-
-def _files(key: str, spec: str) -> None:
-  patterns = comma_list(spec)
-  if not patterns:
-    raise ConfigError(key, "is empty: give one or more files or glob patterns (comma separated)")
-  for pattern in patterns:
-    if not glob.glob(os.path.expanduser(pattern)):
-      raise ConfigError(key, f"no file matches {pattern!r} (working directory: {os.getcwd()})")
-
-
-@dataclasses.dataclass(frozen=True)
-class DataSettings(Settings):
-  SECTION: ClassVar[str] = "data"
-  source: str = setting("synthetic", one_of(SOURCES))
-  path: str = setting("")  # jsonl/text: file(s) or glob(s) for training, comma separated
-  eval_path: str = setting("")  # jsonl/text: validation file(s); empty = hold out eval_holdout
-  eval_holdout: float = setting(0.05)  # fraction of documents held out when eval_path is empty
-  text_key: str = setting("text")  # jsonl/tfds: the field holding the document text
-  tfds_name: str = setting("c4/en:3.1.0")  # tfds: dataset/config:version under data_dir
-  data_dir: str = setting("")  # tfds: data_dir (empty = $TFDS_DATA_DIR or ~/tensorflow_datasets)
-  train_split: str = setting("train")
-  eval_split: str = setting("validation")
-  # 'byte', a SentencePiece .model, an HF tokenizer.json, a tiktoken BPE file (GPT-2 r50k) or a model
-  # directory; empty: model.init_from's own tokenizer, else 'byte' (ignored by synthetic)
-  tokenizer: str = setting("")
-  seq_len: int = setting(128, positive_int)  # tokens per packed sequence (the model's context)
-  shuffle: bool = setting(True, boolean)
-  synthetic: SyntheticSettings = section(SyntheticSettings)
-  instructions: InstructionSettings = section(InstructionSettings)
-  image: ImageSettings = section(ImageSettings)
-
-  @property
-  def paths(self) -> list[str]:
-    return [os.path.expanduser(p) for p in comma_list(self.path)]
-
-  @property
-  def eval_paths(self) -> list[str]:
-    return [os.path.expanduser(p) for p in comma_list(self.eval_path)]
-
-  def check(self) -> None:
-    if self.seq_len < 2:
-      raise ConfigError("data.seq_len", "must be >= 2 (a sequence predicts its next tokens)")
-    if self.source == "synthetic":
-      return
-    if self.source in ("npz", "image_folder"):
-      kind = "file" if self.source == "npz" else "folder"
-      for key, path in (("data.path", self.path), ("data.eval_path", self.eval_path)):
-        if (path or key == "data.path") and not os.path.exists(os.path.expanduser(path)):
-          raise ConfigError(key, f"{self.source}: no such {kind} {path!r} (working directory: {os.getcwd()})")
-    if self.source in ("jsonl", "text", "instructions"):
-      _files("data.path", self.path)
-      if self.eval_path:
-        _files("data.eval_path", self.eval_path)
-      else:
-        in_range(0.0, 1.0)("data.eval_holdout", self.eval_holdout)
-        if self.eval_holdout <= 0:
-          raise ConfigError("data.eval_holdout", "must be > 0 when data.eval_path is empty (or set data.eval_path)")
-    if self.source in ("tfds", "tfds_images"):
-      try:
-        import tensorflow_datasets  # noqa: F401
-      except ImportError:
-        raise ConfigError("data.source", "'tfds' needs tensorflow-datasets: pip install 'lowrank-jax[tfds]'") from None
-    if self.tokenizer not in ("", "byte") and not os.path.exists(os.path.expanduser(self.tokenizer)):
-      raise ConfigError("data.tokenizer", f"file not found: {self.tokenizer!r}; give 'byte', the path of a "
-                        "SentencePiece .model (GaLore used the T5 C4 vocabulary), a tokenizer.json, a tiktoken "
-                        "BPE file or a model directory")
-
-
-ACCUM_DTYPES = ("float32", "param")  # train.accum_dtype: see make_train_step
-NONFINITE_GUARDS = ("step", "loss")  # train.nonfinite_guard: see make_train_step
-
-
-@dataclasses.dataclass(frozen=True)
-class TrainSettings(Settings):
-  SECTION: ClassVar[str] = "train"
-  steps: int = setting(300, positive_int)  # optimizer steps
-  batch_size: int = setting(16, positive_int)  # global batch, in sequences, per optimizer step
-  grad_accum: int = setting(1, positive_int)  # micro-batches per step (batch_size must divide evenly)
-  # What the micro-batch gradients are summed in: float32, or param (the parameters' dtype: with
-  # bfloat16 weights the accumulator takes half the bytes, each sum rounded to bfloat16).
-  accum_dtype: str = setting("float32", one_of(ACCUM_DTYPES))
-  log_every: int = setting(10, positive_int)  # steps between metric fetches (the only host syncs)
-  eval_every: int = setting(100, non_negative_int)  # steps between evaluations (0: only at the end)
-  eval_batches: int = setting(4, positive_int)  # fixed validation batches per evaluation
-  checkpoint_every: int = setting(100, non_negative_int)  # steps between checkpoints (0: only at the end)
-  keep_checkpoints: int = setting(2, positive_int)  # checkpoints kept on disk
-  # Steps whose loss or gradient norm is not finite are skipped (no update); this many in a
-  # row stop the run (exit 3), its last checkpoint with finite parameters kept.
-  max_nonfinite_steps: int = setting(5, positive_int)
-  # What is checked before a step commits: step (the loss and the global gradient norm: every
-  # update waits for the whole backward pass, so an accelerator holds one full set of gradients,
-  # the weights' size in their dtype) or loss (the loss alone: each layer's gradient is freed after
-  # its update; a non-finite gradient under a finite loss reaches the weights, the following losses
-  # are not finite and the run stops after max_nonfinite_steps).
-  nonfinite_guard: str = setting("step", one_of(NONFINITE_GUARDS))
-  # Language models: the output head and the cross-entropy run over this many sequence positions at a
-  # time (each chunk recomputed in the backward pass), so the float32 [tokens, vocab] logits never exist
-  # whole; the same loss and gradients up to float rounding. 0: the full logits at once.
-  loss_chunk_positions: int = setting(0, non_negative_int)
-  progress_bar: bool = setting(True, boolean)
-  # Before anything is allocated, refuse a run whose parameters and optimizer state alone exceed
-  # 90% of the memory it runs in (host memory available on the CPU, the device's limit on an
-  # accelerator; train/memory_check.py); False: run anyway.
-  check_memory: bool = setting(True, boolean)
-
-  @property
-  def micro_batch(self) -> int:
-    return self.batch_size // self.grad_accum
-
-  def check(self) -> None:
-    if self.batch_size % self.grad_accum:
-      raise ConfigError("train.grad_accum", f"must divide train.batch_size={self.batch_size}, got {self.grad_accum}",
-                        [d for d in range(1, self.batch_size + 1) if self.batch_size % d == 0])
-
-
-MODES = ("mesh", "pmap")
-
-
-@dataclasses.dataclass(frozen=True)
-class ParallelSettings(Settings):
-  SECTION: ClassVar[str] = "parallel"
-  mode: str = setting("mesh", one_of(MODES))  # mesh (jit over a device mesh) or pmap (jax.pmap + lax.pmean)
-  fsdp: bool = setting(False, boolean)  # mesh only: shard parameters and optimizer state over devices
-  # Methods with heads (mhlora parallel mode): each device holds its own heads (A, B, snapshots,
-  # optimizer state) on a `heads` mesh axis and trains them on its own part of the batch; only
-  # merges communicate. The head count must be a multiple of the device count.
-  shard_heads: bool = setting(False, boolean)
-
-  def check(self) -> None:
-    if self.fsdp and self.mode != "mesh":
-      raise ConfigError("parallel.fsdp", "needs parallel.mode='mesh' (pmap keeps a full replica per device)")
-    if self.shard_heads and self.fsdp:
-      raise ConfigError("parallel.fsdp", "cannot be combined with parallel.shard_heads (the heads are already "
-                        "split over devices; the shared weights stay whole)")
-
-  def describe(self) -> str:
-    """In a few words, for logs and reports: 'mesh', 'pmap + heads per device'."""
-    extras = [name for name, on in (("fsdp", self.fsdp), ("heads per device", self.shard_heads)) if on]
-    return " + ".join([self.mode, *extras])
-
-
-SCHEDULES = ("cosine", "constant")
-STATE_BITS = (32,) + SUPPORTED_BITS  # optimizer.state_bits: 32 (as they are) or quantized
-
-
-def _method_name(key: str, value: Any) -> str:
-  from lowrank_jax.train import methods
-
-  if value not in methods.method_names():
-    raise ConfigError(key, f"unknown method {value!r}", methods.method_names())
-  return value
-
-
-@dataclasses.dataclass(frozen=True)
-class OptimizerSettings(Settings):
-  """What every method shares; a method's own settings are in `config.optimizer.<method>`."""
-  SECTION: ClassVar[str] = "optimizer"
-  name: str = setting("adamw", _method_name)  # a registered method: see lowrank_jax.train.methods
-  lr: float = setting(1e-3, positive)  # peak learning rate
-  schedule: str = setting("cosine", one_of(SCHEDULES))  # cosine (warmup then cosine decay) or constant
-  warmup: float = setting(0.1, in_range(0.0, 1.0))  # warmup length as a fraction of train.steps
-  min_lr_ratio: float = setting(0.1, in_range(0.0, 1.0, hi_inclusive=True))  # cosine decays to this x lr
-  b1: float = setting(0.9, in_range(0.0, 1.0))
-  b2: float = setting(0.999, in_range(0.0, 1.0))
-  eps: float = setting(1e-8, non_negative)
-  weight_decay: float = setting(0.0, non_negative)  # decoupled, on matrices only (norm scales are not decayed)
-  grad_clip: float = setting(1.0, non_negative)  # the clipping threshold (0: off); its unit is clip_mode's
-  # global: the norm of all gradients <= grad_clip; block: each leaf's RMS <= grad_clip (optax
-  # clip_by_block_rms); previous: global, by the previous step's norm. block and previous let the step
-  # free each layer's gradient after its update (global needs them all at once).
-  clip_mode: str = setting("global", one_of(CLIP_MODES))
-  # Bits per element of the method's optimizer-state moments (Adam's mu/nu, GaLore/OSD low-rank
-  # moments, OSD's projector moments): 32 keeps them as they are; 8 stores them blockwise
-  # quantized (optim.quantize_state); projectors, counts and small leaves stay as they are.
-  state_bits: int = setting(32, one_of(STATE_BITS))
-
-
-# --- the whole run -----------------------------------------------------------------------------
-
-@dataclasses.dataclass(frozen=True)
-class RunConfig:
-  """A resolved, checked configuration: what the trainer is given."""
-  seed: int
-  model: ModelSettings
-  data: DataSettings
-  train: TrainSettings
-  parallel: ParallelSettings
-  optimizer: OptimizerSettings
-  method: Any  # the chosen method's settings (a `methods.Method`)
-
-  @property
-  def task(self) -> str:
-    """'classification' (images -> classes; model.family 'vit') or 'language_model'."""
-    return "classification" if self.data.source in IMAGE_SOURCES else "language_model"
-
-  def replace(self, **changes) -> "RunConfig":
-    return dataclasses.replace(self, **changes)
-
-  def to_dict(self) -> dict[str, Any]:
-    """The resolved values in the config's own layout (written to `<workdir>/config.json`)."""
-    optimizer = self.optimizer.to_dict()
-    optimizer.update(self.method.sections())
-    return {"seed": self.seed, "model": self.model.to_dict(), "data": self.data.to_dict(),
-            "train": self.train.to_dict(), "parallel": self.parallel.to_dict(), "optimizer": optimizer}
-
-  def to_json(self) -> str:
-    return json.dumps(self.to_dict(), indent=2)
-
+from lowrank_jax.train.model import linear_kinds, linear_shapes
+from lowrank_jax.train.settings import (DataSettings, ModelSettings, OptimizerSettings, ParallelSettings, RunConfig,
+                                        TrainSettings, _node, defaults, non_negative_int, read)
+from lowrank_jax.train.task import TASKS, task_for
 
 def default_config() -> ml_collections.ConfigDict:
-  """Every key with its default: the sections above and each registered method's settings."""
-  from lowrank_jax.train import methods
-
+  """Every key with its default: the settings' sections and each registered method's settings."""
   config = ml_collections.ConfigDict()
   config.seed = 0  # model init, data order and every other random draw
   for cls in (ModelSettings, DataSettings, TrainSettings, ParallelSettings, OptimizerSettings):
@@ -575,27 +40,36 @@ def resolve(config: ml_collections.ConfigDict | RunConfig, *, num_devices: int |
             process_count: int | None = None) -> RunConfig:
   """Check `config` and return it as a `RunConfig` (a `RunConfig` is returned as it is, re-checked
   against the device count). Raises `ConfigError` for the first value that cannot work."""
-  import jax
-
-  from lowrank_jax.train import methods
-
   num_devices = jax.device_count() if num_devices is None else num_devices
   process_count = jax.process_count() if process_count is None else process_count
-  if isinstance(config, RunConfig):
-    run = config
-  else:
-    seed = non_negative_int("seed", _node(config, "seed"))
-    if seed >= 2**31 - 1:  # JAX keys and grain take 32-bit seeds (and the model uses seed + 1)
-      raise ConfigError("seed", f"must be an integer in [0, {2**31 - 2}], got {seed}")
-    model, parallel, train, optimizer, data = (read(cls, config) for cls in (
-        ModelSettings, ParallelSettings, TrainSettings, OptimizerSettings, DataSettings))
-    run = RunConfig(seed, model, data, train, parallel, optimizer, read(methods.get_method(optimizer.name), config))
-    run.method.check_run(run)
-    _check_task(run)
-    _check_velora(run)
-    _check_rank(run)
+  run = config if isinstance(config, RunConfig) else _read_run(config)
   _check_devices(run, num_devices, process_count)
   return run
+
+
+def _read_run(config: ml_collections.ConfigDict) -> RunConfig:
+  """Every section read and checked, then the checks across sections (in the order a user meets them)."""
+  seed = non_negative_int("seed", _node(config, "seed"))
+  if seed >= 2**31 - 1:  # JAX keys and grain take 32-bit seeds (and the model uses seed + 1)
+    raise ConfigError("seed", f"must be an integer in [0, {2**31 - 2}], got {seed}")
+  model, parallel, train = (read(cls, config) for cls in (ModelSettings, ParallelSettings, TrainSettings))
+  name = _node(config, "optimizer.name")  # (the registry is above the settings: checked here, first of its section)
+  if name not in methods.method_names():
+    raise ConfigError("optimizer.name", f"unknown method {name!r}", methods.method_names())
+  optimizer, data = read(OptimizerSettings, config), read(DataSettings, config)
+  run = RunConfig(seed, model, data, train, parallel, optimizer, read(methods.get_method(optimizer.name), config),
+                  task_for(data.source))
+  run.method.check_run(run)
+  _check_task(run)
+  run = run.replace(linear_shapes=_linear_shapes_if_needed(run))
+  _check_velora(run)
+  _check_rank(run)
+  return run
+
+
+def _linear_shapes_if_needed(run: RunConfig) -> dict[str, tuple[int, int]] | None:
+  """The model's linear shapes, built once here when a check needs them (VeLoRA's layers, a rank)."""
+  return linear_shapes(run) if run.model.velora.sizes or _rank_owner(run) is not None else None
 
 
 def validate(config: ml_collections.ConfigDict | RunConfig, *, num_devices: int = 1,
@@ -605,23 +79,21 @@ def validate(config: ml_collections.ConfigDict | RunConfig, *, num_devices: int 
 
 
 def _check_task(run: RunConfig) -> None:
-  """Images go with the ViT, token sources with the language models."""
+  """The model family learns the data's task (the ViT images, the decoders tokens)."""
   family = run.model.resolved_family
-  vit = family == "vit"
-  if vit != (run.task == "classification"):
+  learns = models.get_family(family).task
+  if learns != run.task.model_task:
     model = f"model.init_from={run.model.init_from!r} (a {family} checkpoint)" if run.model.init_from else \
         f"model.family={family!r}"
-    raise ConfigError("data.source", f"{run.data.source!r} does not fit {model}: the vit family reads images",
-                      IMAGE_SOURCES if vit else SOURCES[:len(SOURCES) - len(IMAGE_SOURCES)])
+    raise ConfigError("data.source", f"{run.data.source!r} is data for {run.task.name}; {model} learns {learns}",
+                      [s for t in TASKS if t.model_task == learns for s in t.sources])
 
 
 def _check_velora(run: RunConfig) -> None:
-  from lowrank_jax.train.model import linear_kinds, linear_widths
-
   sizes = run.model.velora.sizes
   if not sizes:
     return
-  widths = linear_widths(run)
+  widths = {name: shape[0] for name, shape in run.linear_shapes.items()}
   kinds = linear_kinds(run)
   for name, size in sizes.items():
     if name not in widths or name == "head":
@@ -636,27 +108,31 @@ def _check_velora(run: RunConfig) -> None:
                         f"width {width}", [d for d in range(1, min(width, 256) + 1) if width % d == 0])
 
 
+def _rank_owner(run: RunConfig) -> Any:
+  """The settings holding the method's rank (the method's own, or ReLoRA's LoRA), or None."""
+  method = run.method
+  owner = method if hasattr(method, "rank") else getattr(method, "lora", None)
+  rank = getattr(owner, "rank", None)
+  if owner is None or isinstance(rank, bool) or not isinstance(rank, int) or not owner.SECTION:
+    return None
+  return owner
+
+
 def rank_sides(run: RunConfig) -> tuple[str, int, dict[str, int], bool] | None:
   """What a method's rank applies to: (its config key, the rank, {layer: the matrix's smaller side},
   whether the method adapts the model's layers (LoRA kinds) rather than projecting gradients).
 
-  None for a method without a rank, and for image models (their shapes come from the data).
-  Head and embeddings are left out: no method applies its rank to them.
+  None for a method without a rank. Head and embeddings are left out: no method applies its
+  rank to them. The shapes are the ones `resolve` read from the model.
   """
-  method = run.method
-  linears = method.linears() if hasattr(method, "linears") else None
-  names = list(linears.kinds) if linears and linears.kinds else None  # model-side: the adapted layers
-  owner = method if hasattr(method, "rank") else getattr(method, "lora", None)  # ReLoRA's rank is its LoRA's
-  rank = getattr(owner, "rank", None)
-  if owner is None or isinstance(rank, bool) or not isinstance(rank, int) or not owner.SECTION:
+  owner = _rank_owner(run)
+  if owner is None or run.linear_shapes is None:
     return None
-  if run.task != "language_model":
-    return None
-  from lowrank_jax.train.model import linear_shapes
-
-  sides = {name: min(shape) for name, shape in linear_shapes(run).items()
+  linears = run.method.linears()
+  names = list(linears.kinds) if linears.kinds else None  # model-side: the adapted layers
+  sides = {name: min(shape) for name, shape in run.linear_shapes.items()
            if name != "head" and (names is None or name in names)}
-  return f"{owner.SECTION}.rank", rank, sides, names is not None
+  return f"{owner.SECTION}.rank", owner.rank, sides, names is not None
 
 
 def _check_rank(run: RunConfig) -> None:
@@ -707,8 +183,6 @@ def _check_devices(run: RunConfig, num_devices: int, process_count: int) -> None
     return
   heads = run.method.heads()
   if heads is None:
-    from lowrank_jax.train import methods
-
     raise ConfigError("parallel.shard_heads", f"method {run.optimizer.name!r} has no heads to spread over devices",
                       [m.NAME for m in methods.registered() if m().heads() is not None])
   if run.parallel.mode == "pmap" and process_count > 1:

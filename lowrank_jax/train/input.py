@@ -9,7 +9,7 @@ from typing import Any
 
 from lowrank_jax import data as data_lib
 from lowrank_jax import models
-from lowrank_jax.train.config import DataSettings, RunConfig
+from lowrank_jax.train.settings import DataSettings, RunConfig
 from lowrank_jax.train.errors import ConfigError
 
 
@@ -124,7 +124,8 @@ def model_image_shape(run: RunConfig) -> tuple[int, int]:
   return img.size or image.shape[0], img.channels or image.shape[2]
 
 
-def _image_input(run: RunConfig, *, process_index: int, process_count: int) -> Input:
+def image_input(run: RunConfig, *, process_index: int, process_count: int) -> Input:
+  """Image classification data: augmented training batches and fixed, padded validation batches."""
   cfg, img = run.data, run.data.image
   train, evals, description = _image_sources(cfg)
   size, channels = model_image_shape(run)
@@ -133,8 +134,7 @@ def _image_input(run: RunConfig, *, process_index: int, process_count: int) -> I
   except ValueError as e:
     raise ConfigError("data.image.mean", str(e)) from None
   plain = dataclasses.replace(transform, crop_padding=0, flip=False)
-  local_batch = run.train.batch_size // process_count
-  eval_batch = max(1, local_batch // run.train.grad_accum)
+  local_batch, eval_batch = _batch_sizes(run, process_count)
   eval_batches = data_lib.make_image_eval_batches(
       evals, plain, batch_size=eval_batch, max_examples=run.train.eval_batches * eval_batch,
       process_index=process_index, process_count=process_count)
@@ -145,13 +145,13 @@ def _image_input(run: RunConfig, *, process_index: int, process_count: int) -> I
                f"{description}: {train.num_classes} classes, {len(train)} training images, {size}x{size}x{channels}")
 
 
-def make_tokenizer(run: RunConfig):
-  """`data.tokenizer`; when empty, `model.init_from`'s own tokenizer, else bytes.
+def image_classes(run: RunConfig) -> ImageClasses:
+  """The classes of the training images (what a classification run has for a vocabulary)."""
+  return ImageClasses(_image_sources(run.data)[0].num_classes)
 
-  A classification run gets its `ImageClasses` (the classes play the vocabulary's role).
-  """
-  if run.task == "classification":
-    return ImageClasses(_image_sources(run.data)[0].num_classes)
+
+def make_tokenizer(run: RunConfig):
+  """`data.tokenizer`; when empty, `model.init_from`'s own tokenizer, else bytes."""
   spec = run.data.tokenizer or run.model.init_from or "byte"
   try:
     tokenizer = data_lib.make_tokenizer(os.path.expanduser(spec))
@@ -165,6 +165,18 @@ def make_tokenizer(run: RunConfig):
   return tokenizer
 
 
+def token_vocab_size(run: RunConfig) -> int:
+  """The vocabulary a language model's embedding needs, without reading any data (a checkpoint
+  with no tokenizer files beside it answers with its embedding's size)."""
+  if run.data.source == "synthetic":
+    return run.data.synthetic.vocab_size + 2  # + pad and eos
+  if run.model.init_from and not run.data.tokenizer and not any(
+      os.path.exists(os.path.join(os.path.expanduser(run.model.init_from), f))
+      for f in ("tokenizer.json", "tokenizer.model")):
+    return models.pretrained_config(run.model.init_from).vocab_size
+  return make_tokenizer(run).vocab_size
+
+
 def _instructions(cfg: DataSettings, paths: list[str], key: str):
   ins = cfg.instructions
   try:
@@ -174,43 +186,52 @@ def _instructions(cfg: DataSettings, paths: list[str], key: str):
     raise ConfigError({"format": "data.instructions.format"}.get(getattr(e, "argument", None), key), str(e)) from None
 
 
-def _sources(cfg: DataSettings, seed: int, tokenizer):
-  """(train source, eval source, tokenizer, entropy floor, description)."""
+def _batch_sizes(run: RunConfig, process_count: int) -> tuple[int, int]:
+  """(this process's rows per step, its rows per validation batch): validation runs on micro-batch
+  sized pieces, so it never needs more memory than a step."""
+  local_batch = run.train.batch_size // process_count
+  return local_batch, max(1, local_batch // run.train.grad_accum)
+
+
+def instruction_input(run: RunConfig, *, process_index: int, process_count: int) -> Input:
+  """Prompt/response examples as batches of tokens, segment_ids, positions and loss_mask."""
+  cfg = run.data
+  tokenizer = make_tokenizer(run)
+  train = _instructions(cfg, cfg.paths, "data.path")
+  if cfg.eval_path:
+    evals = _instructions(cfg, cfg.eval_paths, "data.eval_path")
+  else:
+    train, evals = data_lib.split_holdout(train, cfg.eval_holdout)
+  if len(train) == 0:
+    raise ConfigError("data.path", "the training source holds no documents")
+  local_batch, eval_batch = _batch_sizes(run, process_count)
+  shared = dict(pack=cfg.instructions.pack, train_on_prompt=cfg.instructions.train_on_prompt,
+                process_index=process_index, process_count=process_count)
+  eval_batches = data_lib.make_instruction_eval_batches(
+      evals, tokenizer, seq_len=cfg.seq_len, batch_size=eval_batch, num_batches=run.train.eval_batches, **shared)
+  train_iter = data_lib.make_instruction_iterator(
+      train, tokenizer, seq_len=cfg.seq_len, batch_size=local_batch, seed=run.seed, shuffle=cfg.shuffle, **shared)
+  return Input(tokenizer, train_iter, eval_batches, None, f"instructions ({cfg.instructions.format}) {cfg.path}")
+
+
+def _token_sources(cfg: DataSettings, seed: int, tokenizer):
+  """(train source, eval source, tokenizer, entropy floor, description) of a language-model source."""
   if cfg.source == "synthetic":
     return _synthetic(cfg, seed)
-  if cfg.source == "instructions":
-    train = _instructions(cfg, cfg.paths, "data.path")
-    if cfg.eval_path:
-      evals = _instructions(cfg, cfg.eval_paths, "data.eval_path")
-    else:
-      train, evals = data_lib.split_holdout(train, cfg.eval_holdout)
-    return train, evals, tokenizer, None, f"instructions ({cfg.instructions.format}) {cfg.path}"
   if cfg.source in ("jsonl", "text"):
     return (*_files(cfg), tokenizer, None, f"{cfg.source} {cfg.path}")
   train = _tfds(cfg, cfg.train_split, "data.train_split")
   return train, _tfds(cfg, cfg.eval_split, "data.eval_split"), tokenizer, None, f"tfds {cfg.tfds_name}"
 
 
-def build_input(run: RunConfig, *, process_index: int, process_count: int) -> Input:
+def token_input(run: RunConfig, *, process_index: int, process_count: int) -> Input:
+  """Documents tokenized and packed into rows of `data.seq_len` tokens."""
   cfg = run.data
-  if run.task == "classification":
-    return _image_input(run, process_index=process_index, process_count=process_count)
   tokenizer = None if cfg.source == "synthetic" else make_tokenizer(run)
-  train, evals, tokenizer, floor, description = _sources(cfg, run.seed, tokenizer)
+  train, evals, tokenizer, floor, description = _token_sources(cfg, run.seed, tokenizer)
   if len(train) == 0:
     raise ConfigError("data.path", "the training source holds no documents")
-  local_batch = run.train.batch_size // process_count
-  # Validation is evaluated on micro-batch sized pieces so it never needs more memory than a step.
-  eval_batch = max(1, local_batch // run.train.grad_accum)
-  if cfg.source == "instructions":  # batches of tokens, segment_ids, positions, loss_mask
-    ins = dict(pack=cfg.instructions.pack, train_on_prompt=cfg.instructions.train_on_prompt)
-    eval_batches = data_lib.make_instruction_eval_batches(
-        evals, tokenizer, seq_len=cfg.seq_len, batch_size=eval_batch, num_batches=run.train.eval_batches,
-        process_index=process_index, process_count=process_count, **ins)
-    train_iter = data_lib.make_instruction_iterator(
-        train, tokenizer, seq_len=cfg.seq_len, batch_size=local_batch, seed=run.seed, shuffle=cfg.shuffle,
-        process_index=process_index, process_count=process_count, **ins)
-    return Input(tokenizer, train_iter, eval_batches, None, description)
+  local_batch, eval_batch = _batch_sizes(run, process_count)
   try:
     eval_batches = data_lib.make_eval_batches(
         evals, tokenizer, seq_len=cfg.seq_len, batch_size=eval_batch, num_batches=run.train.eval_batches,

@@ -28,7 +28,7 @@ from lowrank_jax.train import parallel, warm_start
 from lowrank_jax.train.checkpoint import Checkpointer
 from lowrank_jax.train.config import RunConfig, default_config, full_rank_layers, resolve
 from lowrank_jax.train.errors import ConfigError, TrainingStopped
-from lowrank_jax.train.input import Input, build_input
+from lowrank_jax.train.input import Input
 from lowrank_jax.train.memory_check import check_memory
 from lowrank_jax.train.metrics import MetricsWriter
 from lowrank_jax.train.setup import (Setup, build_setup, export_model, init_state, model_summary, param_count,
@@ -235,9 +235,7 @@ def _announce(setup: Setup, inputs: Input, warm_steps: int) -> None:
   _say(f"model   {model_summary(setup)}")
   _say(f"method  {opt.name}, peak lr {opt.lr:g}, {opt.schedule} schedule"
        f"{f'; full-rank warm start for {warm_steps} steps' if warm_steps else ''}")
-  per_step = (f"{t.batch_size} images" if run.task == "classification"
-              else f"{t.batch_size} x {run.data.seq_len} tokens; vocab {vocab}")
-  _say(f"data    {inputs.description}; {per_step} per step"
+  _say(f"data    {inputs.description}; {run.task.describe_batch(run, vocab)} per step"
        f"{f' ({t.grad_accum} micro-batches)' if t.grad_accum > 1 else ''}")
   _say(f"devices {jax.device_count()} x {jax.devices()[0].device_kind} over {jax.process_count()} process(es), "
        f"{run.parallel.describe()}")
@@ -426,7 +424,7 @@ def train(config: ml_collections.ConfigDict | RunConfig, workdir: str, *, restar
   if latest is not None and latest >= run.train.steps:
     checkpointer.close()
     return _finished(workdir, run, latest)
-  inputs = build_input(run, process_index=jax.process_index(), process_count=jax.process_count())
+  inputs = run.task.build_input(run, process_index=jax.process_index(), process_count=jax.process_count())
   vocab = inputs.tokenizer.vocab_size
   restored = _restore_newest_readable(run, checkpointer, inputs, vocab) if latest is not None else None
   if restored is None:

@@ -16,63 +16,39 @@ import jax
 
 from lowrank_jax import models
 from lowrank_jax.optim.adapters import adapted_layers
-from lowrank_jax.train.config import RunConfig
+from lowrank_jax.train.settings import RunConfig
 from lowrank_jax.train.errors import ConfigError
-
-
-def model_image_shape(run: RunConfig) -> tuple[int, int]:
-  """(side, channels) of the images the model takes (see `train.input.model_image_shape`)."""
-  from lowrank_jax.train.input import model_image_shape as shape  # (the data's, read there)
-
-  return shape(run)
-
-
-def pretrained_overrides(run: RunConfig, vocab_size: int) -> dict:
-  """What the run chooses of a `model.init_from` checkpoint's config: dtypes, remat, and a
-  ViT's class count (the data's; a count other than the checkpoint's gives a fresh head)."""
-  m = run.model
-  extra = {"num_classes": vocab_size} if run.task == "classification" else {}
-  return dict(dtype=m.dtype, param_dtype=m.param_dtype, remat=m.remat, **extra)
 
 
 def padded_vocab(vocab_size: int, multiple: int) -> int:
   return -(-vocab_size // multiple) * multiple
 
 
+def pretrained_overrides(run: RunConfig, vocab_size: int) -> dict:
+  """What the run chooses of a `model.init_from` checkpoint's config: dtypes, remat, and what the
+  task changes (a ViT's class count: the data's; another count than the checkpoint's: a new head)."""
+  m = run.model
+  return dict(dtype=m.dtype, param_dtype=m.param_dtype, remat=m.remat, **run.task.pretrained_options(run, vocab_size))
+
+
 def model_config(run: RunConfig, vocab_size: int):
   """The model family's config dataclass (`LlamaConfig`, `GPT2Config`, `ViTConfig`) for this run.
 
-  With `model.init_from` it is the checkpoint's config.json (its vocabulary, not `vocab_size`;
-  `train.input.make_tokenizer` checks that the tokenizer fits it; a ViT's classes are the data's).
+  `vocab_size` is the task's (`Task.vocab_size`: the tokenizer's, or the image classes). With
+  `model.init_from` it is the checkpoint's config.json, with what the run chooses of it (dtypes,
+  remat, a ViT's classes); else the family's size with what the data decides (`Task.model_options`).
   """
-  m = run.model
+  m, task = run.model, run.task
   if m.init_from:
     config = models.pretrained_config(m.init_from, **pretrained_overrides(run, vocab_size))
-    if run.task == "classification":
-      _check_image_fits(run, config)
-    elif run.data.seq_len > config.max_seq_len:
-      raise ConfigError("data.seq_len", f"must be <= {config.max_seq_len}, the context of {m.init_from}")
+    task.check_pretrained(run, config)
     return config
-  _, make_config, _ = models.FAMILIES[m.family]
-  if run.task == "classification":  # `vocab_size`: the classes; the image shape comes from the data
-    size, channels = model_image_shape(run)
-    try:
-      return make_config(m.size, vocab_size, image_size=size, num_channels=channels, dtype=m.dtype,
-                         param_dtype=m.param_dtype, remat=m.remat)
-    except ValueError as e:
-      raise ConfigError("data.image.size", str(e)) from None
-  return make_config(m.size, padded_vocab(vocab_size, m.vocab_multiple), max_seq_len=run.data.seq_len,
-                     tie_embeddings=m.tie_embeddings, dtype=m.dtype, param_dtype=m.param_dtype, remat=m.remat)
-
-
-def _check_image_fits(run: RunConfig, config: Any) -> None:
-  """A pretrained ViT takes images of its own size and channels (no position interpolation)."""
-  size, channels = model_image_shape(run)
-  for key, got, want in (("data.image.size", size, config.image_size),
-                         ("data.image.channels", channels, config.num_channels)):
-    if got != want:
-      raise ConfigError(key, f"is {got}, but {run.model.init_from} takes {config.image_size}x{config.image_size}"
-                        f"x{config.num_channels} images: set {want} (or 0: the checkpoint's)")
+  options = task.model_options(run, vocab_size)
+  try:
+    return models.get_family(m.family).config(m.size, options.pop("vocab_size"), **options, dtype=m.dtype,
+                                              param_dtype=m.param_dtype, remat=m.remat)
+  except ValueError as e:  # (a ViT whose image side its patches do not divide)
+    raise ConfigError("data.image.size", str(e)) from None
 
 
 def linear_kinds(run: RunConfig) -> dict[str, str]:
@@ -104,9 +80,7 @@ def linear_factory(run: RunConfig) -> models.LinearFactory:
 
 
 def _model_class(run: RunConfig):
-  if run.model.init_from:
-    return models.pretrained.architecture(run.model.init_from).model_class
-  return models.FAMILIES[run.model.family][2]
+  return models.get_family(run.model.resolved_family).model_class
 
 
 def linear_shapes(run: RunConfig) -> dict[str, tuple[int, int]]:
@@ -122,17 +96,13 @@ def linear_shapes(run: RunConfig) -> dict[str, tuple[int, int]]:
       shapes[name] = (int(in_features), int(out_features))
       return super().__call__(name, in_features, out_features, **kwargs)
 
-  config = model_config(run, run.model.vocab_multiple)
+  config = model_config(run, run.model.vocab_multiple)  # (any vocabulary: the shapes asked for are the linears')
   nnx.eval_shape(lambda: _model_class(run)(config, linear_factory=Recorder(), rngs=nnx.Rngs(0)))
   return shapes
 
 
-def linear_widths(run: RunConfig) -> dict[str, int]:
-  """{layer name: input width} of the model's linears (see `linear_shapes`)."""
-  return {name: shape[0] for name, shape in linear_shapes(run).items()}
-
-
 def build_model(run: RunConfig, vocab_size: int, *, seed: int) -> nnx.Module:
+  """The run's model with fresh weights (`vocab_size`: the task's, see `model_config`)."""
   return _model_class(run)(model_config(run, vocab_size), linear_factory=linear_factory(run), rngs=nnx.Rngs(seed))
 
 

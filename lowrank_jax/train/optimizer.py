@@ -6,7 +6,7 @@ import optax
 
 from lowrank_jax.optim import clipping, quantize
 from lowrank_jax.train import parallel
-from lowrank_jax.train.config import RunConfig
+from lowrank_jax.train.settings import RunConfig
 from lowrank_jax.train.errors import ConfigError
 from lowrank_jax.train.methods import Heads, make_schedule
 

@@ -1,4 +1,4 @@
-"""Device mesh and shardings for data-parallel training with `jax.jit`.
+"""Device mesh, shardings, and the one adapter that compiles a step body for every parallel mode.
 
 The batch is split over a `data` mesh axis spanning every device of every
 process; the train state is replicated. The compiler inserts the gradient
@@ -8,11 +8,14 @@ With `parallel.shard_heads` (LTE heads spread over devices) the one axis is
 named `heads` instead: the batch is split over it as before, and so is every
 head variable (and its optimizer state) along its heads axis, so each device
 holds its own heads and trains them on its own part of the batch.
+
+`compile_program` wraps a step body (`step.make_train_step`, train step or refresh)
+for `parallel.mode`; `body_axis` says whether that body must be the per-device one.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
 
 import jax
 import numpy as np
@@ -139,6 +142,90 @@ def pmap_tokens(local: np.ndarray) -> np.ndarray:
   n = jax.local_device_count()
   accum, micro = local.shape[:2]
   return np.moveaxis(local.reshape(accum, n, micro // n, *local.shape[2:]), 1, 0)
+
+
+def program_batch(mode: str, mesh: Mesh, local: Any) -> Any:
+  """This process's rows ([accum, micro_local, ...] arrays, or a dict of them) as the compiled
+  programs take them: one global array split over the mesh, or under pmap `pmap_tokens`."""
+  if mode == "pmap":
+    return jax.tree.map(pmap_tokens, local)
+  return jax.tree.map(lambda x: global_array(x, batch_sharding(mesh)), local)
+
+
+def abstract_batch(mode: str, mesh: Mesh, example: Any, accum: int, micro: int) -> Any:
+  """`program_batch`'s result as ShapeDtypeStructs: the example's leaves with [accum, micro] in
+  front (under pmap [local devices, accum, micro / devices] of this process's share)."""
+  if mode == "pmap":
+    n = jax.local_device_count()
+    lead, sharding = (n, accum, micro // jax.process_count() // n), None
+  else:
+    lead, sharding = (accum, micro), batch_sharding(mesh)
+  return jax.tree.map(lambda x: jax.ShapeDtypeStruct(lead + x.shape, x.dtype, sharding=sharding), example)
+
+
+def body_axis(mode: str, mesh: Mesh) -> str | None:
+  """The axis the step body reduces over itself (the per-device body, explicit collectives), or
+  None where it is the global program and the compiler inserts them (mesh mode over `data`)."""
+  return None if mode == "mesh" and _axis(mesh) == DATA_AXIS else _axis(mesh)
+
+
+def compile_program(body: Callable, mode: str, mesh: Mesh, abstract_state: Any, *, metrics: bool = True):
+  """`body(state, batch)` (-> `(state, metrics)`, or the state alone without `metrics`) compiled for
+  `parallel.mode`, as a function of the global train state (placed as `abstract_state` says,
+  donated) and the batch as `program_batch` lays it out.
+
+  mesh  `jax.jit` with the state's shardings and the batch split over the axis; a per-device
+        body (`body_axis`: heads over devices) runs under `jax.shard_map` inside it.
+  pmap  `pmap_program`.
+  """
+  if mode == "pmap":
+    return pmap_program(body, mesh, abstract_state, metrics=metrics)
+  state_sh = jax.tree.map(lambda x: x.sharding, abstract_state)
+  if body_axis(mode, mesh) is not None:
+    specs = jax.tree.map(lambda x: x.spec, state_sh)
+    body = jax.shard_map(body, mesh=mesh, in_specs=(specs, batch_sharding(mesh).spec),
+                         out_specs=_outputs(specs, P(), metrics), check_vma=False)
+  return jax.jit(body, in_shardings=(state_sh, batch_sharding(mesh)),
+                 out_shardings=_outputs(state_sh, replicated(mesh), metrics), donate_argnums=0)
+
+
+def _outputs(state: Any, metrics: Any, with_metrics: bool) -> Any:
+  """A program's output tree (of specs, shardings or axes): (state, metrics), or the state alone."""
+  return (state, metrics) if with_metrics else state
+
+
+def pmap_program(body: Callable, mesh: Mesh, abstract_state: Any, *, metrics: bool = True):
+  """The per-device `body` under `jax.pmap` over the mesh's axis (see `compile_program`).
+
+  Whole leaves of the state go in and come back replicated (`in_axes` None); the batch is
+  mapped along its leading [devices] axis. A leaf split over the axis (an LTE head
+  variable) has its split dimension folded into (devices, per device) and mapped there,
+  then unfolded: that reshaping of global arrays runs with the pmap inside one `jax.jit`
+  (one host). Without split leaves the pmap runs on its own, across hosts too.
+  """
+  axis, n = _axis(mesh), mesh.devices.size
+  dims = jax.tree.map(lambda x: list(x.sharding.spec).index(axis) if axis in x.sharding.spec else None,
+                      abstract_state)
+  out_axes = _outputs(dims, None, metrics)
+  if not jax.tree.leaves(dims):  # every leaf whole (None): plain replicas
+    return jax.pmap(body, axis_name=axis, in_axes=(dims, 0), out_axes=out_axes, donate_argnums=0)
+  mapped = jax.pmap(body, axis_name=axis, in_axes=(dims, 0), out_axes=out_axes)
+
+  def fold(x, k):
+    return x if k is None else x.reshape(x.shape[:k] + (n, x.shape[k] // n) + x.shape[k + 1:])
+
+  def unfold(x, k):
+    return x if k is None else x.reshape(x.shape[:k] + (x.shape[k] * x.shape[k + 1],) + x.shape[k + 2:])
+
+  def program(state, batch):
+    out = mapped(jax.tree.map(fold, state, dims), batch)
+    if metrics:
+      return jax.tree.map(unfold, out[0], dims), out[1]
+    return jax.tree.map(unfold, out, dims)
+
+  state_sh = jax.tree.map(lambda x: x.sharding, abstract_state)
+  return jax.jit(program, in_shardings=(state_sh, NamedSharding(mesh, P(axis))),
+                 out_shardings=_outputs(state_sh, replicated(mesh), metrics), donate_argnums=0)
 
 
 def initialize_distributed() -> bool:

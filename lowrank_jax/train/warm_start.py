@@ -16,7 +16,7 @@ from typing import Any
 import optax
 
 from lowrank_jax.train.checkpoint import Checkpointer
-from lowrank_jax.train.config import OptimizerSettings, RunConfig
+from lowrank_jax.train.settings import OptimizerSettings, RunConfig
 from lowrank_jax.train.errors import ConfigError
 from lowrank_jax.train.methods import Method, WarmStart, build_adamw
 from lowrank_jax.train.model import transfer_params

@@ -6,7 +6,7 @@ import dataclasses
 
 import optax
 
-from lowrank_jax.train.config import OptimizerSettings
+from lowrank_jax.train.settings import OptimizerSettings
 from lowrank_jax.train.methods.base import Method, build_adamw, register
 
 

@@ -15,7 +15,7 @@ from typing import Any, Callable, ClassVar
 import jax
 import optax
 
-from lowrank_jax.train.config import OptimizerSettings, RunConfig, Settings
+from lowrank_jax.train.settings import OptimizerSettings, RunConfig, Settings
 from lowrank_jax.train.errors import ConfigError
 
 

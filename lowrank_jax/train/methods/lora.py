@@ -15,7 +15,7 @@ import optax
 from lowrank_jax.optim.adapters import path_names
 from lowrank_jax.optim.relora import PRUNE_METHODS, freeze_adapted_kernels, relora
 from lowrank_jax.optim.schedules import jagged_cosine_schedule
-from lowrank_jax.train.config import (OptimizerSettings, RunConfig, boolean, comma_list, in_range, layer_names,
+from lowrank_jax.train.settings import (OptimizerSettings, RunConfig, boolean, comma_list, in_range, layer_names,
                                       non_negative_int, one_of, positive, positive_int, section, setting)
 from lowrank_jax.train.errors import ConfigError
 from lowrank_jax.train.methods.base import Linears, Method, WarmStart, build_adamw, register
@@ -42,9 +42,9 @@ class LoRA(Method):
   SECTION = "optimizer.lora"
   DESCRIPTION = "LoRA: frozen kernels, AdamW on the adapters and on the non-adapted leaves"
   layers: str = setting("q,k,v,o,gate,up,down", layer_names)  # as the ReLoRA code; head/embeddings stay full
-  rank: int = setting(128, positive_int)
+  rank: int = setting(128, positive_int)  # adapter rank r: lora_a is in x r, lora_b r x out
   alpha: float = setting(32.0, positive)  # scale = alpha / rank
-  dropout: float = setting(0.0, _dropout)
+  dropout: float = setting(0.0, _dropout)  # on the adapter's input; the trainer takes only 0 (the layer supports more)
   # Also train the leaves without adapters (embeddings, norms, a dense head), as ReLoRA pre-training
   # does; False: the adapters alone (PEFT fine-tuning; the rest gets no update and no optimizer state).
   train_rest: bool = setting(True, boolean)
@@ -68,10 +68,10 @@ class ReLoRA(Method):
   DESCRIPTION = ("ReLoRA: LoRA merged into the kernels every merge_every steps, adapters re-drawn, adapter "
                  "moments pruned, jagged cosine schedule, optional full-rank warm start")
   lora: LoRA = section(LoRA)  # the adapters: config.optimizer.lora
-  merge_every: int = setting(5000, positive_int)
+  merge_every: int = setting(5000, positive_int)  # steps between merges into the kernels (A re-drawn, B zeroed)
   restart_warmup_steps: int = setting(100, positive_int)  # LR ramp after each merge (jagged cosine)
   prune: str = setting("magnitude", one_of(PRUNE_METHODS))  # magnitude, random (the code's default) or reset
-  prune_ratio: float = setting(0.9, in_range(0.0, 1.0, hi_inclusive=True))  # adapter moments zeroed (README: 0.9)
+  prune_ratio: float = setting(0.9, in_range(0.0, 1.0, hi_inclusive=True))  # adapter moments zeroed (ReLoRA README: 0.9)
   warm_start_steps: int = setting(0, non_negative_int)  # full-rank AdamW steps first (multiple of merge_every)
   warm_start_from: str = setting("")  # or: a full-rank run's workdir to start from
   seed: int = setting(0, non_negative_int)  # re-drawing A at merges, random pruning

@@ -12,7 +12,7 @@ import optax
 
 from lowrank_jax.nn.mhlora import MODES
 from lowrank_jax.optim.lte import lte_head_mask, lte_merge
-from lowrank_jax.train.config import (OptimizerSettings, RunConfig, comma_list, layer_names, one_of, positive,
+from lowrank_jax.train.settings import (OptimizerSettings, RunConfig, comma_list, layer_names, one_of, positive,
                                       positive_int, setting)
 from lowrank_jax.train.errors import ConfigError
 from lowrank_jax.train.methods.base import Heads, Linears, Method, build_adamw, register
@@ -26,11 +26,11 @@ class MultiHeadLoRA(Method):
   DESCRIPTION = ("LTE multi-head LoRA: N LoRA heads (each on its own share of the batch in parallel mode) "
                  "merged into the main weights every merge_every steps")
   layers: str = setting("q,k,v,o", layer_names)  # attention linears, as the motivating GPT-2 runs
-  num_heads: int = setting(4, positive_int)
-  rank: int = setting(32, positive_int)
+  num_heads: int = setting(4, positive_int)  # LoRA heads per adapted linear; parallel mode: must divide the micro-batch
+  rank: int = setting(32, positive_int)  # rank of every head
   alpha: float = setting(128.0, positive)  # scale = alpha / rank
   mode: str = setting("parallel", one_of(MODES))  # parallel (each head its own batch share) or mhlora
-  merge_every: int = setting(10, positive_int)
+  merge_every: int = setting(10, positive_int)  # steps between merges of the heads' average progress into the kernels
 
   def check_run(self, run: RunConfig) -> None:
     parallel = self.mode == "parallel"

@@ -12,7 +12,7 @@ import dataclasses
 
 import optax
 
-from lowrank_jax.train.config import OptimizerSettings, boolean, in_range, setting
+from lowrank_jax.train.settings import OptimizerSettings, boolean, in_range, setting
 from lowrank_jax.train.methods.base import Method, decay_mask, register
 
 
@@ -23,7 +23,7 @@ class SGD(Method):
   SECTION = "optimizer.sgd"
   DESCRIPTION = "SGD with momentum (decoupled weight decay on matrices): the full-rank memory floor"
   momentum: float = setting(0.9, in_range(0.0, 1.0))  # 0: plain SGD, no optimizer state at all
-  nesterov: bool = setting(False, boolean)
+  nesterov: bool = setting(False, boolean)  # Nesterov momentum (no effect at momentum 0)
 
   def build(self, opt: OptimizerSettings, schedule: optax.Schedule) -> optax.GradientTransformation:
     momentum = [optax.trace(decay=self.momentum, nesterov=self.nesterov)] if self.momentum > 0 else []

@@ -12,11 +12,12 @@ import dataclasses
 import jax.numpy as jnp
 import optax
 
+from lowrank_jax.models import DTYPES
 from lowrank_jax.optim import apollo, apollo_mini, fira, galore, osd
 from lowrank_jax.optim.apollo import MINI_SCALE, PROJECTORS, SCALINGS
 from lowrank_jax.optim.galore import MOMENT_MODES, REFRESH_MODES
 from lowrank_jax.optim.projection import PROJ_TYPES
-from lowrank_jax.train.config import (DTYPES, OptimizerSettings, non_negative, non_negative_int, one_of, positive,
+from lowrank_jax.train.settings import (OptimizerSettings, non_negative, non_negative_int, one_of, positive,
                                       positive_int, setting)
 from lowrank_jax.train.errors import ConfigError
 from lowrank_jax.train.methods.base import Method, adam_moments, decay_mask, register
@@ -29,7 +30,7 @@ class GaLore(Method):
   SECTION = "optimizer.galore"
   DESCRIPTION = ("GaLore: Adam on gradients projected to a rank-r subspace refreshed every update_proj_gap "
                  "steps (SVD or randomized)")
-  rank: int = setting(128, positive_int)
+  rank: int = setting(128, positive_int)  # subspace rank; kernels with a side smaller than it get plain Adam
   update_proj_gap: int = setting(200, positive_int)  # steps between projector refreshes
   scale: float = setting(0.25, positive)  # alpha: the projected-back update is scaled by it
   proj_type: str = setting("std", one_of(PROJ_TYPES))  # std, reverse_std, left, right, full
@@ -53,12 +54,12 @@ class OSD(Method):
   SECTION = "optimizer.osd"
   DESCRIPTION = ("Online Subspace Descent: as GaLore, the projector updated every step by online PCA "
                  "(no SVD after the first step)")
-  rank: int = setting(128, positive_int)
-  proj_type: str = setting("std", one_of(PROJ_TYPES))
-  scale: float = setting(0.25, positive)
+  rank: int = setting(128, positive_int)  # rank of the projector P, as galore.rank
+  proj_type: str = setting("std", one_of(PROJ_TYPES))  # the side compressed (std: the smaller dimension; full: both)
+  scale: float = setting(0.25, positive)  # alpha: the projected-back update is scaled by it
   projector_lr_ratio: float = setting(0.5, positive)  # projector LR = ratio x the weight LR schedule
   orthogonality: float = setting(0.0, non_negative)  # lambda of ||P^T P - I||^2 (the paper's; 0 as the code)
-  projector_dtype: str = setting("float32", one_of(DTYPES))
+  projector_dtype: str = setting("float32", one_of(DTYPES))  # P (and its optimizer's updates): float32 or bfloat16
 
   def build(self, opt: OptimizerSettings, schedule: optax.Schedule) -> optax.GradientTransformation:
     return osd(schedule, rank=self.rank, proj_type=self.proj_type, projector_lr_ratio=float(self.projector_lr_ratio),
@@ -91,7 +92,7 @@ class APOLLO(Method):
   scale: float = setting(1.0, positive)  # alpha: the scaled gradient is multiplied by it
   scaling: str = setting("channel", one_of(SCALINGS))  # channel (APOLLO) or tensor (APOLLO-Mini)
   norm_growth_limit: float = setting(1.01, _limit)  # gamma: the update norm grows at most this much a step; 0: off
-  proj_type: str = setting("std", one_of(PROJ_TYPES))
+  proj_type: str = setting("std", one_of(PROJ_TYPES))  # side compressed (std: the smaller); channel scaling: not full
   projector: str = setting("random", one_of(PROJECTORS))  # random (the paper), or GaLore's svd / randomized
   seed: int = setting(0, non_negative_int)  # seed of the random projectors (kept in the optimizer state)
 
@@ -108,11 +109,11 @@ class APOLLOMini(Method):
   NAME = "apollo_mini"
   SECTION = "optimizer.apollo_mini"
   DESCRIPTION = "APOLLO-Mini: APOLLO with a rank-1 random space and one scale per tensor (about SGD's memory)"
-  rank: int = setting(1, positive_int)
-  update_proj_gap: int = setting(200, positive_int)
+  rank: int = setting(1, positive_int)  # rank of the random space (1: the paper's)
+  update_proj_gap: int = setting(200, positive_int)  # steps between re-draws of the random projector
   scale: float = setting(MINI_SCALE, positive)  # alpha = sqrt(128), the paper's
-  norm_growth_limit: float = setting(1.01, _limit)
-  seed: int = setting(0, non_negative_int)
+  norm_growth_limit: float = setting(1.01, _limit)  # gamma: the update norm grows at most this much a step; 0: off
+  seed: int = setting(0, non_negative_int)  # seed of the random projectors (kept in the optimizer state)
 
   def build(self, opt: OptimizerSettings, schedule: optax.Schedule) -> optax.GradientTransformation:
     return apollo_mini(schedule, rank=self.rank, update_proj_gap=self.update_proj_gap, scale=float(self.scale),
@@ -127,14 +128,14 @@ class Fira(Method):
   SECTION = "optimizer.fira"
   DESCRIPTION = ("Fira: GaLore's update plus the gradient outside the subspace, scaled by Adam's norm ratio, "
                  "with a norm-growth limiter")
-  rank: int = setting(128, positive_int)
-  update_proj_gap: int = setting(200, positive_int)
+  rank: int = setting(128, positive_int)  # subspace rank, as galore.rank
+  update_proj_gap: int = setting(200, positive_int)  # steps between projector refreshes
   scale: float = setting(0.25, positive)  # alpha of the low-rank term, as GaLore's
-  scaling: str = setting("channel", one_of(SCALINGS))
-  norm_growth_limit: float = setting(1.01, _limit)
-  proj_type: str = setting("std", one_of(PROJ_TYPES))
-  refresh: str = setting("svd", one_of(REFRESH_MODES))
-  projector_dtype: str = setting("float32", one_of(DTYPES))
+  scaling: str = setting("channel", one_of(SCALINGS))  # the residual's factor: per channel (the paper) or tensor
+  norm_growth_limit: float = setting(1.01, _limit)  # gamma: the residual's norm grows at most this much a step; 0: off
+  proj_type: str = setting("std", one_of(PROJ_TYPES))  # side compressed (std: the smaller); channel scaling: not full
+  refresh: str = setting("svd", one_of(REFRESH_MODES))  # svd (exact) or randomized (warm-started), as galore's
+  projector_dtype: str = setting("float32", one_of(DTYPES))  # as galore.projector_dtype
 
   def build(self, opt: OptimizerSettings, schedule: optax.Schedule) -> optax.GradientTransformation:
     return fira(schedule, rank=self.rank, update_proj_gap=self.update_proj_gap, scale=float(self.scale),
