@@ -13,7 +13,7 @@ def get_config():
   config = llama_tiny_adamw.get_config()
   config.optimizer.name = "mhlora"
   # Tuned: the best of a 5-point lr sweep (factor 2) in bench/quality.py --quick, C4 sample, 200 steps
-  # (bench/results/quality_quick.json; docs/results/quality.md, "Every method against a tuned AdamW").
+  # (bench/results/quality_quick.json as of commit a5d2bc3, in git history; rerun: python bench/quality.py --quick).
   config.optimizer.lr = 1.5e-3
   config.optimizer.mhlora.rank = 8
   config.optimizer.mhlora.alpha = 32.0
