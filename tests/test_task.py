@@ -56,7 +56,7 @@ def test_step_batch_is_what_the_input_yields(tmp_path, name):
   local = next(inputs.train_iter)
   accum = run.train.grad_accum
   local = {k: v.reshape(accum, v.shape[0] // accum, *v.shape[1:]) for k, v in local.items()}
-  real = local["tokens"] if len(local) == 1 else local
+  real = run.task.batch(local)
   shapes = lambda tree: jax.tree.map(lambda x: (tuple(x.shape), np.dtype(x.dtype)), tree)  # noqa: E731
   assert shapes(setup.abstract_tokens()) == shapes(real)
   # One step compiles and runs on it, and the task's evaluation sums a validation batch.
@@ -64,7 +64,7 @@ def test_step_batch_is_what_the_input_yields(tmp_path, name):
 
   state, metrics = setup.train_step(init_state(setup, vocab_size_of(run)), real)
   assert np.isfinite(float(metrics["loss"]))
-  sums = [setup.eval_step(state.params, state.rest, b["tokens"] if len(b) == 1 else b) for b in inputs.eval_batches]
+  sums = [setup.eval_step(state.params, state.rest, run.task.batch(b)) for b in inputs.eval_batches]
   assert {len(s) for s in sums} == {3 if name == "classification" else 2}
   assert sum(float(s[1]) for s in sums) > 0
 

@@ -192,18 +192,13 @@ def evaluate(setup: Setup, state, eval_batches: list[dict]) -> dict[str, float]:
   sharding = parallel.eval_sharding(setup.mesh)
   totals = []
   for batch in eval_batches:
-    totals.append(setup.eval_step(state.params, state.rest, _step_batch(batch, sharding)))
+    placed = {k: parallel.global_array(v, sharding) for k, v in batch.items()}
+    totals.append(setup.eval_step(state.params, state.rest, setup.run.task.batch(placed)))
   sums = [float(np.sum(x)) for x in zip(*jax.device_get(totals))]  # loss, count (, correct: images)
   loss = sums[0] / sums[1]
   if len(sums) == 3:
     return {"eval_loss": loss, "eval_accuracy": sums[2] / sums[1], "eval_examples": int(sums[1])}
   return {"eval_loss": loss, "eval_ppl": math.exp(min(loss, 50.0))}
-
-
-def _step_batch(batch: dict, sharding: Any) -> Any:
-  """A batch as the steps take it: the token rows alone, or every field of an instruction batch."""
-  placed = {k: parallel.global_array(v, sharding) for k, v in batch.items()}
-  return placed["tokens"] if len(placed) == 1 else placed
 
 
 def _peak_device_memory() -> int | None:
@@ -344,7 +339,7 @@ def _loop(setup: Setup, state, phase: str, inputs: Input, progress: _Progress, s
       except data_lib.DataFileError as e:  # a malformed record met mid-run, named by file and line
         raise ConfigError("data.path", str(e)) from None
       local = {k: v.reshape(accum, v.shape[0] // accum, *v.shape[1:]) for k, v in local.items()}
-      tokens = local["tokens"] if len(local) == 1 else local
+      tokens = run.task.batch(local)
       state, refresh_in = _refresh_if_due(setup, state, tokens, refresh_in)
       state, metrics = setup.train_step(state, tokens)
       refresh_in = None if refresh_in is None else refresh_in - 1

@@ -40,6 +40,7 @@ class Task:
     describe_batch: (run, vocab_size) -> one step's batch in words, for the log.
     example: run -> one example of a training batch as ShapeDtypeStructs (a tree: the step's
       batch is this with [grad_accum, micro-batch] in front).
+    batch: the input pipeline's dict of arrays -> the batch as the step and the evaluation take it.
     loss: the training loss of one micro-batch, a sum and a count (`step.make_train_step`).
     evaluate: the sums one validation batch adds up (`step.make_eval_step`): (loss, count) or, for
       images, (loss, count, correct).
@@ -57,6 +58,7 @@ class Task:
   positions: Callable[[RunConfig], int]
   describe_batch: Callable[[RunConfig, int], str]
   example: Callable[[RunConfig], Any]
+  batch: Callable[[dict], Any]
   loss: LossFn
   evaluate: LossFn
   vocab_size: Callable[[RunConfig], int]
@@ -87,7 +89,7 @@ def _check_context(run: RunConfig, config: Any) -> None:
 LANGUAGE_MODEL = Task(
     name="language_model", model_task="language_model",
     sources=("synthetic", "jsonl", "text", "tfds"),
-    positions=lambda run: run.data.seq_len, example=_rows,
+    positions=lambda run: run.data.seq_len, example=_rows, batch=lambda fields: fields["tokens"],
     describe_batch=lambda run, vocab: f"{run.train.batch_size} x {run.data.seq_len} tokens; vocab {vocab}",
     loss=losses.language_model_loss, evaluate=losses.language_model_loss,
     vocab_size=input_lib.token_vocab_size, build_input=input_lib.token_input,
@@ -99,6 +101,7 @@ INSTRUCTIONS = dataclasses.replace(
     LANGUAGE_MODEL, name="instructions", sources=("instructions",),
     example=lambda run: {"tokens": _rows(run), "segment_ids": _rows(run), "positions": _rows(run),
                          "loss_mask": _rows(run, jnp.float32)},
+    batch=lambda fields: fields,
     loss=losses.instruction_loss, evaluate=losses.instruction_loss, build_input=input_lib.instruction_input,
 )
 
@@ -129,7 +132,7 @@ def _check_image_fits(run: RunConfig, config: Any) -> None:
 
 CLASSIFICATION = Task(
     name="classification", model_task="classification", sources=IMAGE_SOURCES,
-    positions=lambda run: 1, example=_image_example,
+    positions=lambda run: 1, example=_image_example, batch=lambda fields: fields,
     describe_batch=lambda run, classes: f"{run.train.batch_size} images of {classes} classes",
     loss=losses.classification_loss, evaluate=losses.classification_eval,
     vocab_size=lambda run: input_lib.image_classes(run).vocab_size, build_input=input_lib.image_input,
