@@ -12,6 +12,8 @@ import optax
 
 from lowrank_jax.models import vit
 
+Loss = Callable[[Any, Any, int], tuple]  # (model, batch, loss_chunk) -> (summed loss, count, ...): a Task's
+
 
 def next_token_weights(tokens: jax.Array) -> jax.Array:
   """float32 [B, T]: 1 where position t predicts tokens[:, t+1], 0 at the last position (nothing to predict)."""
@@ -23,22 +25,14 @@ def _summed_cross_entropy(logits: jax.Array, labels: jax.Array, weights: jax.Arr
   return jnp.sum(ce * weights)
 
 
-def next_token_loss(logits: jax.Array, tokens: jax.Array) -> tuple[jax.Array, jax.Array]:
-  """Summed cross-entropy of predicting tokens[:, t+1] at position t, and the count.
-
-  Computed on the full logits with the last position weighted 0 (rather than
-  slicing logits[:, :-1]) so no copy of the largest activation is made.
-  """
-  weights = next_token_weights(tokens)
-  return _summed_cross_entropy(logits, jnp.roll(tokens, -1, axis=1), weights), jnp.sum(weights)
-
-
 def masked_next_token_loss(logits: jax.Array, tokens: jax.Array, loss_mask: jax.Array
                            ) -> tuple[jax.Array, jax.Array]:
   """Summed cross-entropy of tokens[:, t+1] at the positions t where `loss_mask` is 1, and the count.
 
-  Instruction data: `loss_mask` marks the predictions of response tokens (prediction-aligned,
-  last position 0), so prompt tokens and padding contribute nothing.
+  Computed on the full logits with the masked positions weighted 0 (rather than slicing
+  logits[:, :-1]) so no copy of the largest activation is made. Language modelling masks only
+  the last position (`next_token_weights`); instruction data marks the predictions of response
+  tokens (prediction-aligned, last position 0), so prompt tokens and padding contribute nothing.
   """
   weights = loss_mask.astype(jnp.float32)
   return _summed_cross_entropy(logits, jnp.roll(tokens, -1, axis=1), weights), jnp.sum(weights)
@@ -121,12 +115,11 @@ def instruction_loss(model: Any, batch: dict, loss_chunk: int = 0) -> tuple[jax.
 
 def _decoder_loss(model: Any, tokens: jax.Array, weights: jax.Array, kw: dict, loss_chunk: int
                   ) -> tuple[jax.Array, jax.Array]:
+  if not loss_chunk:
+    return masked_next_token_loss(model(tokens, **kw), tokens, weights)
+  if not hasattr(model, "hidden_states"):
+    raise TypeError(f"loss_chunk={loss_chunk} needs a model with hidden_states() and logits() "
+                    f"(lowrank_jax.models.DecoderLM); {type(model).__name__} has none: use loss_chunk=0")
   labels = jnp.roll(tokens, -1, axis=1)
-  if loss_chunk:
-    if not hasattr(model, "hidden_states"):
-      raise TypeError(f"loss_chunk={loss_chunk} needs a model with hidden_states() and logits() "
-                      f"(lowrank_jax.models.DecoderLM); {type(model).__name__} has none: use loss_chunk=0")
-    total = chunked_cross_entropy(model.logits, model.hidden_states(tokens, **kw), labels, weights, loss_chunk)
-  else:
-    total = _summed_cross_entropy(model(tokens, **kw), labels, weights)
-  return total, jnp.sum(weights)
+  return chunked_cross_entropy(model.logits, model.hidden_states(tokens, **kw), labels, weights,
+                               loss_chunk), jnp.sum(weights)

@@ -47,8 +47,8 @@ def model_config(run: RunConfig, vocab_size: int):
   try:
     return models.get_family(m.family).config(m.size, options.pop("vocab_size"), **options, dtype=m.dtype,
                                               param_dtype=m.param_dtype, remat=m.remat)
-  except ValueError as e:  # (a ViT whose image side its patches do not divide)
-    raise ConfigError("data.image.size", str(e)) from None
+  except ValueError as e:  # (the family's own checks of what the data chose: a ViT's image side)
+    raise ConfigError(task.model_options_key, str(e)) from None
 
 
 def linear_kinds(run: RunConfig) -> dict[str, str]:

@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import optax
 
 from lowrank_jax.optim import clipping, subspace
-from lowrank_jax.train.losses import language_model_loss
+from lowrank_jax.train.losses import Loss, language_model_loss
 from lowrank_jax.train.model import ModelSplit
 
 
@@ -43,9 +43,6 @@ def _reduce_split_grads(grads: Any, split: Any, axis_name: str) -> Any:
   """
   n = jax.lax.axis_size(axis_name)
   return jax.tree.map(lambda g, s: g / n if s else jax.lax.pmean(g, axis_name), grads, split)
-
-
-Loss = Callable[[Any, Any, int], tuple]  # (model, batch, loss_chunk) -> (summed loss, count, ...): a Task's
 
 
 def _accumulate(grad_fn: Callable, state: TrainState, tokens: Any, accum_dtype: str) -> tuple:

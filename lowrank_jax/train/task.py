@@ -25,9 +25,6 @@ from lowrank_jax.train.errors import ConfigError
 from lowrank_jax.train.model import padded_vocab
 from lowrank_jax.train.settings import IMAGE_SOURCES, RunConfig
 
-LossFn = Callable[[Any, Any, int], tuple]  # (model, batch, loss_chunk) -> (summed loss, count, ...)
-
-
 @dataclasses.dataclass(frozen=True)
 class Task:
   """What a run learns.
@@ -48,6 +45,8 @@ class Task:
       data where it can.
     build_input: (run, *, process_index, process_count) -> `input.Input`.
     model_options: (run, vocab_size) -> what the data decides of a new model's config.
+    model_options_key: the config key named when those options make no valid config (a ViT's
+      image side that its patches do not divide).
     pretrained_options: (run, vocab_size) -> what the run changes of a checkpoint's config.
     check_pretrained: (run, checkpoint config) -> None, or ConfigError when the data does not fit it.
   """
@@ -59,11 +58,12 @@ class Task:
   describe_batch: Callable[[RunConfig, int], str]
   example: Callable[[RunConfig], Any]
   batch: Callable[[dict], Any]
-  loss: LossFn
-  evaluate: LossFn
+  loss: losses.Loss
+  evaluate: losses.Loss
   vocab_size: Callable[[RunConfig], int]
   build_input: Callable[..., input_lib.Input]
   model_options: Callable[[RunConfig, int], dict]
+  model_options_key: str
   pretrained_options: Callable[[RunConfig, int], dict]
   check_pretrained: Callable[[RunConfig, Any], None]
 
@@ -93,8 +93,8 @@ LANGUAGE_MODEL = Task(
     describe_batch=lambda run, vocab: f"{run.train.batch_size} x {run.data.seq_len} tokens; vocab {vocab}",
     loss=losses.language_model_loss, evaluate=losses.language_model_loss,
     vocab_size=input_lib.token_vocab_size, build_input=input_lib.token_input,
-    model_options=_decoder_options, pretrained_options=lambda run, vocab_size: {},
-    check_pretrained=_check_context,
+    model_options=_decoder_options, model_options_key="data.seq_len",
+    pretrained_options=lambda run, vocab_size: {}, check_pretrained=_check_context,
 )
 
 INSTRUCTIONS = dataclasses.replace(
@@ -136,7 +136,7 @@ CLASSIFICATION = Task(
     describe_batch=lambda run, classes: f"{run.train.batch_size} images of {classes} classes",
     loss=losses.classification_loss, evaluate=losses.classification_eval,
     vocab_size=lambda run: input_lib.image_classes(run).vocab_size, build_input=input_lib.image_input,
-    model_options=_image_options,
+    model_options=_image_options, model_options_key="data.image.size",
     # A class count other than the checkpoint's gives the ViT a new head.
     pretrained_options=lambda run, num_classes: {"num_classes": num_classes},
     check_pretrained=_check_image_fits,
