@@ -6,8 +6,10 @@
   activations saved for backward (VeLoRA), as a layer or on any matmul.
 * `MultiHeadLoRALinear`: N parallel LoRA heads merged into W (LTE).
 * `RMSNorm`, `apply_rope`: LLaMA's building blocks.
+* `int8_weight`: trainable weights stored in int8, updated with stochastic rounding.
 """
 
+from lowrank_jax.nn import int8_weight
 from lowrank_jax.nn.dense import MATMUL_INPUT, Dense
 from lowrank_jax.nn.lora import LoRALinear, lora_a_bound, lora_a_init
 from lowrank_jax.nn.mhlora import MultiHeadLoRALinear
@@ -24,5 +26,5 @@ from lowrank_jax.nn.velora import (
 
 __all__ = [
     'Dense', 'LoRALinear', 'MATMUL_INPUT', 'MultiHeadLoRALinear', 'RMSNorm', 'V_INITS', 'VeLoRAInitialised', 'VeLoRALinear', 'VeLoRAVector',
-    'apply_rope', 'lora_a_bound', 'lora_a_init', 'next_velora_vector', 'rope_frequencies', 'velora_matmul',
+    'apply_rope', 'int8_weight', 'lora_a_bound', 'lora_a_init', 'next_velora_vector', 'rope_frequencies', 'velora_matmul',
 ]

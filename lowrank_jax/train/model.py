@@ -15,6 +15,7 @@ import flax.nnx as nnx
 import jax
 
 from lowrank_jax import models
+from lowrank_jax.nn import int8_weight
 from lowrank_jax.optim.adapters import adapted_layers
 from lowrank_jax.train.settings import RunConfig
 from lowrank_jax.train.errors import ConfigError
@@ -111,6 +112,14 @@ def abstract_model(run: RunConfig, vocab_size: int) -> nnx.Module:
   return nnx.eval_shape(lambda: build_model(run, vocab_size, seed=0))
 
 
+def store_weights(run: RunConfig, params: Any) -> Any:
+  """The params dict as the run stores it: with `model.weight_bits=8` every kernel and the embedding
+  become `Int8Weight`s (rounded to nearest once; training rounds stochastically)."""
+  if run.model.weight_bits == 16:
+    return params
+  return int8_weight.quantize_tree(params, run.model.weight_block)
+
+
 def transfer_params(dst: Any, src: Any) -> Any:
   """`dst` with every leaf that `src` has at the same path taken from `src`.
 
@@ -153,7 +162,8 @@ class ModelSplit:
   eval_graphdef: Any = None  # the model after `.eval()` (e.g. LTE parallel heads: W only)
 
   def merge(self, params: Any, rest: Any, *, evaluation: bool = False) -> nnx.Module:
-    p = jax.tree.unflatten(self.params_treedef, jax.tree.leaves(params))
+    # An int8 weight stands where its float array stood: one leaf of the NNX state.
+    p = jax.tree.unflatten(self.params_treedef, jax.tree.leaves(params, is_leaf=int8_weight.is_int8))
     r = jax.tree.unflatten(self.rest_treedef, jax.tree.leaves(rest))
     graphdef = self.eval_graphdef if evaluation and self.eval_graphdef is not None else self.graphdef
     return nnx.merge(graphdef, p, r)

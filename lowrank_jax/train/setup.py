@@ -29,11 +29,12 @@ import numpy as np
 import optax
 
 from lowrank_jax import models, optim
+from lowrank_jax.nn import int8_weight
 from lowrank_jax.train import parallel
 from lowrank_jax.train.settings import RunConfig
 from lowrank_jax.train.lapack_threads import limit_decomposition_threads
 from lowrank_jax.train.model import (ModelSplit, abstract_model, build_model, frozen_kernel_count, linear_factory,
-                                     pretrained_overrides, split_model)
+                                     pretrained_overrides, split_model, store_weights)
 from lowrank_jax.train.optimizer import build_optimizer, heads_of
 from lowrank_jax.train.step import TrainState, make_eval_step, make_train_step
 
@@ -94,16 +95,16 @@ class Setup:
 
 
 def _abstract_state(params, rest, tx, mesh, fsdp: bool, head_mask: Any = None) -> TrainState:
-  def make():
+  def make(params, rest):
     return TrainState(
         step=jnp.zeros((), jnp.int32),
         params=params,
         rest=rest,
-        opt_state=tx.init(params),
+        opt_state=tx.init(int8_weight.float_view(params)),
         rng=jnp.zeros((2,), jnp.uint32),
     )
 
-  abstract = jax.eval_shape(make)
+  abstract = jax.eval_shape(make, params, rest)
   split = None if head_mask is None else parallel.split_leaf_mask(abstract, params, head_mask)
   shardings = parallel.state_shardings(mesh, abstract, fsdp=fsdp, split=split)
   return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), abstract, shardings)
@@ -139,6 +140,7 @@ def build_setup(run: RunConfig, vocab_size: int, devices: Any = None) -> Setup:
   mesh = parallel.make_mesh(parallel.HEADS_AXIS if heads else parallel.DATA_AXIS, devices)
   tx, schedule = build_optimizer(run)
   split, params, rest = split_model(abstract_model(run, vocab_size))
+  params = jax.eval_shape(lambda p: store_weights(run, p), params)
   head_mask = heads.mask(params) if heads else None
   abstract_state = _abstract_state(params, rest, tx, mesh, fsdp=run.parallel.fsdp, head_mask=head_mask)
   compiled_step = _compile(run, split, tx, schedule, mesh, abstract_state, head_mask)
@@ -165,7 +167,7 @@ def init_state(setup: Setup, vocab_size: int) -> TrainState:
     model = build_model(setup.run, vocab_size, seed=seed)
   _, params, rest = split_model(model)
   del model
-  return assemble_state(setup, params, rest, step=0,
+  return assemble_state(setup, store_weights(setup.run, params), rest, step=0,
                         rng=jax.random.key_data(jax.random.key(seed + 1)).astype(jnp.uint32))
 
 
@@ -184,7 +186,7 @@ def _pretrained_model(setup: Setup, vocab_size: int):
 def export_model(setup: Setup, state: TrainState) -> str:
   """Writes the trained model to `model.export_to` as a Hugging Face directory (adapters merged)."""
   m = setup.run.model
-  model = setup.split.merge(state.params, state.rest)
+  model = setup.split.merge(int8_weight.float_view(state.params), state.rest)  # (int8 weights dequantized)
   return models.save_pretrained(model, m.export_to, source=m.init_from or None)
 
 
@@ -196,7 +198,7 @@ def assemble_state(setup: Setup, params: Any, rest: Any, *, step: Any, rng: Any)
       step=jnp.asarray(step, jnp.int32),
       params=params,
       rest=rest,
-      opt_state=jax.jit(setup.tx.init, out_shardings=shardings.opt_state)(params),
+      opt_state=jax.jit(lambda p: setup.tx.init(int8_weight.float_view(p)), out_shardings=shardings.opt_state)(params),
       rng=rng,
   )
   return jax.device_put(state, shardings)

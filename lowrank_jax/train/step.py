@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from lowrank_jax.nn import int8_weight
 from lowrank_jax.optim import clipping, subspace
 from lowrank_jax.train.losses import Loss, language_model_loss
 from lowrank_jax.train.model import ModelSplit
@@ -53,7 +54,8 @@ def _accumulate(grad_fn: Callable, state: TrainState, tokens: Any, accum_dtype: 
     return loss, rest, grads
   # Accumulate in float32 (or the parameter dtype, see `accum_dtype`), then cast back once.
   sum_dtype = (lambda p: p.dtype) if accum_dtype == "param" else (lambda p: jnp.float32)
-  zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, sum_dtype(p)), state.params)
+  like = jax.eval_shape(int8_weight.float_view, state.params)  # what the gradients are shaped like
+  zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, sum_dtype(p)), like)
 
   def body(carry, micro):
     loss_sum, grad_sum, rest = carry
@@ -63,7 +65,7 @@ def _accumulate(grad_fn: Callable, state: TrainState, tokens: Any, accum_dtype: 
 
   (loss_sum, grad_sum, rest), _ = jax.lax.scan(body, (jnp.zeros((), jnp.float32), zeros, state.rest), tokens)
   loss = loss_sum / accum
-  return loss, rest, jax.tree.map(lambda g, p: (g / accum).astype(p.dtype), grad_sum, state.params)
+  return loss, rest, jax.tree.map(lambda g, p: (g / accum).astype(p.dtype), grad_sum, like)
 
 
 def _reduce(loss: Any, rest: Any, grads: Any, axis_name: str | None, split_params: Any) -> tuple:
@@ -82,8 +84,10 @@ def _guarded_update(tx: optax.GradientTransformation, schedule: optax.Schedule, 
                     nonfinite_guard: str) -> tuple[TrainState, dict]:
   """The optimizer update of `state`, kept only where the loss (and with "step" the global
   gradient norm, over `norm_axis` for split leaves) is finite, and the step's metrics."""
-  updates, opt_state = tx.update(grads, state.opt_state, state.params)
-  params = optax.apply_updates(state.params, updates)
+  # The optimizer sees float weights; int8 ones (`model.weight_bits=8`) take the update with stochastic
+  # rounding, its randomness from the run's key and the step (a resumed run rounds the same way).
+  updates, opt_state = tx.update(grads, state.opt_state, int8_weight.float_view(state.params))
+  params = int8_weight.apply_updates(state.params, updates, int8_weight.step_seed(state.rng, state.step))
   grad_norm = clipping.global_norm(grads, norm_axis, split_params)
   # Non-finite guard (as optax.apply_if_finite, on the device, no host sync): a step whose
   # loss or gradient norm is not finite changes nothing and does not count; the loop sees
@@ -142,12 +146,14 @@ def make_train_step(split: ModelSplit, tx: optax.GradientTransformation, schedul
     total, count = loss(model, tokens, loss_chunk)
     return total / jnp.maximum(count, 1.0), split.rest_of(model)  # (a fully padded batch counts 0)
 
-  grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+  # Gradients of the float weights, also where they are stored in int8 (then of the dequantized ones).
+  grad_fn = int8_weight.value_and_grad(loss_fn, has_aux=True)
 
   def step(state: TrainState, tokens: jax.Array):
     mean_loss, rest, grads = _reduce(*_accumulate(grad_fn, state, tokens, accum_dtype), axis_name, split_params)
     if refresh:
-      return state._replace(opt_state=subspace.refresh_projectors(tx, grads, state.opt_state, state.params))
+      return state._replace(opt_state=subspace.refresh_projectors(tx, grads, state.opt_state,
+                                                                  int8_weight.float_view(state.params)))
     return _guarded_update(tx, schedule, state, mean_loss, rest, grads, split_params=split_params,
                            norm_axis=None if split_params is None else axis_name, nonfinite_guard=nonfinite_guard)
 
