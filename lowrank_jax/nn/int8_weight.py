@@ -6,9 +6,12 @@ round-to-nearest; stochastic rounding keeps it on average: a value ``x`` between
 ``k + 1`` becomes ``k + 1`` with probability ``x - k``, so the expected stored weight is the float
 weight after the update.
 
-An :class:`Int8Weight` holds a ``[rows, cols]`` kernel (or embedding) as int8 codes plus one
-float32 scale per block of ``block_size`` consecutive rows of a column (symmetric absmax:
-``w ~= codes * scale``, ``scale = absmax / 127``). It stands where the float array stood in a
+An :class:`Int8Weight` holds a ``[rows, cols]`` kernel (or embedding) as int8 codes plus float32
+scales (symmetric absmax: ``w ~= codes * scale``, ``scale = absmax / 127``): one per output column
+by default, or one per block of ``block_size`` consecutive rows of a column. Per column is the
+default because it is what fits: compiled for a TPU v5e, the blocked layout's reshapes made the
+update hold about one more float weight per layer than bf16 weights do (bench/memory_fit.py,
+section int8). It stands where the float array stood in a
 model's parameter dict. A layer reads it as it reads any Variable, ``kernel[...]``, which
 dequantizes right there: each layer's float kernel exists only while that layer runs (and is
 recomputed in the backward pass under remat), never the whole model's.
@@ -41,15 +44,17 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-#: Rows per scale block (Q-GaLore's group size). A leaf with fewer rows has one block per column.
-DEFAULT_BLOCK_SIZE = 256
+#: Rows per scale block; None: one block per column (all rows). A leaf with fewer rows than a
+#: block has one block per column.
+DEFAULT_BLOCK_SIZE = None
 _QMAX = 127
 
 
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class Int8Weight:
-  """A 2-D weight as int8 ``codes`` [rows, cols] and float32 ``scale`` [ceil(rows / block_size), cols].
+  """A 2-D weight as int8 ``codes`` [rows, cols] and float32 ``scale`` [ceil(rows / block_size), cols]
+  (block_size None: [1, cols]).
 
   ``dtype`` is the float dtype it reads as (the model's ``param_dtype``). ``carrier`` is None when
   stored; inside a differentiated forward it is the float array that receives the gradient.
@@ -59,7 +64,7 @@ class Int8Weight:
   scale: jax.Array
   carrier: Any = None
   dtype: str = dataclasses.field(default='float32', metadata=dict(static=True))
-  block_size: int = dataclasses.field(default=DEFAULT_BLOCK_SIZE, metadata=dict(static=True))
+  block_size: int | None = dataclasses.field(default=DEFAULT_BLOCK_SIZE, metadata=dict(static=True))
 
   @property
   def shape(self) -> tuple[int, ...]:
@@ -90,15 +95,20 @@ def is_int8(x: Any) -> bool:
   return isinstance(x, Int8Weight)
 
 
-def _rows_per_block(rows: int, block_size: int) -> int:
-  return min(int(block_size), int(rows))
+def _rows_per_block(rows: int, block_size: int | None) -> int:
+  return int(rows) if block_size is None else min(int(block_size), int(rows))
+
+
+def _per_row(blocks: jax.Array, rows: int, block_size: int) -> jax.Array:
+  """[num_blocks, cols] -> [rows, cols], each block's value on its rows. A broadcast and a reshape,
+  which XLA fuses into the consumer (``jnp.repeat`` is a gather: a materialised [rows, cols] array)."""
+  b = _rows_per_block(rows, block_size)
+  nb, cols = blocks.shape
+  return jnp.broadcast_to(blocks[:, None, :], (nb, b, cols)).reshape(nb * b, cols)[:rows]
 
 
 def _dequantize(codes: jax.Array, scale: jax.Array, block_size: int) -> jax.Array:
-  rows = codes.shape[0]
-  b = _rows_per_block(rows, block_size)
-  per_row = jnp.repeat(scale, b, axis=0, total_repeat_length=rows)  # (fused: no [rows, cols] scale array)
-  return codes.astype(jnp.float32) * per_row
+  return codes.astype(jnp.float32) * _per_row(scale, codes.shape[0], block_size)
 
 
 def _dequantize_carried(block_size: int, dtype: Any) -> Callable:
@@ -166,8 +176,9 @@ def quantize(w: jax.Array, block_size: int = DEFAULT_BLOCK_SIZE, *, seed: Any = 
   """
   if w.ndim != 2:
     raise ValueError(f'int8 weights are 2-D [rows, cols], got shape {w.shape}')
-  if isinstance(block_size, bool) or not isinstance(block_size, (int, np.integer)) or block_size <= 0:
-    raise ValueError(f'block_size must be a positive integer, got {block_size!r}')
+  if block_size is not None and (isinstance(block_size, bool) or not isinstance(block_size, (int, np.integer))
+                                 or block_size <= 0):
+    raise ValueError(f'block_size must be a positive integer or None (per column), got {block_size!r}')
   rows, cols = w.shape
   b = _rows_per_block(rows, block_size)
   nb = math.ceil(rows / b)
@@ -183,7 +194,8 @@ def quantize(w: jax.Array, block_size: int = DEFAULT_BLOCK_SIZE, *, seed: Any = 
   else:
     q = jnp.floor(x + uniform_dither(seed, (rows, cols)))
   codes = jnp.clip(q, -_QMAX, _QMAX).astype(jnp.int8)
-  return Int8Weight(codes, scale, dtype=jnp.dtype(dtype or w.dtype).name, block_size=int(block_size))
+  return Int8Weight(codes, scale, dtype=jnp.dtype(dtype or w.dtype).name,
+                    block_size=None if block_size is None else int(block_size))
 
 
 def _blocks_changed(update: jax.Array, rows: int, block_size: int) -> jax.Array:
@@ -201,8 +213,7 @@ def updated(w: Int8Weight, update: jax.Array, seed: Any) -> Int8Weight:
   its codes and scale exactly (a frozen kernel, a masked leaf, a skipped step stay bit-identical)."""
   new = quantize(w.dequantize(jnp.float32) + update.astype(jnp.float32), w.block_size, seed=seed, dtype=w.dtype)
   changed = _blocks_changed(update, w.shape[0], w.block_size)
-  rows_changed = jnp.repeat(changed, _rows_per_block(w.shape[0], w.block_size), axis=0,
-                            total_repeat_length=w.shape[0])
+  rows_changed = _per_row(changed, w.shape[0], w.block_size)
   return Int8Weight(jnp.where(rows_changed, new.codes, w.codes), jnp.where(changed, new.scale, w.scale),
                     dtype=w.dtype, block_size=w.block_size)
 

@@ -117,7 +117,7 @@ def store_weights(run: RunConfig, params: Any) -> Any:
   become `Int8Weight`s (rounded to nearest once; training rounds stochastically)."""
   if run.model.weight_bits == 16:
     return params
-  return int8_weight.quantize_tree(params, run.model.weight_block)
+  return int8_weight.quantize_tree(params, run.model.weight_block or None)
 
 
 def transfer_params(dst: Any, src: Any) -> Any:

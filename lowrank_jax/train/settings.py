@@ -25,7 +25,6 @@ import ml_collections
 from lowrank_jax import models
 from lowrank_jax.data import images as data_images
 from lowrank_jax.data import instructions as data_instructions
-from lowrank_jax import nn
 from lowrank_jax.nn.velora import V_INITS
 from lowrank_jax.optim.clipping import CLIP_MODES
 from lowrank_jax.optim.quantize import SUPPORTED_BITS
@@ -237,9 +236,9 @@ class ModelSettings(Settings):
   dtype: str = setting("float32", one_of(models.DTYPES))  # compute dtype
   param_dtype: str = setting("float32", one_of(models.DTYPES))  # storage dtype of parameters (and Adam moments)
   # Trainable weights (every linear's kernel, the head, the token embedding) stored as 16 (param_dtype) or 8
-  # bits: int8 codes with a float32 scale per block of `weight_block` rows, updated with stochastic rounding.
+  # bits: int8 codes with float32 scales, updated with stochastic rounding (lowrank_jax/nn/int8_weight.py).
   weight_bits: int = setting(16, one_of(WEIGHT_BITS))
-  weight_block: int = setting(nn.int8_weight.DEFAULT_BLOCK_SIZE, positive_int)  # rows per int8 scale
+  weight_block: int = setting(0, non_negative_int)  # rows per int8 scale; 0: one scale per output column
   tie_embeddings: bool = setting(False, boolean)  # new language models: the head reuses the token embedding matrix
   # Activation checkpointing per transformer block: none, block (keep only each block's input) or
   # matmul_inputs (keep the linears' inputs); the old True / False mean block / none.
