@@ -19,6 +19,13 @@ Two tables:
   the cross-entropy over N positions at a time: no [tokens, vocab] logits); `--no_8bit` leaves out
   the 7b 8-bit-state row.
 
+* configs: the shipped configs as a user runs them (issue #25's table): the 7B configs on tpu-v5e
+  (GaLore with bf16 weights on tpu-v5p), and the 1b GaLore / AdamW configs with remat per block and
+  micro-batch 16. `CONFIG_CASES` lists each case's config and the overrides it adds.
+* int8: the toy's 16 layers of 2048 x 2048 bf16 under Adam, remat per layer, on one target: bf16
+  weights against int8 weights with one scale per output column and with blocks of 256 rows
+  (`model.weight_block`).
+
 Targets: cpu (XLA:CPU on this host: no remat, bf16 held as f32), tpu-v5e / tpu-v5p /
 tpu-v6e (compiled ahead of time on this host; `pip install -e ".[aot]"`), gpu (on a
 machine with a GPU: the compiled analysis plus the allocator's peak after one real step).
@@ -27,6 +34,7 @@ out-of-memory case does not stop the table); results are written as they come.
 
   python bench/memory_fit.py --targets cpu,tpu-v5e --sections toy
   python bench/memory_fit.py --targets tpu-v5e,tpu-v5p --sections 1b,7b
+  python bench/memory_fit.py --sections configs,int8 --out bench/results/memory_fit_configs.json
   python bench/memory_fit.py --target gpu --sections 1b --out_dir /tmp/out   # on a GPU machine, ~3 min
   python bench/memory_fit.py --target gpu --sections 1b --dry_run            # the same path, tiny, on the CPU
 """
@@ -172,6 +180,85 @@ def has_state_bits() -> bool:
   return "state_bits" in default_config().optimizer
 
 
+# --- configs: the shipped configs, as users run them ------------------------------------------
+
+# (config, target, overrides): issue #25's rows.
+CONFIG_CASES = (
+    ("llama_7b_apollo_mini", "tpu-v5e", {}),
+    ("llama_7b_galore", "tpu-v5e", {}),
+    ("llama_7b_galore", "tpu-v5p", {"model.weight_bits": 16}),
+    ("llama_7b_adamw", "tpu-v5e", {}),
+    ("llama_1b_galore", "tpu-v5e", {"model.remat": "block", "train.batch_size": 16, "train.grad_accum": 1}),
+    ("llama_1b_adamw", "tpu-v5e", {"model.remat": "block", "train.batch_size": 16, "train.grad_accum": 1}),
+)
+
+
+def config_case(spec: dict) -> list[dict]:
+  from lowrank_jax.train import memory_report
+
+  start = time.time()
+  config = config_module(spec["config"]).get_config()
+  for key, value in spec["overrides"].items():
+    section, _, name = key.rpartition(".")
+    node = config
+    for part in section.split("."):
+      node = node[part]
+    node[name] = value
+  if not os.path.exists(os.path.join(ROOT, config.data.tokenizer)):
+    config.data.source = "synthetic"  # no shared data here: the same vocabulary from the built-in source
+    config.data.synthetic.vocab_size = T5_VOCAB - 2
+  report = memory_report(config, spec["target"], only=tuple(spec["programs"]) if spec.get("programs") else None)
+  row = {"section": "configs", "target": spec["target"], "config": spec["config"], "overrides": spec["overrides"],
+         "method": config.optimizer.name, "weight_bits": config.model.weight_bits,
+         "state_bits": config.optimizer.state_bits, "compile_s": round(time.time() - start, 1)}
+  row.update({k: report[k] for k in ("params_bytes", "opt_state_bytes", "argument_bytes", "temp_bytes", "peak_bytes",
+                                     "capacity_bytes", "fits")})
+  row["programs"] = {name: p["peak_bytes"] for name, p in report["programs"].items()}
+  return [row]
+
+
+# --- int8: bf16 weights against int8 weights (per column, blocks of 256 rows), on the toy -------
+
+INT8_CASES = ("bf16", "int8 per column", "int8 block 256")
+
+
+def int8_case(target_name: str, case: str, layers: int = 16, width: int = 2048, batch: int = 2048) -> list[dict]:
+  from lowrank_jax.train import targets
+
+  targets.prepare_environment(target_name)
+  import jax
+  import jax.numpy as jnp
+  import optax
+
+  from lowrank_jax.nn import int8_weight
+
+  target = targets.get_target(target_name)
+  sharding = jax.sharding.SingleDeviceSharding(target.devices(1)[0])
+  place = lambda t: jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sharding), t)  # noqa: E731
+  floats = [jnp.zeros((width, width), jnp.bfloat16) for _ in range(layers)]
+  block = {"bf16": 0, "int8 per column": None, "int8 block 256": 256}[case]
+  params = place(jax.eval_shape(lambda: floats if block == 0 else [int8_weight.quantize(w, block) for w in floats]))
+  x = jax.ShapeDtypeStruct((batch, width), jnp.bfloat16, sharding=sharding)
+  tx = optax.adam(1e-3)
+  state = place(jax.eval_shape(lambda p: tx.init(int8_weight.float_view(p)), params))
+
+  def loss(ws, x):
+    for w in ws:
+      x = jax.checkpoint(lambda x, w: jnp.tanh(x @ w[...]).astype(jnp.bfloat16))(x, w)
+    return jnp.mean(jnp.square(x.astype(jnp.float32)))
+
+  def step(ws, st, x):
+    _, grads = int8_weight.value_and_grad(loss)(ws, x)
+    updates, st = tx.update(grads, st, int8_weight.float_view(ws))
+    return int8_weight.apply_updates(ws, updates, jnp.uint32(0)), st
+
+  start = time.time()
+  m = targets.compile_memory(jax.jit(step, donate_argnums=(0, 1)).lower(params, state, x), target)
+  return [{"section": "int8", "target": target_name, "method": case, "layers": layers, "width": width,
+           "argument_bytes": m.argument_bytes, "temp_bytes": m.temp_bytes, "peak_bytes": m.peak_bytes,
+           "compile_s": round(time.time() - start, 1)}]
+
+
 # --- driver --------------------------------------------------------------------------------
 
 def run_case(spec: dict, timeout: float | None) -> list[dict]:
@@ -192,6 +279,10 @@ def run_case(spec: dict, timeout: float | None) -> list[dict]:
 def one(spec: dict) -> None:
   if spec["section"] == "toy":
     rows = toy_case(spec["target"], spec["method"], spec.get("programs"))
+  elif spec["section"] == "configs":
+    rows = config_case(spec)
+  elif spec["section"] == "int8":
+    rows = int8_case(spec["target"], spec["method"])
   else:
     rows = model_case(spec["target"], spec["section"], spec["method"], spec.get("state_bits"), spec.get("tiny", False),
                       spec.get("programs"), spec.get("nonfinite_guard"), spec.get("loss_chunk_positions"))
@@ -207,6 +298,8 @@ def specs_for(targets_: list[str], sections: list[str], tiny: bool, programs: li
       if section == "toy":
         specs += [{"section": "toy", "target": target, "method": m, "programs": programs} for m in TOY_CASES]
         continue
+      if section in ("configs", "int8"):
+        continue  # (their own targets: see specs_for's caller)
       common = {"section": section, "target": target, "programs": programs, "nonfinite_guard": nonfinite_guard,
                 "loss_chunk_positions": loss_chunk_positions}
       specs += [{**common, "method": m, "tiny": tiny} for m in methods]
@@ -219,7 +312,39 @@ def _gib(x):
   return f"{x / GiB:7.2f}" if isinstance(x, (int, float)) else "      -"
 
 
+def print_config_table(rows: list[dict]) -> None:
+  """The shipped configs' table: GiB per device, fits, and the 1b GaLore / AdamW ratio."""
+  print("\nshipped configs (issue #25); GiB per device, every program the run executes")
+  print(f"{'config':<22} {'target':<8} {'overrides':<44} {'weights':>7} {'states':>7} {'peak':>7} {'capacity':>8} fits")
+  for r in rows:
+    over = " ".join(f"{k}={v}" for k, v in r["overrides"].items()) or "-"
+    if "error" in r:
+      print(f"{r['config']:<22} {r['target']:<8} {over:<44} error: {r['error']}")
+      continue
+    print(f"{r['config']:<22} {r['target']:<8} {over:<44} {_gib(r['params_bytes'])} {_gib(r['opt_state_bytes'])} "
+          f"{_gib(r['peak_bytes'])} {_gib(r['capacity_bytes'])} {r['fits']}")
+  peak = {r["config"]: r["peak_bytes"] for r in rows if "error" not in r and r["target"] == "tpu-v5e"}
+  if "llama_1b_galore" in peak and "llama_1b_adamw" in peak:
+    print(f"1b GaLore / AdamW on tpu-v5e: {peak['llama_1b_galore'] / peak['llama_1b_adamw']:.3f}")
+
+
+def print_int8_table(rows: list[dict]) -> None:
+  print("\nint8 weights, toy (16 x 2048 x 2048, Adam, remat per layer), MiB")
+  print(f"{'target':<8} {'weights':<16} {'args':>8} {'temp':>8} {'peak':>8}")
+  for r in rows:
+    if "error" in r:
+      print(f"{r['target']:<8} {r['method']:<16} error: {r['error']}")
+      continue
+    print(f"{r['target']:<8} {r['method']:<16} {r['argument_bytes'] / MiB:8.1f} {r['temp_bytes'] / MiB:8.1f} "
+          f"{r['peak_bytes'] / MiB:8.1f}")
+
+
 def print_tables(rows: list[dict]) -> None:
+  if [r for r in rows if r["section"] == "configs"]:
+    print_config_table([r for r in rows if r["section"] == "configs"])
+  if [r for r in rows if r["section"] == "int8"]:
+    print_int8_table([r for r in rows if r["section"] == "int8"])
+  rows = [r for r in rows if r["section"] not in ("configs", "int8")]
   toy = [r for r in rows if r["section"] == "toy"]
   if toy:
     print("\ntoy: 8 x (2048 x 2048) f32, batch 512; arguments + temporaries (MiB), ratio to AdamW (no clip)")
@@ -292,9 +417,15 @@ def main() -> None:
   start = time.time()
   programs = [p.strip() for p in args.programs.split(",")] if args.programs else None
   methods = [m.strip() for m in args.methods.split(",") if m.strip()]
-  for spec in specs_for(targets_, sections, tiny=args.dry_run, programs=programs, methods=methods,
-                        nonfinite_guard=args.nonfinite_guard, loss_chunk_positions=args.loss_chunk_positions,
-                        with_8bit=not args.no_8bit):
+  specs = specs_for(targets_, sections, tiny=args.dry_run, programs=programs, methods=methods,
+                    nonfinite_guard=args.nonfinite_guard, loss_chunk_positions=args.loss_chunk_positions,
+                    with_8bit=not args.no_8bit)
+  if "int8" in sections:
+    specs += [{"section": "int8", "target": "tpu-v5e", "method": m} for m in INT8_CASES]
+  if "configs" in sections:
+    specs += [{"section": "configs", "target": t, "config": c, "overrides": o, "programs": programs}
+              for c, t, o in CONFIG_CASES]
+  for spec in specs:
     if spec["section"] == "toy" and args.dry_run:
       continue  # the toy is already small; nothing to dry-run
     rows += run_case(spec, args.timeout)

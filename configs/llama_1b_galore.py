@@ -14,4 +14,9 @@ def get_config():
   config.optimizer.galore.scale = 0.25
   config.optimizer.galore.update_proj_gap = 200
   config.train.grad_accum = 8  # micro-batches of 64 sequences, as the paper's per-GPU batch
+  config.optimizer.galore.projector_dtype = "bfloat16"  # projectors and low-rank moments
+  # Lean settings (docs/memory.md): clip by the previous step's norm, so no update waits for the
+  # whole backward pass, and the output head over 64 positions at a time (no [tokens, vocab] logits).
+  config.optimizer.clip_mode = "previous"
+  config.train.loss_chunk_positions = 64
   return config

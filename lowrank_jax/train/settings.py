@@ -438,12 +438,12 @@ class TrainSettings(Settings):
   # Steps whose loss or gradient norm is not finite are skipped (no update); this many in a
   # row stop the run (exit 3), its last checkpoint with finite parameters kept.
   max_nonfinite_steps: int = setting(5, positive_int)
-  # What is checked before a step commits: step (the loss and the global gradient norm: every
-  # update waits for the whole backward pass, so an accelerator holds one full set of gradients,
-  # the weights' size in their dtype) or loss (the loss alone: each layer's gradient is freed after
-  # its update; a non-finite gradient under a finite loss reaches the weights, the following losses
-  # are not finite and the run stops after max_nonfinite_steps).
-  nonfinite_guard: str = setting("step", one_of(NONFINITE_GUARDS))
+  # What is checked before a step commits: loss (the default: the loss alone, so each layer's
+  # gradient is freed after its update; a non-finite gradient under a finite loss reaches the weights,
+  # the following losses are not finite and the run stops after max_nonfinite_steps, and no checkpoint
+  # of non-finite parameters is ever written) or step (the loss and the global gradient norm: every
+  # update waits for the whole backward pass, so an accelerator holds one full set of gradients).
+  nonfinite_guard: str = setting("loss", one_of(NONFINITE_GUARDS))
   # Language models: the output head and the cross-entropy run over this many sequence positions at a
   # time (each chunk recomputed in the backward pass), so the float32 [tokens, vocab] logits never exist
   # whole; the same loss and gradients up to float rounding. 0: the full logits at once.

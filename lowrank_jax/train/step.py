@@ -106,7 +106,7 @@ def _guarded_update(tx: optax.GradientTransformation, schedule: optax.Schedule, 
 
 def make_train_step(split: ModelSplit, tx: optax.GradientTransformation, schedule: optax.Schedule,
                     *, loss: Loss = language_model_loss, axis_name: str | None = None, split_params: Any = None,
-                    refresh: bool = False, accum_dtype: str = "float32", nonfinite_guard: str = "step",
+                    refresh: bool = False, accum_dtype: str = "float32", nonfinite_guard: str = "loss",
                     loss_chunk: int = 0):
   """step(state, tokens[accum, micro, T]) -> (state, metrics); not yet jitted. Every parallel
   mode compiles this one body (`parallel.compile_program`).
