@@ -220,6 +220,29 @@ def _quality(data: dict) -> list[str]:
   return out
 
 
+def _int8_quality(data: dict) -> list[str]:
+  q = data.get("quality") or {}
+  settings = q.get("settings", {})
+  goal = (data.get("goals") or {}).get("quality_int8_over_bf16")
+  out = [f"Tiny LLaMA on the C4 sample, the runs of `bench/quality.py --quick` ({settings.get('train.steps', '-')} steps "
+         f"of {settings.get('train.batch_size', '-')} x {settings.get('data.seq_len', '-')} tokens) at each method's tuned lr "
+         f"({code(data.get('lr_source', '-'))}), bf16 parameters and compute in both arms; the weights stored as bf16 "
+         f"or as int8 with stochastic rounding. Final eval loss per seed; the ratio pairs the arms seed by seed "
+         f"(goal: int8 / bf16 <= {goal if goal is not None else '-'}). {q.get('runs', '-')} runs, "
+         f"{num(q.get('cpu_s'), ',.0f')} CPU seconds.", ""]
+  seeds = lambda xs: ", ".join(num(x, ".4f") for x in xs or [])  # noqa: E731
+  rows = []
+  for name, m in (q.get("methods") or {}).items():
+    losses, mean, spr = m.get("eval_loss", {}), m.get("mean_eval_loss", {}), m.get("seed_spread", {})
+    ref = ((data.get("float32_reference") or {}).get(name) or {}).get("seed_losses")
+    rows.append([name, lr(m.get("lr")), f"{num(mean.get('bf16'), '.4f')} ({seeds(losses.get('bf16'))})",
+                 f"{num(mean.get('int8'), '.4f')} ({seeds(losses.get('int8'))})", seeds(m.get("ratio_per_seed")),
+                 ratio(m.get("ratio_mean"), 4), num(spr.get("bf16"), ".4f"), num(spr.get("int8"), ".4f"), seeds(ref)])
+  return out + table(["method", "lr", "bf16: eval loss, mean (per seed)", "int8: eval loss, mean (per seed)",
+                      "int8 / bf16 per seed", "int8 / bf16, mean", "seed spread bf16", "seed spread int8",
+                      "float32 at the same lr (`quality_quick.json`)"], rows)
+
+
 def _quantize_codecs(data: dict) -> list[str]:
   out = [f"Relative error of the Adam update against 32-bit Adam over {data.get('steps', '-')} steps on "
          "heavy-tailed gradients, each variant keeping its own quantized state (codec / what the second "
@@ -302,6 +325,10 @@ def quality_page() -> str:
           "key yet. The papers' ratios are at 60M to 1B parameters and billions of tokens (`--full`)."]),
       section("8-bit codecs: update error", "quantize_codecs.json", _quantize_codecs,
               "python bench/bench_quantize.py --only codecs"),
+      section("int8 weights against bf16 weights: eval loss", "int8_weights.json", _int8_quality,
+              "python bench/int8_weights.py", needs="about 10 minutes on 2 idle CPU cores; it reads the C4 sample",
+              intro="{make} (`model.weight_bits=8`, `lowrank_jax/nn/int8_weight.py`); its step time is on the "
+                    "[performance page](performance.md)."),
       section("Instruction fine-tuning end to end (tiny)", "sft_tiny.json", _sft_tiny, "python bench/sft_tiny.py",
               intro="{make} with examples made from C4 documents by `bench/c4_instructions.py`."),
       section("Hugging Face parity", "hf_parity.json", _hf_parity, "python bench/hf_parity.py", needs=PEERS,
@@ -416,6 +443,20 @@ def _quantize_speed(data: dict) -> list[str]:
                                      mib(r.get("temp_bytes")), mib(r.get("state_bytes"))])
 
 
+def _int8_speed(data: dict) -> list[str]:
+  sp = data.get("speed") or {}
+  r = sp.get("ratio") or {}
+  goal = (data.get("goals") or {}).get("speed_int8_over_bf16")
+  out = [f"The trainer's step of {code(sp.get('config', '-'))} (bf16) at batch {sp.get('batch', '-')} x "
+         f"{sp.get('seq', '-')}, both arms compiled in one process and stepped alternately, {sp.get('rounds', '-')} "
+         f"rounds after {sp.get('warmup_steps', '-')} warm-up steps; int8 / bf16 step time "
+         f"{ratio(r.get('median'))} [{ratio(r.get('min'))}, {ratio(r.get('max'))}] (median [min, max] of per-round "
+         f"ratios; goal <= {goal if goal is not None else '-'}).", ""]
+  rows = [[k, ms(v.get("step_s")), ms(v.get("step_s_min")), ms(v.get("first_step_s")), num(v.get("compile_s"), ".1f"),
+           mib(v.get("param_bytes"))] for k, v in (sp.get("rows") or {}).items()]
+  return out + table(["weights", "median ms/step", "min ms/step", "first step ms", "compile (s)", "params (MiB)"], rows)
+
+
 def _hf_load(data: dict) -> list[str]:
   out = [f"A LLaMA-{data.get('size', '-')}-shaped checkpoint read with `models.from_pretrained` on the CPU backend:", ""]
   return out + rows_table(data, ["load as", "wall (s)", "peak RSS (GiB)", "peak RSS / checkpoint",
@@ -465,6 +506,9 @@ def performance_page() -> str:
       section("8-bit states: update time", "quantize_speed.json", _quantize_speed,
               "python bench/bench_quantize.py --only speed",
               intro="`python bench/bench_quantize.py`: encoding costs a few elementwise passes per moment."),
+      section("int8 weights: step time", "int8_weights.json", _int8_speed, "python bench/int8_weights.py --sections speed",
+              intro="{make}: dequantizing each layer's kernel as it runs and requantizing every weight with "
+                    "stochastic rounding at each update."),
       section("Loading a Hugging Face checkpoint", "hf_load.json", _hf_load, "python bench/hf_load.py",
               intro="{make}: tensors read one at a time into their target dtype and sharding."),
   ])
@@ -517,6 +561,28 @@ def _fit_model(data: dict) -> list[str]:
                   for size, methods in state.items() for m, v in methods.items()])
   row_notes = [f"{r.get('method')}, barrier {r.get('barrier')}: {r['note']}" for r in rows if r.get("note")]
   return out + (["Notes on rows:", ""] + [f"- {cell(n)}" for n in row_notes] + [""] if row_notes else [])
+
+
+def _fit_configs(data: dict) -> list[str]:
+  rows = [r for r in data.get("rows", []) if r.get("section") == "configs"]
+  body = [[code(f"configs/{r.get('config')}.py"), r.get("target"),
+           " ".join(code(f"{k}={v}") for k, v in (r.get("overrides") or {}).items()) or "-",
+           r.get("weight_bits"), r.get("state_bits"), gib(r.get("params_bytes")), gib(r.get("opt_state_bytes")),
+           gib(r.get("temp_bytes")), gib(r.get("peak_bytes")), gib(r.get("capacity_bytes")),
+           r.get("error") or r.get("fits")] for r in rows]
+  out = table(["config", "target", "overrides", "weight bits", "state bits", "params (GiB)", "optimizer state (GiB)",
+               "step temporaries (GiB)", "peak (GiB)", "capacity (GiB)", "fits"], body)
+  peak = {r.get("config"): r.get("peak_bytes") for r in rows if r.get("target") == "tpu-v5e" and r.get("peak_bytes")}
+  if peak.get("llama_1b_galore") and peak.get("llama_1b_adamw"):
+    out += [f"1b GaLore / AdamW peak on tpu-v5e: {ratio(peak['llama_1b_galore'] / peak['llama_1b_adamw'])}.", ""]
+  return out
+
+
+def _fit_int8(data: dict) -> list[str]:
+  rows = [r for r in data.get("rows", []) if r.get("section") == "int8"]
+  return table(["weights", "target", "arguments (MiB)", "temporaries (MiB)", "peak (MiB)"],
+               [[r.get("method"), r.get("target"), mib(r.get("argument_bytes")), mib(r.get("temp_bytes")),
+                 mib(r.get("peak_bytes"))] for r in rows])
 
 
 def _state(data: dict) -> list[str]:
@@ -602,6 +668,19 @@ def memory_page() -> str:
       "nothing is allocated). Parameter and optimizer-state bytes are exact; temporaries and peaks are the "
       "target compiler's. On the `cpu` target XLA:CPU holds bf16 activations as float32 and ignores remat, so "
       "its temporaries are upper bounds for an accelerator. How to read and lower them: [memory](../memory.md)."), [
+      section("7B on one 16 GiB chip: the shipped 7B and 1b configs", "memory_fit_configs.json", _fit_configs,
+              "python bench/memory_fit.py --sections int8,configs --programs step "
+              "--out bench/results/memory_fit_configs.json", needs=TPU_AOT,
+              intro="{make}: each config as shipped, on the target named, with only the overrides listed "
+                    "(`bench/memory_fit.py`'s `CONFIG_CASES`); the step program (the GaLore refresh program "
+                    "is compiled separately and not listed). A peak over the capacity is the compiler's "
+                    "RESOURCE_EXHAUSTED figure: the bytes the program needs."),
+      section("int8 weights: per column against blocks of rows (toy, TPU v5e)", "memory_fit_configs.json", _fit_int8,
+              "python bench/memory_fit.py --sections int8,configs --programs step "
+              "--out bench/results/memory_fit_configs.json", needs=TPU_AOT, level=3,
+              intro="16 layers of 2048 x 2048 under Adam, remat per layer, one donated step: bf16 weights, "
+                    "int8 with one scale per output column (`model.weight_block=0`, the default) and with a "
+                    "scale per 256 rows (`model.weight_block=256`)."),
       section("Every shipped config on one TPU v5e chip", "memory_report_all_tpu-v5e_step.json", _report_all,
               "python bench/memory_report_all.py --target tpu-v5e --programs step", needs=TPU_AOT,
               intro="{make}: each config's report in "

@@ -164,6 +164,23 @@ def _trained_params(module: nnx.Module):
   return lambda path, variable: isinstance(variable, nnx.Param) and tuple(path) not in frozen
 
 
+@jax.custom_vjp
+def _tie_gradients(x: jax.Array, carriers: list) -> tuple[jax.Array, list]:
+  """The identity on (x, carriers) whose backward passes their cotangents through one barrier."""
+  return x, carriers
+
+
+def _tie_fwd(x, carriers):
+  return (x, carriers), None
+
+
+def _tie_bwd(_, cotangents):
+  return jax.lax.optimization_barrier(cotangents)
+
+
+_tie_gradients.defvjp(_tie_fwd, _tie_bwd)
+
+
 def _behind_barrier(module: nnx.Module, x: jax.Array, **kwargs: Any) -> jax.Array:
   """`module(x, **kwargs)` with `x` and the module's weights through one optimization barrier.
 
@@ -180,7 +197,19 @@ def _behind_barrier(module: nnx.Module, x: jax.Array, **kwargs: Any) -> jax.Arra
   if not isinstance(x, jax.core.Tracer):
     return module(x, **kwargs)
   graphdef, params, rest = nnx.split(module, _trained_params(module), ...)
+  # Int8 weights (`nn.int8_weight`): their gradients leave through carriers, whose values are never
+  # read. A carrier through the barrier would have to exist as a zero array from the forward pass to
+  # the backward (a bf16 copy of every attention kernel); it is tied to `x` only in the backward.
+  is_int8 = nn.int8_weight.is_int8
+  carriers = [w.carrier for w in jax.tree.leaves(params, is_leaf=is_int8) if is_int8(w) and w.carrier is not None]
+  if carriers:
+    params = jax.tree.map(lambda w: dataclasses.replace(w, carrier=None) if is_int8(w) else w, params, is_leaf=is_int8)
   x, params = jax.lax.optimization_barrier((x, params))
+  if carriers:
+    x, carriers = _tie_gradients(x, carriers)
+    stream = iter(carriers)
+    params = jax.tree.map(lambda w: dataclasses.replace(w, carrier=next(stream)) if is_int8(w) else w, params,
+                          is_leaf=is_int8)
   fresh = nnx.merge(graphdef, params, rest)
   y = fresh(x, **kwargs)
   nnx.update(module, nnx.state(fresh, nnx.Not(nnx.Param)))  # what the call changed besides weights (RNG counts)

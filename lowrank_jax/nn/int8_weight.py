@@ -7,8 +7,9 @@ round-to-nearest; stochastic rounding keeps it on average: a value ``x`` between
 weight after the update.
 
 An :class:`Int8Weight` holds a ``[rows, cols]`` kernel (or embedding) as int8 codes plus float32
-scales (symmetric absmax: ``w ~= codes * scale``, ``scale = absmax / 127``): one per output column
-by default, or one per block of ``block_size`` consecutive rows of a column. Per column is the
+scales (symmetric absmax: ``w ~= codes * scale``, ``scale = absmax / 127``): a kernel's one per
+output column by default (an embedding's one per token), or one per block of ``block_size``
+consecutive rows of a column. Per column is the
 default because it is what fits: compiled for a TPU v5e, the blocked layout's reshapes made the
 update hold about one more float weight per layer than bf16 weights do (bench/memory_fit.py,
 section int8). It stands where the float array stood in a
@@ -43,6 +44,7 @@ from typing import Any, Callable
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import nnx
 
 #: Rows per scale block; None: one block per column (all rows). A leaf with fewer rows than a
 #: block has one block per column.
@@ -53,8 +55,12 @@ _QMAX = 127
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class Int8Weight:
-  """A 2-D weight as int8 ``codes`` [rows, cols] and float32 ``scale`` [ceil(rows / block_size), cols]
-  (block_size None: [1, cols]).
+  """A 2-D weight as int8 ``codes`` [rows, cols] and float32 ``scale``.
+
+  A scale spans ``block_size`` consecutive elements along ``axis`` (None: the whole axis). Kernels
+  [in, out] use ``axis=0``: ``scale`` [ceil(rows / block_size), cols], one per output column (block
+  None). Embeddings [vocab, d] use ``axis=1``: ``scale`` [rows, ceil(cols / block_size)], one per
+  token, so a rare token's row is not coded on the scale of the largest one.
 
   ``dtype`` is the float dtype it reads as (the model's ``param_dtype``). ``carrier`` is None when
   stored; inside a differentiated forward it is the float array that receives the gradient.
@@ -65,6 +71,7 @@ class Int8Weight:
   carrier: Any = None
   dtype: str = dataclasses.field(default='float32', metadata=dict(static=True))
   block_size: int | None = dataclasses.field(default=DEFAULT_BLOCK_SIZE, metadata=dict(static=True))
+  axis: int = dataclasses.field(default=0, metadata=dict(static=True))
 
   @property
   def shape(self) -> tuple[int, ...]:
@@ -82,8 +89,8 @@ class Int8Weight:
     """The float weight (``dtype``: default the stored one), with the carrier's gradient path."""
     dtype = jnp.dtype(dtype or self.dtype)
     if self.carrier is None:
-      return _dequantize(self.codes, self.scale, self.block_size).astype(dtype)
-    return _dequantize_carried(self.block_size, dtype)(self.codes, self.scale, self.carrier)
+      return _dequantize(self.codes, self.scale, self.block_size, self.axis).astype(dtype)
+    return _dequantize_carried(self.block_size, self.axis, dtype)(self.codes, self.scale, self.carrier)
 
   def __getitem__(self, index: Any) -> jax.Array:
     # What `nnx.Variable.__getitem__` calls: `kernel[...]` in a layer reads the float weight.
@@ -95,27 +102,42 @@ def is_int8(x: Any) -> bool:
   return isinstance(x, Int8Weight)
 
 
-def _rows_per_block(rows: int, block_size: int | None) -> int:
-  return int(rows) if block_size is None else min(int(block_size), int(rows))
+def _blocks(n: int, block_size: int | None) -> tuple[int, int]:
+  """(number of blocks, elements per block) along an axis of length n."""
+  b = int(n) if block_size is None else min(int(block_size), int(n))
+  return math.ceil(n / b), b
 
 
-def _per_row(blocks: jax.Array, rows: int, block_size: int) -> jax.Array:
-  """[num_blocks, cols] -> [rows, cols], each block's value on its rows. A broadcast and a reshape,
-  which XLA fuses into the consumer (``jnp.repeat`` is a gather: a materialised [rows, cols] array)."""
-  b = _rows_per_block(rows, block_size)
-  nb, cols = blocks.shape
-  return jnp.broadcast_to(blocks[:, None, :], (nb, b, cols)).reshape(nb * b, cols)[:rows]
+def _expand(per_block: jax.Array, shape: tuple[int, int], block_size: int | None, axis: int) -> jax.Array:
+  """Each block's value on its elements: [nb, cols] (axis 0) or [rows, nb] (axis 1) -> ``shape``.
+  A broadcast and a reshape, which XLA fuses into the consumer (``jnp.repeat`` is a gather: a
+  materialised array of the weight's shape)."""
+  nb, b = _blocks(shape[axis], block_size)
+  if axis == 0:
+    return jnp.broadcast_to(per_block[:, None, :], (nb, b, shape[1])).reshape(nb * b, shape[1])[:shape[0]]
+  return jnp.broadcast_to(per_block[:, :, None], (shape[0], nb, b)).reshape(shape[0], nb * b)[:, :shape[1]]
 
 
-def _dequantize(codes: jax.Array, scale: jax.Array, block_size: int) -> jax.Array:
-  return codes.astype(jnp.float32) * _per_row(scale, codes.shape[0], block_size)
+def _block_reduce(x: jax.Array, block_size: int | None, axis: int, reduce: Callable) -> jax.Array:
+  """``reduce`` over each block of ``x`` along ``axis``: [nb, cols] (axis 0) or [rows, nb] (axis 1)."""
+  nb, b = _blocks(x.shape[axis], block_size)
+  pad = nb * b - x.shape[axis]
+  if pad:
+    x = jnp.pad(x, ((0, pad), (0, 0)) if axis == 0 else ((0, 0), (0, pad)))
+  if axis == 0:
+    return reduce(x.reshape(nb, b, x.shape[1]), axis=1)
+  return reduce(x.reshape(x.shape[0], nb, b), axis=2)
 
 
-def _dequantize_carried(block_size: int, dtype: Any) -> Callable:
+def _dequantize(codes: jax.Array, scale: jax.Array, block_size: int | None, axis: int) -> jax.Array:
+  return codes.astype(jnp.float32) * _expand(scale, codes.shape, block_size, axis)
+
+
+def _dequantize_carried(block_size: int | None, axis: int, dtype: Any) -> Callable:
   @jax.custom_vjp
   def f(codes, scale, carrier):
     del carrier  # never read: only its cotangent matters
-    return _dequantize(codes, scale, block_size).astype(dtype)
+    return _dequantize(codes, scale, block_size, axis).astype(dtype)
 
   def fwd(codes, scale, carrier):
     return f(codes, scale, carrier), None
@@ -168,70 +190,61 @@ def leaf_seed(seed: Any, index: int) -> jax.Array:
 
 # --- quantize ---------------------------------------------------------------------------------
 
-def quantize(w: jax.Array, block_size: int = DEFAULT_BLOCK_SIZE, *, seed: Any = None,
-             dtype: Any = None) -> Int8Weight:
+def quantize(w: jax.Array, block_size: int | None = DEFAULT_BLOCK_SIZE, *, seed: Any = None,
+             dtype: Any = None, axis: int = 0) -> Int8Weight:
   """``w`` [rows, cols] as an :class:`Int8Weight`: round to nearest, or stochastically with ``seed``.
 
-  ``dtype`` (default ``w``'s) is the float dtype the weight reads as.
+  Scales span ``block_size`` elements along ``axis`` (None: the whole axis). ``dtype`` (default
+  ``w``'s) is the float dtype the weight reads as.
   """
   if w.ndim != 2:
     raise ValueError(f'int8 weights are 2-D [rows, cols], got shape {w.shape}')
   if block_size is not None and (isinstance(block_size, bool) or not isinstance(block_size, (int, np.integer))
                                  or block_size <= 0):
-    raise ValueError(f'block_size must be a positive integer or None (per column), got {block_size!r}')
-  rows, cols = w.shape
-  b = _rows_per_block(rows, block_size)
-  nb = math.ceil(rows / b)
+    raise ValueError(f'block_size must be a positive integer or None (the whole axis), got {block_size!r}')
+  if axis not in (0, 1):
+    raise ValueError(f'axis must be 0 (a scale per column) or 1 (per row), got {axis!r}')
+  block_size = None if block_size is None else int(block_size)
   x = w.astype(jnp.float32)
-  if nb * b != rows:
-    x = jnp.pad(x, ((0, nb * b - rows), (0, 0)))
-  x = x.reshape(nb, b, cols)
-  scale = jnp.max(jnp.abs(x), axis=1) / _QMAX  # [nb, cols]
-  x = x / jnp.where(scale > 0, scale, 1.0)[:, None, :]
-  x = x.reshape(nb * b, cols)[:rows]
-  if seed is None:
-    q = jnp.round(x)
-  else:
-    q = jnp.floor(x + uniform_dither(seed, (rows, cols)))
+  scale = _block_reduce(jnp.abs(x), block_size, axis, jnp.max) / _QMAX
+  x = x / _expand(jnp.where(scale > 0, scale, 1.0), x.shape, block_size, axis)
+  q = jnp.round(x) if seed is None else jnp.floor(x + uniform_dither(seed, x.shape))
   codes = jnp.clip(q, -_QMAX, _QMAX).astype(jnp.int8)
-  return Int8Weight(codes, scale, dtype=jnp.dtype(dtype or w.dtype).name,
-                    block_size=None if block_size is None else int(block_size))
-
-
-def _blocks_changed(update: jax.Array, rows: int, block_size: int) -> jax.Array:
-  """bool [nb, cols]: which blocks the update touches (any non-zero element)."""
-  b = _rows_per_block(rows, block_size)
-  nb = math.ceil(rows / b)
-  nz = (update != 0)
-  if nb * b != rows:
-    nz = jnp.pad(nz, ((0, nb * b - rows), (0, 0)))
-  return jnp.any(nz.reshape(nb, b, -1), axis=1)
+  return Int8Weight(codes, scale, dtype=jnp.dtype(dtype or w.dtype).name, block_size=block_size, axis=axis)
 
 
 def updated(w: Int8Weight, update: jax.Array, seed: Any) -> Int8Weight:
   """``w + update`` requantized with stochastic rounding. A block the update leaves at zero keeps
   its codes and scale exactly (a frozen kernel, a masked leaf, a skipped step stay bit-identical)."""
-  new = quantize(w.dequantize(jnp.float32) + update.astype(jnp.float32), w.block_size, seed=seed, dtype=w.dtype)
-  changed = _blocks_changed(update, w.shape[0], w.block_size)
-  rows_changed = _per_row(changed, w.shape[0], w.block_size)
-  return Int8Weight(jnp.where(rows_changed, new.codes, w.codes), jnp.where(changed, new.scale, w.scale),
-                    dtype=w.dtype, block_size=w.block_size)
+  new = quantize(w.dequantize(jnp.float32) + update.astype(jnp.float32), w.block_size, seed=seed, dtype=w.dtype,
+                 axis=w.axis)
+  changed = _block_reduce(update != 0, w.block_size, w.axis, jnp.any)
+  return Int8Weight(jnp.where(_expand(changed, w.shape, w.block_size, w.axis), new.codes, w.codes),
+                    jnp.where(changed, new.scale, w.scale), dtype=w.dtype, block_size=w.block_size, axis=w.axis)
 
 
 # --- trees ------------------------------------------------------------------------------------
 
-def default_select(path: tuple, leaf: Any) -> bool:
-  """Which leaves ``quantize_tree`` stores in int8: 2-D ``kernel`` and ``embedding`` leaves (every
-  linear, the head and the token embedding), never adapters, norms, biases or snapshots."""
+def default_select(path: tuple, leaf: Any) -> int | None:
+  """Which leaves ``quantize_tree`` stores in int8, and the axis their scales span: 2-D ``kernel``
+  leaves (every linear and the head, [in, out]: a scale per output column, axis 0) and
+  ``embedding`` leaves ([vocab, d]: a scale per token, axis 1); None for the rest (adapters, norms,
+  biases, snapshots)."""
   name = getattr(path[-1], 'key', getattr(path[-1], 'name', None)) if path else None
-  return name in ('kernel', 'embedding') and getattr(leaf, 'ndim', 0) == 2
+  if getattr(leaf, 'ndim', 0) != 2:
+    return None
+  return {'kernel': 0, 'embedding': 1}.get(name)
 
 
-def quantize_tree(params: Any, block_size: int = DEFAULT_BLOCK_SIZE,
-                  select: Callable[[tuple, Any], bool] = default_select) -> Any:
-  """``params`` with the leaves ``select(path, leaf)`` picks replaced by :class:`Int8Weight` (nearest)."""
-  return jax.tree_util.tree_map_with_path(
-      lambda p, x: quantize(x, block_size) if select(p, x) else x, params, is_leaf=is_int8)
+def quantize_tree(params: Any, block_size: int | None = DEFAULT_BLOCK_SIZE,
+                  select: Callable[[tuple, Any], int | None] = default_select) -> Any:
+  """``params`` with the leaves ``select(path, leaf)`` gives an axis for replaced by
+  :class:`Int8Weight` (rounded to nearest)."""
+  def one(path, x):
+    axis = None if is_int8(x) else select(path, x)
+    return x if axis is None else quantize(x, block_size, axis=axis)
+
+  return jax.tree_util.tree_map_with_path(one, params, is_leaf=is_int8)
 
 
 def float_view(params: Any) -> Any:
@@ -256,6 +269,17 @@ def attach(params: Any, view: Any) -> Any:
   carriers, ``view``'s leaves elsewhere."""
   return jax.tree.map(lambda p, v: dataclasses.replace(p, carrier=v) if is_int8(p) else v,
                       params, view, is_leaf=is_int8)
+
+
+def read_once(module: Any) -> Any:
+  """A view of an NNX ``module`` whose int8 weights are read (dequantized, gradient path kept) here,
+  once: for a module called inside a loop (``lax.scan``), where each weight would otherwise be
+  read per iteration and its carrier would be a loop operand, an array that must exist. A module
+  without int8 weights is returned as it is."""
+  graphdef, state = nnx.split(module)
+  if not has_int8(state):
+    return module
+  return nnx.merge(graphdef, jax.tree.map(lambda x: x.dequantize() if is_int8(x) else x, state, is_leaf=is_int8))
 
 
 def value_and_grad(fun: Callable, has_aux: bool = False) -> Callable:

@@ -11,6 +11,7 @@ import jax.numpy as jnp
 import optax
 
 from lowrank_jax.models import vit
+from lowrank_jax.nn import int8_weight
 
 Loss = Callable[[Any, Any, int], tuple]  # (model, batch, loss_chunk) -> (summed loss, count, ...): a Task's
 
@@ -121,5 +122,8 @@ def _decoder_loss(model: Any, tokens: jax.Array, weights: jax.Array, kw: dict, l
     raise TypeError(f"loss_chunk={loss_chunk} needs a model with hidden_states() and logits() "
                     f"(lowrank_jax.models.DecoderLM); {type(model).__name__} has none: use loss_chunk=0")
   labels = jnp.roll(tokens, -1, axis=1)
-  return chunked_cross_entropy(model.logits, model.hidden_states(tokens, **kw), labels, weights,
+  hidden = model.hidden_states(tokens, **kw)
+  # The head's int8 weights are read once, outside the loop over chunks: inside, their gradient
+  # carriers would be loop operands, arrays of the head's size that must exist (nn.int8_weight).
+  return chunked_cross_entropy(int8_weight.read_once(model).logits, hidden, labels, weights,
                                loss_chunk), jnp.sum(weights)

@@ -205,7 +205,8 @@ def assemble_state(setup: Setup, params: Any, rest: Any, *, step: Any, rng: Any)
 
 
 def param_count(setup: Setup) -> int:
-  return models.count_params(setup.abstract_state.params)
+  """The model's parameters (an int8 weight counts its elements, not its scales)."""
+  return models.count_params(jax.eval_shape(int8_weight.float_view, setup.abstract_state.params))
 
 
 def trainable_count(setup: Setup) -> int:
