@@ -272,7 +272,8 @@ def bench_state_1b():
     config = llama_1b_galore.get_config()
     for key, value in overrides.items():
       set_dotted(config, key, value)
-    setup = build_setup(resolve(config), vocab_size_of(config))
+    run = resolve(config)
+    setup = build_setup(run, vocab_size_of(run))
     leaves = jax.tree.leaves(setup.abstract_state.opt_state)
     rows.append({'method': name, 'state_bytes': int(sum(x.size * x.dtype.itemsize for x in leaves))})
     print(f'  {name}: {rows[-1]["state_bytes"] / 2**20:,.1f} MiB', flush=True)

@@ -46,6 +46,7 @@ import numpy as np  # noqa: E402
 
 from configs import gpt2_124m_mhlora  # noqa: E402
 from lowrank_jax.train import collectives, parallel  # noqa: E402
+from lowrank_jax.train.config import resolve  # noqa: E402
 from lowrank_jax.train.setup import build_setup, init_state, param_count, trainable_count  # noqa: E402
 
 MiB = 2**20
@@ -106,7 +107,7 @@ def main() -> None:
   for v in variants:
     method_variant, overrides = VARIANTS[v]
     config = make_config(args.size, method_variant, args.batch, args.seq, args.heads, args.rank, overrides)
-    setup = build_setup(config, 258)
+    setup = build_setup(resolve(config), 258)
     state = init_state(setup, 258)
     tokens = np.random.default_rng(0).integers(2, 258, (1, args.batch, args.seq), dtype=np.int32)
     start = time.perf_counter()

@@ -180,6 +180,7 @@ class StepRunner:
     import jax
     import numpy as np
 
+    from lowrank_jax.train.config import resolve
     from lowrank_jax.train.setup import build_setup, init_state
 
     self.case = case
@@ -188,7 +189,7 @@ class StepRunner:
     key = gap_key(config, method_of(case.variant))
     if key:
       self.gap = int(get_dotted(config, key))
-    self.setup = setup = build_setup(config, vocab)
+    self.setup = setup = build_setup(resolve(config), vocab)
     self.state = init_state(setup, vocab)
     self.count = 0  # optimizer steps taken by this state
     self.skip_refresh = skip_first_refresh
@@ -614,9 +615,10 @@ def refresh_child(size: str, reps: int) -> dict[str, Any]:
   import jax
   import numpy as np
 
+  from lowrank_jax.train.config import resolve
   from lowrank_jax.train.setup import build_setup
 
-  setup = build_setup(case_config(Case('galore', size)), T5_VOCAB)
+  setup = build_setup(resolve(case_config(Case('galore', size))), T5_VOCAB)
   rng = np.random.default_rng(0)
   params = jax.tree.map(lambda a: rng.standard_normal(a.shape, dtype=np.float32).astype(a.dtype),
                         setup.abstract_state.params)

@@ -129,6 +129,10 @@ def every_method_on_2_devices(request, tmp_path_factory):
   jobs = [{"kind": "train", "workdir": str(out / f"{method}_{name}"), "out": str(out / f"{method}_{name}.npz"),
            "overrides": {**BASE, **method_overrides(method), **extra}}
           for method in selected for name, extra in _layouts(method).items()]
+  if any(getattr(item, "function", None) is request.module.test_int8_weights_in_every_layout_equal_one_device
+         for item in request.session.items):
+    jobs += [{"kind": "train", "workdir": str(out / f"int8_{name}"), "out": str(out / f"int8_{name}.npz"),
+              "overrides": {**BASE, **INT8, **extra}} for name, extra in _layouts("adamw").items()]
   worker = _Worker(EQUALITY_DEVICES, jobs, out / "worker.log")
   yield out, worker
   worker.stop()
@@ -154,6 +158,24 @@ def test_mesh_pmap_and_fsdp_equal_one_device(tmp_path, method, every_method_on_2
       _assert_close(got, first[1], f"{method} {name} vs {first[0]}, both on {EQUALITY_DEVICES} devices", tol=2e-3)
     summary = json.loads((out / f"{method}_{name}.npz.json").read_text())
     assert abs(summary["train_loss"] - ref_summary["train_loss"]) < 1e-3, (method, name)
+
+
+INT8 = {"optimizer.name": "adamw", "model.weight_bits": 8}
+
+
+def test_int8_weights_in_every_layout_equal_one_device(tmp_path, every_method_on_2_devices):
+  """int8 weights (`model.weight_bits=8`) under mesh, pmap and FSDP on 2 devices: the codes and
+  scales equal one device's. The stochastic rounding draws from each element's global index, so
+  every layout rounds the same way (a layout drawing per shard would differ in most codes)."""
+  out, worker = every_method_on_2_devices
+  reference, ref_summary = _single_device({**BASE, **INT8}, tmp_path / "one")
+  assert any(key.endswith(".codes") for key in reference)
+  for name in _layouts("adamw"):
+    worker.wait_for(out / f"int8_{name}.npz.json")
+    got = dict(np.load(out / f"int8_{name}.npz"))
+    _assert_close(got, reference, f"int8 {name} on {EQUALITY_DEVICES} devices vs 1")
+    summary = json.loads((out / f"int8_{name}.npz.json").read_text())
+    assert abs(summary["train_loss"] - ref_summary["train_loss"]) < 1e-3, name
 
 
 # LTE parallel heads, 8 of them: one per device when spread over 8 devices. Clipping is

@@ -143,15 +143,9 @@ class Checkpointer:
       try:
         meta = ocp.StandardCheckpointer().metadata(os.path.join(self.directory, str(step), item)).item_metadata
         stored = sorted(tuple(m.shape) for m in jax.tree.leaves(meta))
-        stored_int8 = any(str(m.dtype) == "int8" for m in jax.tree.leaves(meta))
       except Exception:  # noqa: BLE001 -- unreadable metadata: damage
         return None
       wanted = sorted(tuple(x.shape) for x in jax.tree.leaves(getattr(abstract, item)))
-      wanted_int8 = any(str(x.dtype) == "int8" for x in jax.tree.leaves(getattr(abstract, item)))
-      if item == "params" and stored_int8 != wanted_int8:
-        return (f"model.weight_bits: the checkpoint at step {step} holds {'int8' if stored_int8 else '16-bit'} weights, "
-                f"this config asks for {'int8' if wanted_int8 else '16-bit'} ones "
-                f"(model.weight_bits={8 if wanted_int8 else 16}); use the run's own setting or another --workdir")
       if stored != wanted:
         what = "parameters" if item == "params" else "optimizer state"
         return (f"the checkpoint at step {step} holds {len(stored)} {what} arrays, this config builds {len(wanted)} "
