@@ -16,11 +16,11 @@ FAST = {"data.seq_len": 32, "train.batch_size": 8, "train.log_every": 5, "train.
 
 
 @pytest.mark.xfail(strict=False, reason=(
-    "the train step's non-finite guard (train/step.py: every update is kept or dropped on the norm of ALL "
-    "gradients) holds the step's updates until the whole backward pass is done, which moves the peak: o+down "
-    "saves 27.49 of the analytic 28.48 MB (0.965) and v alone costs 0.45 instead of 1.05 MB. With the guard "
-    "replaced by `finite = True` the same step gives 28.30 MB (0.994) and exactly 1,048,576 bytes; with "
-    "train.nonfinite_guard=loss 26.41 MB (0.927); the layers are not the cause (issue #17 notes)"))
+    "the train step's non-finite guard (train/step.py: every update is kept or dropped on a finite check) "
+    "moves the step's peak: with the default train.nonfinite_guard=loss o+down saves 26.41 of the analytic "
+    "28.48 MB (0.927); with nonfinite_guard=step 27.49 MB (0.965), and v alone costs 0.45 instead of 1.05 MB. "
+    "With the guard replaced by `finite = True` the same step gives 28.30 MB (0.994) and exactly 1,048,576 "
+    "bytes; the layers are not the cause (issue #17 notes)"))
 def test_memory_saving_matches_the_analytic_one():
   """Compressing an input frees it only when no other consumer keeps it.
 
