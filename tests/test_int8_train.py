@@ -26,10 +26,11 @@ SMALL = {"model.weight_bits": 8, "data.seq_len": 32, "train.batch_size": 8, "tra
 METHODS = {
     "adamw": {},
     "sgd": {},
-    "galore": {"optimizer.galore.update_proj_gap": 10},
+    # GaLore and APOLLO-Mini as the 7B configs run them: with 8-bit optimizer states as well.
+    "galore": {"optimizer.galore.update_proj_gap": 10, "optimizer.state_bits": 8},
     "osd": {},
     "apollo": {"optimizer.apollo.update_proj_gap": 10},
-    "apollo_mini": {"optimizer.apollo_mini.update_proj_gap": 10},
+    "apollo_mini": {"optimizer.apollo_mini.update_proj_gap": 10, "optimizer.state_bits": 8},
     "fira": {"optimizer.fira.update_proj_gap": 10},
     "lora": {},
     "relora": {"optimizer.relora.warm_start_steps": 10, "optimizer.relora.merge_every": 10,
