@@ -215,6 +215,21 @@ def test_an_update_is_kept_in_expectation_and_float_leaves_are_optax():
     np.testing.assert_array_equal(np.asarray(out[k][0], np.float32), np.asarray(ref[k], np.float32))
 
 
+def test_where_false_changes_no_bit_even_under_a_non_finite_update():
+  """apply_updates(..., where=False), the trainer's skipped step: every leaf as it was, bit for bit."""
+  rng = np.random.default_rng(5)
+  w = _int8(rng.integers(-127, 128, size=(20, 6)), rng.uniform(0.01, 0.05, size=(1, 6)))
+  params = {"w": w, "b": jnp.asarray(rng.normal(size=(6,)), jnp.bfloat16)}
+  updates = {"w": jnp.full((20, 6), jnp.nan, jnp.float32), "b": jnp.full((6,), jnp.inf, jnp.float32)}
+  out = jax.jit(int8_weight.apply_updates)(params, updates, jnp.uint32(3), jnp.asarray(False))
+  np.testing.assert_array_equal(out["w"].codes, w.codes)
+  np.testing.assert_array_equal(out["w"].scale, w.scale)
+  np.testing.assert_array_equal(np.asarray(out["b"], np.float32), np.asarray(params["b"], np.float32))
+  taken = jax.jit(int8_weight.apply_updates)(params, jax.tree.map(jnp.ones_like, updates), jnp.uint32(3),
+                                             jnp.asarray(True))
+  assert np.mean(np.asarray(taken["w"].codes) != np.asarray(w.codes)) > 0.5
+
+
 def test_the_documented_optax_loop_trains():
   """The module docstring's loop, executed as written, on a small regression problem."""
   block = int8_weight.__doc__.split("In your own Optax loop::")[1]

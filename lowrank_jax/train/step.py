@@ -87,20 +87,23 @@ def _guarded_update(tx: optax.GradientTransformation, schedule: optax.Schedule, 
   # The optimizer sees float weights; int8 ones (`model.weight_bits=8`) take the update with stochastic
   # rounding, its randomness from the run's key and the step (a resumed run rounds the same way).
   updates, opt_state = tx.update(grads, state.opt_state, int8_weight.float_view(state.params))
-  params = int8_weight.apply_updates(state.params, updates, int8_weight.step_seed(state.rng, state.step))
   grad_norm = clipping.global_norm(grads, norm_axis, split_params)
   # Non-finite guard (as optax.apply_if_finite, on the device, no host sync): a step whose
   # loss or gradient norm is not finite changes nothing and does not count; the loop sees
   # `skipped` at its next log and stops the run after train.max_nonfinite_steps in a row.
   finite = jnp.isfinite(loss) if nonfinite_guard == "loss" else jnp.isfinite(loss) & jnp.isfinite(grad_norm)
   keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)  # noqa: E731
+  # The parameters take the guard inside `apply_updates` (`where`): int8 weights zero a skipped step's
+  # update, so their new codes are written in place (see int8_weight.apply_updates).
+  params = int8_weight.apply_updates(state.params, updates, int8_weight.step_seed(state.rng, state.step),
+                                     where=finite)
   metrics = {
       "loss": loss,
       "grad_norm": grad_norm,
       "lr": jnp.asarray(schedule(state.step), jnp.float32),
       "skipped": jnp.logical_not(finite).astype(jnp.int32),
   }
-  return TrainState(state.step + finite.astype(state.step.dtype), keep(params, state.params),
+  return TrainState(state.step + finite.astype(state.step.dtype), params,
                     keep(rest, state.rest), keep(opt_state, state.opt_state), state.rng), metrics
 
 
