@@ -568,8 +568,8 @@ def _fit_configs(data: dict) -> list[str]:
   body = [[code(f"configs/{r.get('config')}.py"), r.get("target"),
            " ".join(code(f"{k}={v}") for k, v in (r.get("overrides") or {}).items()) or "-",
            r.get("weight_bits"), r.get("state_bits"), gib(r.get("params_bytes")), gib(r.get("opt_state_bytes")),
-           gib(r.get("temp_bytes")), gib(r.get("peak_bytes")), gib(r.get("capacity_bytes")),
-           r.get("error") or r.get("fits")] for r in rows]
+           gib(r.get("temp_bytes")) if r.get("argument_bytes") else "-",  # (a failed compile reports no split)
+           gib(r.get("peak_bytes")), gib(r.get("capacity_bytes")), r.get("error") or r.get("fits")] for r in rows]
   out = table(["config", "target", "overrides", "weight bits", "state bits", "params (GiB)", "optimizer state (GiB)",
                "step temporaries (GiB)", "peak (GiB)", "capacity (GiB)", "fits"], body)
   peak = {r.get("config"): r.get("peak_bytes") for r in rows if r.get("target") == "tpu-v5e" and r.get("peak_bytes")}
