@@ -48,7 +48,7 @@ import subprocess
 import sys
 import time
 
-from _common import RESULTS, ROOT, T5_VOCAB, config_module, meta, write_json
+from _common import RESULTS, ROOT, T5_VOCAB, config_module, meta, set_dotted, write_json
 
 MiB, GiB = 2**20, 2**30
 
@@ -120,6 +120,13 @@ MODEL_METHODS = ("adamw", "galore", "osd", "lora")
 RANKS = {"1b": 512, "7b": 1024}
 
 
+def without_shared_data(config) -> None:
+  """No shared data on this machine (a lent GPU): the same vocabulary size from the built-in source."""
+  if not os.path.exists(os.path.join(ROOT, config.data.tokenizer)):
+    config.data.source = "synthetic"
+    config.data.synthetic.vocab_size = T5_VOCAB - 2  # + pad and eos
+
+
 def model_config(size: str, method: str, *, state_bits: int | None = None, tiny: bool = False,
                  nonfinite_guard: str | None = None, loss_chunk_positions: int | None = None):
   """The run measured for (size, method): the method's 130m C4 config at this size, bf16, remat."""
@@ -130,10 +137,7 @@ def model_config(size: str, method: str, *, state_bits: int | None = None, tiny:
   config.data.seq_len = 256
   config.train.batch_size, config.train.grad_accum = 16, 1
   config.optimizer.clip_mode = "previous"
-  if not os.path.exists(os.path.join(ROOT, config.data.tokenizer)):
-    # No shared data on this machine (a lent GPU): the same vocabulary size from the built-in source.
-    config.data.source = "synthetic"
-    config.data.synthetic.vocab_size = T5_VOCAB - 2  # + pad and eos
+  without_shared_data(config)
   rank = 16 if tiny else RANKS[size]
   if method in ("galore", "osd"):
     config.optimizer[method].rank = rank
@@ -200,14 +204,8 @@ def config_case(spec: dict) -> list[dict]:
   start = time.time()
   config = config_module(spec["config"]).get_config()
   for key, value in spec["overrides"].items():
-    section, _, name = key.rpartition(".")
-    node = config
-    for part in section.split("."):
-      node = node[part]
-    node[name] = value
-  if not os.path.exists(os.path.join(ROOT, config.data.tokenizer)):
-    config.data.source = "synthetic"  # no shared data here: the same vocabulary from the built-in source
-    config.data.synthetic.vocab_size = T5_VOCAB - 2
+    set_dotted(config, key, value)
+  without_shared_data(config)
   report = memory_report(config, spec["target"], only=tuple(spec["programs"]) if spec.get("programs") else None)
   row = {"section": "configs", "target": spec["target"], "config": spec["config"], "overrides": spec["overrides"],
          "method": config.optimizer.name, "weight_bits": config.model.weight_bits,

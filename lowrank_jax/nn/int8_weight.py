@@ -9,11 +9,10 @@ weight after the update.
 An :class:`Int8Weight` holds a ``[rows, cols]`` kernel (or embedding) as int8 codes plus float32
 scales (symmetric absmax: ``w ~= codes * scale``, ``scale = absmax / 127``): a kernel's one per
 output column by default (an embedding's one per token), or one per block of ``block_size``
-consecutive rows of a column. Per column is the
-default because it is what fits: compiled for a TPU v5e, the blocked layout's reshapes made the
-update hold about one more float weight per layer than bf16 weights do (bench/memory_fit.py,
-section int8). It stands where the float array stood in a
-model's parameter dict. A layer reads it as it reads any Variable, ``kernel[...]``, which
+consecutive rows of a column. Per column is the default because it is what fits: compiled for a
+TPU v5e, the blocked layout's reshapes made the update's temporaries larger than with bf16 weights
+(bench/memory_fit.py, section int8). It stands where the float array stood in a model's parameter
+dict. A layer reads it as it reads any Variable, ``kernel[...]``, which
 dequantizes right there: each layer's float kernel exists only while that layer runs (and is
 recomputed in the backward pass under remat), never the whole model's.
 
@@ -38,6 +37,7 @@ In your own Optax loop::
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from typing import Any, Callable
 
@@ -133,6 +133,7 @@ def _dequantize(codes: jax.Array, scale: jax.Array, block_size: int | None, axis
   return codes.astype(jnp.float32) * _expand(scale, codes.shape, block_size, axis)
 
 
+@functools.cache  # one custom_vjp per layout, not a new one at every read
 def _dequantize_carried(block_size: int | None, axis: int, dtype: Any) -> Callable:
   @jax.custom_vjp
   def f(codes, scale, carrier):
