@@ -44,11 +44,35 @@ def _run(opt, grads, params=PARAMS):
 
 
 def _projector(seed, epoch, name, rank):
-  """The documented draw: fold_in(fold_in(key(seed), epoch), 2 * leaf index + side index)."""
+  """The paper's projector, drawn here without the library: i.i.d. N(0, 1/r) entries, (d, r) for the
+  compressed side's size d. Its standard normals are JAX's, from the documented key
+  fold_in(fold_in(PRNGKey(seed), epoch), 2 * leaf index + side index); the 1/sqrt(r) scale is the paper's.
+  (test_gaussian_projector_is_n_0_1_over_r checks the library's own draw has that distribution.)"""
   shape = PARAMS[name].shape
   d = shape[0] if SIDES[name] == 'in' else shape[1]
   k = jax.random.fold_in(jax.random.fold_in(jax.random.PRNGKey(seed), epoch), 2 * LEAF_INDEX[name])
-  return np.asarray(subspace.gaussian_projector(k, (d, rank)), np.float64)
+  return np.asarray(jax.random.normal(k, (d, rank), jnp.float32), np.float64) / np.sqrt(rank)
+
+
+def test_gaussian_projector_is_n_0_1_over_r():
+  """The draw's defining properties, statistically: entries N(0, 1/r) (mean, variance, Gaussian fourth
+  moment), uncorrelated columns, E ||P^T x||^2 = ||x||^2 (Johnson-Lindenstrauss), shape and dtype."""
+  d, r = 2048, 16
+  p = np.asarray(subspace.gaussian_projector(jax.random.PRNGKey(1), (d, r)), np.float64)
+  assert p.shape == (d, r)
+  n = p.size
+  assert abs(p.mean()) < 4 * np.sqrt(1 / r / n)
+  var = p.var()
+  assert abs(var * r - 1) < 4 * np.sqrt(2 / n), var * r  # the variance is 1/r, not 1/d or 1
+  assert abs(np.mean(p**4) / var**2 - 3) < 0.15  # Gaussian kurtosis
+  gram = p.T @ p / d * r  # ~ I for independent N(0, 1/r) columns
+  assert np.max(np.abs(gram - np.eye(r))) < 6 / np.sqrt(d)
+  x = np.random.default_rng(0).standard_normal(d)
+  draws = np.asarray(subspace.gaussian_projector(jax.random.PRNGKey(2), (256, d, r)), np.float64)
+  ratios = np.sum(np.square(np.einsum('bdr,d->br', draws, x)), axis=1) / np.sum(x**2)
+  assert abs(ratios.mean() - 1) < 4 * np.sqrt(2 / r / 256)  # each ratio ~ chi2(r) / r
+  assert not np.allclose(draws[0], draws[1])  # batch entries are independent draws
+  assert subspace.gaussian_projector(jax.random.PRNGKey(1), (4, 2), jnp.bfloat16).dtype == jnp.bfloat16
 
 
 def _norm(x, axis=None):
@@ -142,18 +166,34 @@ def test_projector_reproducible_from_seed_across_checkpoint(tmp_path):
 
 
 def test_optax_compositions_under_jit():
+  """Under optax's wrappers, with the matrices projected (the default mask projects no leaf named 'a' or
+  'b'), each wrapper computes what optax defines: inject_hyperparams the updates of the schedule passed
+  directly; MultiSteps(2) zeros, then the inner optimizer's step on the mean of the last two gradients;
+  apply_if_finite, all gradients finite, the inner optimizer's updates. One compilation each."""
   grads = _grads(4, scale_by_step=False)
+  sched = optax.linear_schedule(1e-2, 1e-3, 10)
+  kw = dict(projection_mask=SELECT)
   opts = {
       'inject': optax.inject_hyperparams(optim.apollo, static_args=('rank',))(
-          learning_rate=optax.linear_schedule(1e-2, 1e-3, 10), rank=3, update_proj_gap=2),
-      'multisteps': optax.MultiSteps(optim.apollo_mini(1e-2), every_k_schedule=2),
-      'apply_if_finite': optax.apply_if_finite(optim.apollo(1e-2, rank=3, moments='reset'), 3),
+          learning_rate=sched, rank=3, update_proj_gap=2, **kw),
+      'multisteps': optax.MultiSteps(optim.apollo_mini(1e-2, **kw), every_k_schedule=2),
+      'apply_if_finite': optax.apply_if_finite(optim.apollo(1e-2, rank=3, moments='reset', **kw), 3),
+  }
+  mean2 = [jax.tree.map(lambda a, b: (a + b) / 2, grads[i], grads[i + 1]) for i in (0, 2)]
+  expected = {
+      'inject': _run(optim.apollo(sched, rank=3, update_proj_gap=2, **kw), grads)[0],
+      'multisteps': [u for step in _run(optim.apollo_mini(1e-2, **kw), mean2)[0]
+                     for u in (jax.tree.map(jnp.zeros_like, step), step)],
+      'apply_if_finite': _run(optim.apollo(1e-2, rank=3, moments='reset', **kw), grads)[0],
   }
   for name, opt in opts.items():
     updates, _, upd = _run(opt, grads)
     assert upd._cache_size() == 1, name
     assert all(bool(jnp.all(jnp.isfinite(x))) for u in updates for x in jax.tree.leaves(u)), name
     assert any(float(jnp.max(jnp.abs(u['a']))) > 0 for u in updates), name
+    for t, (u, e) in enumerate(zip(updates, expected[name])):
+      for k in PARAMS:
+        np.testing.assert_allclose(u[k], e[k], rtol=1e-5, atol=1e-9, err_msg=f'{name} step {t} {k}')
   with pytest.raises(ValueError, match='static'):
     opt = optax.inject_hyperparams(optim.apollo)(learning_rate=1e-2, rank=3)
     jax.jit(opt.update)(grads[0], opt.init(PARAMS), PARAMS)

@@ -161,13 +161,42 @@ def test_stacked_kernel_matches_separate_kernels():
     np.testing.assert_allclose(a['k'][1], b['l1'], atol=2e-5)
 
 
+def _np_svd_in(g, rank):
+  """The top-`rank` left singular vectors of g, float64 numpy."""
+  return np.linalg.svd(np.asarray(g, np.float64))[0][:, :rank]
+
+
+def galore_reference(mats, rank, base, refresh_every):
+  """GaLore (Zhao et al. 2024, Algorithm 1) for one matrix compressed on its rows: P = the top-`rank` left
+  singular vectors of G_t at t = 0, refresh_every, ... (numpy SVD, float64); update_t = P base(P^T G_t),
+  `base` an Optax transform run by Optax on the low-rank gradients. Any sign of P's columns gives the
+  same updates (for sign-equivariant bases: Adam, Lion, factored RMS)."""
+  state, out = None, []
+  for t, g in enumerate(mats):
+    g = np.asarray(g, np.float64)
+    if t % refresh_every == 0:
+      p = _np_svd_in(g, rank)
+    low = jnp.asarray(p.T @ g, jnp.float32)
+    state = base.init(low) if state is None else state
+    n, state = base.update(low, state, low)  # params: factored RMS reads their shapes
+    out.append(p @ np.asarray(n, np.float64))
+  return out
+
+
 def test_head_axes_kernel():
-  # (embed, heads, head_dim) attention kernel viewed as (embed, heads*head_dim).
+  # (embed, heads, head_dim) attention kernel viewed as (embed, heads*head_dim): GaLore on that matrix.
   params = {'q': jnp.zeros((8, 2, 6))}
   opt = optim.scale_by_galore(rank=3, update_proj_gap=2, projection_mask={'q': optim.MatrixAxes(0, (1, 2))})
-  updates, states, _ = _run(opt, params, _grads(params, 2))
-  assert states[-1].projector['q']['in'].shape == (8, 3)
-  assert updates[-1]['q'].shape == (8, 2, 6)
+  grads = _grads(params, 3)  # a refresh at steps 0 and 2
+  updates, states, _ = _run(opt, params, grads)
+  mats = [np.asarray(g['q']).reshape(8, 12) for g in grads]
+  ref = galore_reference(mats, 3, optax.scale_by_adam(), refresh_every=2)
+  for t, (u, e) in enumerate(zip(updates, ref)):
+    assert u['q'].shape == (8, 2, 6)
+    np.testing.assert_allclose(np.asarray(u['q']).reshape(8, 12), e, rtol=1e-4, atol=1e-6, err_msg=f'step {t}')
+  p = np.asarray(states[-1].projector['q']['in'], np.float64)
+  assert p.shape == (8, 3)
+  np.testing.assert_allclose(np.abs(p.T @ _np_svd_in(mats[2], 3)), np.eye(3), atol=1e-5)  # up to signs
 
 
 # ---------------------------------------------------------------------------
@@ -423,13 +452,39 @@ def test_projector_dtype_and_other_bases():
   opt = optim.scale_by_galore(rank=4, projector_dtype='bfloat16', projection_mask={'w': True},
                               base_optimizer=optax.scale_by_lion())
   updates, states, _ = _run(opt, params, grads)
-  assert states[-1].projector['w']['in'].dtype == jnp.bfloat16
-  assert updates[-1]['w'].dtype == jnp.bfloat16 and _finite(updates)
-  opt = optim.scale_by_galore(rank=4, projection_mask={'w': True},
-                              base_optimizer=optax.scale_by_factored_rms(min_dim_size_to_factor=2),
+  p = states[-1].projector['w']['in']
+  assert p.dtype == jnp.bfloat16
+  assert updates[-1]['w'].dtype == jnp.bfloat16
+  # The projector is the first gradient's top-4 left singular vectors, rounded to bfloat16.
+  p = np.asarray(p, np.float64)
+  bf16_eps = float(jnp.finfo(jnp.bfloat16).eps)
+  np.testing.assert_allclose(np.abs(p.T @ _np_svd_in(grads[0]['w'], 4)), np.eye(4), atol=4 * bf16_eps)
+  # Lion (Chen et al. 2023, optax's defaults b1 = 0.9, b2 = 0.99) in the subspace, in numpy: P sign(c),
+  # c = b1 m + (1 - b1) R, then m = b2 m + (1 - b2) R. With P and R = P^T G in bfloat16, an entry of c
+  # near 0 may take either sign: the library's low-rank update S (u = P S) must be +-1 everywhere and
+  # sign(c) wherever c is clear of 0.
+  m = np.zeros((4, 12))
+  for t, (g, u) in enumerate(zip(grads, updates)):
+    low = p.T @ np.asarray(g['w'], np.float64)
+    c = 0.9 * m + 0.1 * low
+    m = 0.99 * m + 0.01 * low
+    u = np.asarray(u['w'], np.float64)
+    s = np.linalg.lstsq(p, u, rcond=None)[0]
+    np.testing.assert_allclose(p @ s, u, atol=2 * bf16_eps, err_msg=f'step {t}: the update is not in span(P)')
+    np.testing.assert_allclose(np.abs(s), 1.0, atol=0.05, err_msg=f'step {t}')
+    clear = np.abs(c) > 0.05 * np.abs(c).max()
+    assert clear.mean() > 0.8
+    np.testing.assert_array_equal(np.sign(s)[clear], np.sign(c)[clear], err_msg=f'step {t}')
+  # Another base, in float32: factored second moments, whose row and column statistics moments='rotate'
+  # keeps as they are at a refresh (step 2), as the reference does.
+  base = lambda: optax.scale_by_factored_rms(min_dim_size_to_factor=2)  # noqa: E731
+  opt = optim.scale_by_galore(rank=4, update_proj_gap=2, projection_mask={'w': True}, base_optimizer=base(),
                               moments='rotate')
-  updates, _, _ = _run(opt, {'w': jnp.zeros((8, 12))}, _grads({'w': jnp.zeros((8, 12))}, 2))
-  assert _finite(updates)
+  grads = _grads({'w': jnp.zeros((8, 12))}, 3)
+  updates, _, _ = _run(opt, {'w': jnp.zeros((8, 12))}, grads)
+  ref = galore_reference([g['w'] for g in grads], 4, base(), refresh_every=2)
+  for t, (u, e) in enumerate(zip(updates, ref)):
+    np.testing.assert_allclose(u['w'], e, rtol=1e-4, atol=1e-6, err_msg=f'step {t}')
 
 
 # ---------------------------------------------------------------------------

@@ -2,11 +2,13 @@
 
 import json
 
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from lowrank_jax import data as D
 from lowrank_jax.data import instructions as I
+from lowrank_jax.train.losses import instruction_loss
 
 TOK = D.ByteTokenizer()  # bos 2, eos 1, pad 0; byte b -> b + 3
 
@@ -56,17 +58,43 @@ def test_loss_mask_selects_response_targets_and_ignores_prompt_tokens(tmp_path):
   np.testing.assert_array_equal(batch2['loss_mask'], batch['loss_mask'])
   np.testing.assert_array_equal(batch2['tokens'][0][1:][batch2['loss_mask'][0][:-1] == 1], targets)
 
-  # The masked loss over arbitrary logits: prompt positions contribute nothing.
+  # The trainer's loss (train.losses.instruction_loss) on given logits is the mean cross-entropy of the
+  # predictions of exactly the response tokens (their positions counted here from the records), whatever
+  # the logits elsewhere.
+  response_at, start = [], 0
+  for r in records:  # packed in order: BOS, prompt, response, EOS
+    n_prompt, n_response = 1 + len(TOK.encode(r['prompt'])), len(TOK.encode(r['response'])) + 1
+    response_at += range(start + n_prompt - 1, start + n_prompt + n_response - 1)  # position t predicts t + 1
+    start += n_prompt + n_response
+  response_at = np.array(response_at)
+  assert tokens[response_at + 1].tolist() == expected.tolist()
+  seen = {}
+
+  def stand_in(logits):  # a decoder that returns these logits, and notes what it was given
+    def model(tokens, positions, segment_ids):
+      seen.update(positions=positions, segment_ids=segment_ids)
+      return jnp.asarray(logits[None])
+    return model
+
+  def library_loss(logits):
+    total, count = instruction_loss(stand_in(logits), batch)
+    return float(total) / float(count), float(count)
+
   rng = np.random.default_rng(0)
-  logits = rng.standard_normal((48, TOK.vocab_size))
-  logp = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
-  ce = -logp[np.arange(47), tokens[1:]]
-  loss = (ce * mask[:-1]).sum() / mask.sum()
-  logits2 = logits.copy()
-  logits2[mask == 0] += rng.standard_normal(logits2[mask == 0].shape)  # scramble prompt predictions
-  logp2 = logits2 - np.log(np.exp(logits2).sum(-1, keepdims=True))
-  loss2 = (-logp2[np.arange(47), tokens[1:]] * mask[:-1]).sum() / mask.sum()
-  assert loss == pytest.approx(loss2)
+  logits = rng.standard_normal((48, TOK.vocab_size)).astype(np.float32)
+  logp = logits - np.log(np.exp(logits.astype(np.float64)).sum(-1, keepdims=True))
+  reference = -np.mean(logp[response_at, tokens[response_at + 1]])
+  loss, count = library_loss(logits)
+  assert count == len(expected)
+  assert loss == pytest.approx(reference, rel=1e-5)
+  np.testing.assert_array_equal(seen['segment_ids'], batch['segment_ids'])  # packed examples kept apart
+  np.testing.assert_array_equal(seen['positions'], batch['positions'])
+  scrambled = logits.copy()
+  elsewhere = np.setdiff1d(np.arange(48), response_at)  # prompts, padding, the last position
+  scrambled[elsewhere] += 5 * rng.standard_normal((len(elsewhere), TOK.vocab_size))
+  assert library_loss(scrambled)[0] == pytest.approx(loss, rel=1e-6)
+  scrambled[response_at[0]] += 5 * rng.standard_normal(TOK.vocab_size)  # a response prediction counts
+  assert abs(library_loss(scrambled)[0] - loss) > 1e-3
 
 
 def test_packing_and_padding_rows(tmp_path):

@@ -72,26 +72,59 @@ def test_clip_mode_is_the_trainers_clipping():
   assert isinstance(state[0], optim.ClipByPreviousNormState)
 
 
+def _capture_gradients() -> optax.GradientTransformation:
+  """An optimizer whose state is the gradients it was last given (its updates are zero)."""
+  return optax.GradientTransformation(lambda p: jax.tree.map(jnp.zeros_like, p),
+                                      lambda g, s, p=None: (jax.tree.map(jnp.zeros_like, g), g))
+
+
 def test_accumulating_in_the_param_dtype():
-  """train.accum_dtype='param': the scan carries bf16 sums for bf16 weights; the step matches float32 sums."""
+  """train.accum_dtype='param': the scan carries bf16 sums for bf16 weights, and the step's gradient is
+  the mean of the micro-batches' gradients (taken here one micro-batch at a time, outside the step)
+  within the bf16 rounding of each partial sum; with float32 sums within one rounding (the mean's)."""
+  from lowrank_jax.train.losses import language_model_loss
   from lowrank_jax.train.setup import build_setup, init_state
 
-  config = tiny_config(**{"model.param_dtype": "bfloat16", "model.dtype": "bfloat16", "train.grad_accum": 2,
-                          "train.batch_size": 4, "optimizer.grad_clip": 0.0})
+  accum = 4  # with 2, a bf16 sum then /2 rounds exactly as the float32 one: the two could not differ
+  config = tiny_config(**{"model.param_dtype": "bfloat16", "model.dtype": "bfloat16", "train.grad_accum": accum,
+                          "train.batch_size": accum, "optimizer.grad_clip": 0.0})
   run = resolve(config)
   setup = build_setup(run, 258)
+  capture = _capture_gradients()
   state = init_state(setup, 258)
-  tokens = jnp.asarray(np.random.default_rng(0).integers(0, 258, (2, 2, run.data.seq_len)), jnp.int32)
-  results = {}
+  state = state._replace(opt_state=capture.init(state.params))
+  tokens = jnp.asarray(np.random.default_rng(0).integers(0, 258, (accum, 1, run.data.seq_len)), jnp.int32)
+
+  @jax.jit
+  def micro_grad(tokens):
+    def mean_loss(p):
+      total, count = language_model_loss(setup.split.merge(p, state.rest), tokens)
+      return total / count
+    return jax.grad(mean_loss)(state.params)
+
+  micro = [[np.asarray(g, np.float64) for g in jax.tree.leaves(micro_grad(t))] for t in tokens]
+  mean = [np.mean(gs, axis=0) for gs in zip(*micro)]
+  size = [np.mean(np.abs(gs), axis=0) for gs in zip(*micro)]  # what each element's rounding scales with
+  half_ulp = float(jnp.finfo(jnp.bfloat16).eps) / 2  # a bf16 rounding's relative error, at most
+  # float32 sums: the mean is rounded once to bf16. bf16 sums: each of the accum - 1 additions rounds,
+  # by at most half_ulp * |partial sum| <= half_ulp * accum * size, and the division by accum is exact.
+  bound = {"float32": half_ulp, "param": half_ulp * (accum - 1)}
+  got = {}
   for dtype in ("float32", "param"):
-    step = make_train_step(setup.split, setup.tx, setup.schedule, accum_dtype=dtype)
+    step = make_train_step(setup.split, capture, setup.schedule, accum_dtype=dtype)
     jaxpr = jax.make_jaxpr(step)(state, tokens)
     scans = [e for e in jaxpr.eqns if e.primitive.name == "scan"]
     carried = {str(v.aval.dtype) for v in scans[0].outvars if v.aval.ndim == 2}
     assert carried == ({"bfloat16"} if dtype == "param" else {"float32"})
-    results[dtype] = jax.jit(step)(state, tokens)[0].params
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(np.asarray(a, np.float32), np.asarray(b, np.float32),
-                                                       atol=2e-2, rtol=2e-2), results["float32"], results["param"])
+    grads = jax.tree.leaves(jax.jit(step)(state, tokens)[0].opt_state)
+    assert all(g.dtype == jnp.bfloat16 for g in grads)
+    got[dtype] = [np.asarray(g, np.float64) for g in grads]
+    for g, m, s in zip(got[dtype], mean, size):
+      err = np.abs(g - m) - bound[dtype] * s * 1.0001
+      assert np.all(err <= 1e-30), (dtype, float(np.max(np.abs(g - m) / np.maximum(s, 1e-30))) / half_ulp)
+  assert max(float(np.abs(g).max()) for g in got["float32"]) > 1e-3  # gradients, not zeros
+  # And the bf16 sums did round: some elements differ from the float32 sums' result.
+  assert sum(int(np.sum(a != b)) for a, b in zip(got["float32"], got["param"])) > 0
 
 
 def test_report_names_target_capacity_and_margin():

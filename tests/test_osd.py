@@ -64,6 +64,79 @@ def test_projector_converges_to_top_subspace_of_gradient_stream():
   assert last < 0.5 * first
 
 
+def _np_adam(state, g, b1=0.9, b2=0.999, eps=1e-8):
+  """One step of Adam's direction (Kingma & Ba) in numpy: (m_hat / (sqrt(v_hat) + eps), new state)."""
+  m, v, t = state
+  t += 1
+  m, v = b1 * m + (1 - b1) * g, b2 * v + (1 - b2) * g * g
+  return (m / (1 - b1**t)) / (np.sqrt(v / (1 - b2**t)) + eps), (m, v, t)
+
+
+def _np_pca_grad(p, a, lam):
+  """d/dP of the online-PCA loss ||A~ - P P^T A~||_F^2 + lam ||P^T P - I||_F^2, A~ = A / ||A||_F
+  (Liang et al. 2024, eq. of the projector update; the normalisation is the official code's), derived by
+  hand: with R = A~ - P P^T A~ and B = P^T A~, -2 (R B^T + A~ R^T P) + 4 lam P (P^T P - I)."""
+  a = a / np.linalg.norm(a)
+  b = p.T @ a
+  resid = a - p @ b
+  return -2 * (resid @ b.T + a @ resid.T @ p) + 4 * lam * p @ (p.T @ p - np.eye(p.shape[1]))
+
+
+def osd_reference(grads, side, rank, *, scale, projector_lr, lam, align):
+  """Online Subspace Descent for one matrix in float64 numpy: the projector after each step, and the updates.
+
+  A_t = G_t ('in': the rows are compressed) or G_t^T ('out'). P_0 = the top-`rank` left singular vectors of
+  A_0 (their signs taken from `align`, the library's P_0: any sign is a solution). At every step t:
+  update_t = scale * P_t Adam(P_t^T A_t) (transposed back for 'out', Adam's moments kept across steps),
+  then from t = 1 on P_{t+1} = P_t - projector_lr(t) * Adam_P(dL/dP (P_t; A_t)) (no step at t = 0, as the
+  official code); Adam_P counts its own steps from 1.
+  """
+  mats = [np.asarray(g, np.float64) if side == 'in' else np.asarray(g, np.float64).T for g in grads]
+  p = np.linalg.svd(mats[0])[0][:, :rank]
+  p = p * np.sign(np.sum(p * align, axis=0))
+  low_state = (0.0, 0.0, 0)
+  p_state = (0.0, 0.0, 0)
+  projectors, updates = [], []
+  for t, a in enumerate(mats):
+    n, low_state = _np_adam(low_state, p.T @ a)
+    u = scale * p @ n
+    updates.append(u if side == 'in' else u.T)
+    if t > 0:
+      direction, p_state = _np_adam(p_state, _np_pca_grad(p, a, lam))
+      p = p - projector_lr(t) * direction
+    projectors.append(p)
+  return projectors, updates
+
+
+def test_projector_and_updates_follow_the_online_pca_equations():
+  """Five steps of OSD (Adam in the subspace, Adam on P, the orthogonality penalty, a projector learning
+  rate that changes every step) on a wide and a tall matrix, against osd_reference."""
+  params = {'a': jnp.zeros((8, 12)), 'b': jnp.zeros((12, 8))}  # 'std': the 8 rows of a, the 8 columns of b
+  sides = {'a': 'in', 'b': 'out'}
+  projector_lr = lambda count: 0.05 - 0.008 * count  # noqa: E731
+  scale, lam, rank = 0.5, 0.3, 3
+  opt = optim.scale_by_osd(rank=rank, scale=scale, projector_lr=projector_lr, orthogonality=lam,
+                           projection_mask={'a': True, 'b': True})
+  grads = _grads(params, 5)
+  state = opt.init(params)
+  upd = jax.jit(opt.update)
+  got_p, got_u = {k: [] for k in params}, {k: [] for k in params}  # the projector after each step
+  for g in grads:
+    u, state = upd(g, state)
+    for k in params:
+      got_u[k].append(np.asarray(u[k]))
+      got_p[k].append(np.asarray(state.projector[k][sides[k]]))
+  for k in params:
+    ref_p, ref_u = osd_reference([g[k] for g in grads], sides[k], rank, scale=scale, projector_lr=projector_lr,
+                                 lam=lam, align=got_p[k][0])
+    for t in range(len(grads)):
+      np.testing.assert_allclose(got_p[k][t], ref_p[t], rtol=1e-4, atol=1e-5, err_msg=f'{k} P after step {t}')
+      np.testing.assert_allclose(got_u[k][t], ref_u[t], rtol=1e-4, atol=1e-5, err_msg=f'{k} update {t}')
+    # The projector moved (by about projector_lr per entry and step), and away from orthonormality.
+    assert np.max(np.abs(ref_p[-1] - ref_p[0])) > 0.05
+    assert np.max(np.abs(ref_p[-1].T @ ref_p[-1] - np.eye(rank))) > 1e-3
+
+
 def _primitives(jaxpr, inside_cond=False, out=None):
   """(primitive name, inside a cond branch) for every equation, recursively."""
   out = [] if out is None else out

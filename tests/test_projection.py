@@ -89,16 +89,36 @@ def test_projection_sides_table():
 
 
 def test_project_shapes_and_back():
+  """On a batch of matrices X = U S V^T (numpy's SVD), the SVD projectors are U's and V's leading columns
+  (up to signs), so P^T X = D S V^T rows, X Q = U S columns D, P^T X Q = D S D', and projecting back gives
+  the best rank-3 approximation U_3 S_3 V_3^T: values checked against numpy, not only shapes."""
   x = jax.random.normal(jax.random.PRNGKey(0), (2, 12, 20))
   pr = _svd(x, (('in', 4), ('out', 3)))
   assert pr['in'].shape == (2, 12, 4) and pr['out'].shape == (2, 20, 3)
-  assert P.project(x, {'in': pr['in']}).shape == (2, 4, 20)
-  assert P.project(x, {'out': pr['out']}).shape == (2, 12, 3)
-  y = P.project(x, pr)
-  assert y.shape == (2, 4, 3)
-  assert P.project_back(y, pr).shape == x.shape
   for p in pr.values():
     assert float(_orth_err(p)) < 1e-5
+  xs = np.asarray(x, np.float64)
+  u, s, vt = np.linalg.svd(xs, full_matrices=False)
+  p_in, p_out = (np.asarray(pr[k], np.float64) for k in ('in', 'out'))
+  for b in range(2):
+    np.testing.assert_allclose(np.abs(p_in[b].T @ u[b, :, :4]), np.eye(4), atol=1e-4)
+    np.testing.assert_allclose(np.abs(p_out[b].T @ vt[b, :3].T), np.eye(3), atol=1e-4)
+  y_in = P.project(x, {'in': pr['in']})
+  y_out = P.project(x, {'out': pr['out']})
+  assert y_in.shape == (2, 4, 20) and y_out.shape == (2, 12, 3)
+  np.testing.assert_allclose(np.abs(y_in), np.abs(s[:, :4, None] * vt[:, :4]), atol=3e-4)
+  np.testing.assert_allclose(np.abs(y_out), np.abs(u[:, :, :3] * s[:, None, :3]), atol=3e-4)
+  y = P.project(x, pr)
+  assert y.shape == (2, 4, 3)
+  np.testing.assert_allclose(np.abs(y), np.stack([np.eye(4, 3) * s[b, :3] for b in range(2)]), atol=3e-4)
+  back = P.project_back(y, pr)
+  assert back.shape == x.shape
+  best = np.einsum('bir,br,brj->bij', u[:, :, :3], s[:, :3], vt[:, :3])
+  np.testing.assert_allclose(back, best, atol=3e-4)
+  # One side at a time: P P^T X and X Q Q^T.
+  np.testing.assert_allclose(P.project_back(y_in, {'in': pr['in']}),
+                             np.einsum('bir,br,brj->bij', u[:, :, :4], s[:, :4], vt[:, :4]), atol=3e-4)
+  np.testing.assert_allclose(P.project_back(y_out, {'out': pr['out']}), best, atol=3e-4)
 
 
 def test_svd_projector_captures_top_energy():

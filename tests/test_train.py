@@ -41,17 +41,30 @@ def test_loss_falls_to_the_synthetic_entropy_floor(tmp_path):
 
 
 def test_grad_accumulation_equals_one_big_batch():
-  results = []
+  """Four micro-batches of 2 rows take the step of one batch of 8: the same mean loss, gradient norm
+  and parameter change. Plain SGD at a constant learning rate of 1 with no clipping, so the change is
+  minus the accumulated gradient itself (Adam's first step, about lr * sign(g), would hide a wrong
+  scale, and the default warm-up's lr at step 0 is 0, which moves nothing)."""
   tokens = np.random.default_rng(0).integers(2, 258, size=(8, 32), dtype=np.int32)
+  results = []
   for accum in (1, 4):
-    config = tiny_config(**{"train.batch_size": 8, "train.grad_accum": accum, "data.seq_len": 32})
+    config = tiny_config(**{"train.batch_size": 8, "train.grad_accum": accum, "data.seq_len": 32,
+                            "optimizer.name": "sgd", "optimizer.sgd.momentum": 0.0, "optimizer.lr": 1.0,
+                            "optimizer.schedule": "constant", "optimizer.grad_clip": 0.0})
     setup = build_setup(resolve(config), 258)
     state = init_state(setup, 258)
+    before = jax.tree.map(lambda x: np.array(x, copy=True), state.params)
     state, metrics = setup.train_step(state, tokens.reshape(accum, 8 // accum, 32))
-    results.append((jax.tree.map(np.asarray, state.params), float(metrics["loss"])))
-  (p1, l1), (p4, l4) = results
+    assert float(metrics["lr"]) == 1.0 and int(state.step) == 1
+    change = jax.tree.map(lambda after, b: np.asarray(after) - b, state.params, before)
+    results.append((before, change, float(metrics["loss"]), float(metrics["grad_norm"])))
+  (p1, d1, l1, n1), (p4, d4, l4, n4) = results
+  jax.tree.map(np.testing.assert_array_equal, p1, p4)  # the same initial parameters
+  for name, leaf in jax.tree_util.tree_flatten_with_path(d1)[0]:
+    assert np.abs(leaf).max() > 1e-6, f"{jax.tree_util.keystr(name)} did not move"  # the step did something
   assert abs(l1 - l4) < 1e-5
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6), p1, p4)
+  assert abs(n1 - n4) <= 1e-5 * n1
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5 * np.abs(a).max()), d1, d4)
 
 
 def _cli(workdir, *overrides):
