@@ -1,6 +1,6 @@
 """Multi-head LoRA (LTE): sequential heads vs parallel heads vs full training, on GPT-2.
 
-  python bench/bench_mhlora.py                 # GPT-2 124M shape, short sequences (CPU-sized)
+  python bench/bench_mhlora.py                 # GPT-2 124M's blocks, 384-token vocabulary, short sequences (CPU-sized)
   python bench/bench_mhlora.py --size tiny     # seconds, for a smoke run
   python bench/bench_mhlora.py --devices 4     # + heads spread over 4 devices (host CPU devices on CPU)
 

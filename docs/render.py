@@ -417,8 +417,10 @@ def _threads(data: dict) -> list[str]:
 
 def _mhlora(data: dict) -> list[str]:
   args = data.get("args") if isinstance(data.get("args"), dict) else {}
-  out = ["Setup: " + ", ".join(f"{k} {v}" for k, v in args.items()) + f"; backend {data.get('backend', '-')}.", ""]
   rows = data.get("rows", [])
+  full = next((r for r in rows if r.get("variant") == "full"), {})
+  out = ["Setup: " + ", ".join(f"{k} {v}" for k, v in args.items()) + f"; backend {data.get('backend', '-')}; "
+         f"{num(full.get('params'), ',d')} parameters in full training.", ""]
   comm = any("comm_every_step_bytes" in r for r in rows)
   headers = ["training", "step (ms)", "x full", "trained parameters", "x full"]
   if comm:
@@ -496,8 +498,12 @@ def performance_page() -> str:
           "{make}. The trainer runs SVD and QR on one OpenBLAS "
           "thread (`lowrank_jax/train/lapack_threads.py`; `OPENBLAS_NUM_THREADS` overrides): spinning waiters "
           "slow a refresh badly when other work shares the cores.")),
-      section("Multi-head LoRA (LTE): GPT-2 124M shape", "mhlora_124m.json", _mhlora, "python bench/bench_mhlora.py",
-              intro="{make}: median of interleaved steps, CPU."),
+      section("Multi-head LoRA (LTE): GPT-2 124M's blocks, synthetic data", "mhlora_124m.json", _mhlora,
+              "python bench/bench_mhlora.py",
+              intro=("{make}: median of interleaved steps, CPU. The model is GPT-2 124M's twelve blocks (width 768, "
+                     "linears without biases) on the built-in synthetic language: a 384-token vocabulary after "
+                     "padding instead of GPT-2's 50,257, and `seq` positions, so it has fewer parameters than "
+                     "124M (the count is in the setup line).")),
       section("Multi-head LoRA over 4 devices: communication and memory", "mhlora_124m_4dev.json", _mhlora,
               "python bench/bench_mhlora.py --devices 4",
               level=3, intro=("{make} on 4 host CPU devices sharing the cores, "
