@@ -10,6 +10,7 @@ Re-running the same command on a workdir that holds a checkpoint resumes it.
 from __future__ import annotations
 
 import os
+import signal
 import sys
 
 from absl import app, flags, logging
@@ -131,16 +132,51 @@ def main(argv):
     if e.exit_code == 1:  # a failed checkpoint write: orbax's writer threads would report it again at exit
       os._exit(1)
     return e.exit_code
-  return 130 if summary.get("stopped_early") else 0  # 130: stopped by Ctrl-C (after saving)
+  except Exception as e:  # noqa: BLE001
+    import jax
+
+    if jax.process_count() == 1:
+      raise
+    _exit_multiprocess(e)
+  if summary.get("stopped_early"):  # by a stop signal, after saving: the shell's code for it (Ctrl-C 130, SIGTERM 143)
+    return 128 + signal.Signals[summary["stop_signal"]]
+  return 0
+
+
+def _exit_multiprocess(error: Exception) -> None:
+  """One process of several failed: most often a collective whose peer is gone. Name the lost
+  process in one line (or show the traceback when no peer is lost), and exit now: the normal exit
+  waits at the coordination service's shutdown barrier for the dead peer, then aborts with pages
+  of logs."""
+  import traceback
+
+  from lowrank_jax.train.parallel import exit_lost, lost_processes
+
+  if lost := lost_processes():
+    exit_lost(str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__, lost)
+  traceback.print_exc()
+  sys.stderr.flush()
+  os._exit(1)
+
+
+def _stop_at_once(signum, frame):
+  from lowrank_jax.train.errors import StopSignal
+
+  raise StopSignal(signum)
 
 
 def _main_or_interrupted(argv):
+  # Until training starts (and again after it), a stop signal stops at once; the trainer's loop
+  # takes them over meanwhile: the first saves and stops after the step in flight.
+  for signum in (signal.SIGTERM, signal.SIGUSR1):
+    signal.signal(signum, _stop_at_once)
   try:
     sys.exit(main(argv))
-  except KeyboardInterrupt:  # a second Ctrl-C (the first saves and stops after the step), or one before training
-    print("error: stopped at once by Ctrl-C; checkpoints already written are intact: run the same command to "
+  except KeyboardInterrupt as e:  # StopSignal, or Ctrl-C as Python raises it
+    name, code = getattr(e, "name", "Ctrl-C"), getattr(e, "exit_code", 130)
+    print(f"error: stopped at once by {name}; checkpoints already written are intact: run the same command to "
           "resume from the newest", file=sys.stderr, flush=True)
-    os._exit(130)  # at once: not waiting on orbax's writer threads (a half-written step is never read back)
+    os._exit(code)  # at once: not waiting on orbax's writer threads (a half-written step is never read back)
 
 
 if __name__ == "__main__":

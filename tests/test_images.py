@@ -6,7 +6,7 @@ import gzip
 import numpy as np
 import pytest
 
-from lowrank_jax.data import DataError
+from lowrank_jax.data import DataError, DataFileError
 from lowrank_jax.data import images as I
 
 Image = pytest.importorskip('PIL.Image')
@@ -163,3 +163,19 @@ def test_bad_inputs(tmp_path, npz):
     I.ImageTransform(6, 3, mean=(0.5, 0.5))
   with pytest.raises(ValueError, match="unknown offline image dataset 'mnist'"):
     I.offline_npz('mnist')
+
+
+def test_a_truncated_image_is_named_and_can_be_skipped(tmp_path, npz):
+  _, x, y = npz
+  for i in range(4):
+    (tmp_path / f'class_{i % 2}').mkdir(exist_ok=True)
+    Image.fromarray(x[i]).save(tmp_path / f'class_{i % 2}' / f'{i}.png')
+  cut = tmp_path / 'class_1' / '3.png'
+  cut.write_bytes(cut.read_bytes()[:40])  # a copy that stopped part way
+  folder = I.ImageFolderSource(tmp_path)
+  with pytest.raises(DataFileError, match=f'^{cut}: cannot read the image'):
+    folder[3]
+  from lowrank_jax.data import SkipBadRecords
+  skipping = SkipBadRecords(folder)
+  assert [skipping[i] is None for i in range(4)] == [False, False, False, True] and skipping.skipped == 1
+  np.testing.assert_array_equal(skipping[0]['image'], folder[0]['image'])

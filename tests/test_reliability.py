@@ -9,8 +9,10 @@ import json
 import math
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import time
 
 import jax
 import numpy as np
@@ -252,29 +254,53 @@ def test_completed_steps_count_only_what_the_device_finished():
   assert _completed(10, pending) == 8
 
 
-def test_ctrl_c_saves_exits_130_with_a_fresh_eval_and_resumes_bit_exactly(tmp_path):
-  import signal
-  import time
-
-  constant = {"optimizer.schedule": "constant"}  # the lr does not depend on train.steps: resume with fewer
-  workdir = tmp_path / "interrupted"
-  flags = [f"--config.{k}={v}" for k, v in {**SMALL, **constant, "train.steps": 10000}.items()]
+def _launch(workdir, log, *flags, cache=None):
+  """train.py on the tiny config in a subprocess, its stderr to `log` (a file, not a pipe: nobody
+  reads a pipe while the run trains)."""
   env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-  log = tmp_path / "stderr.txt"
-  with open(log, "w") as err:  # a file, not a pipe: nobody reads a pipe while the run trains
-    proc = subprocess.Popen([sys.executable, "train.py", "--config=configs/llama_tiny_adamw.py",
+  if cache is not None:  # a second launch of the same program does not compile again
+    env["JAX_COMPILATION_CACHE_DIR"] = str(cache)
+  with open(log, "w") as err:
+    return subprocess.Popen([sys.executable, "train.py", "--config=configs/llama_tiny_adamw.py",
                              f"--workdir={workdir}", *flags], cwd=REPO, env=env, stderr=err)
-    metrics = workdir / "metrics.jsonl"
-    while proc.poll() is None and not (metrics.exists() and metrics.read_text().count("\n") >= 3):
-      time.sleep(0.05)  # until it is training (no time limit: a slow machine only waits longer)
-    proc.send_signal(signal.SIGINT)
-    proc.wait()
+
+
+def _when_training(proc, workdir, steps=3):
+  """Wait until the run has logged `steps` steps (no time limit: a slow machine only waits longer)."""
+  metrics = workdir / "metrics.jsonl"
+  while proc.poll() is None and not (metrics.exists() and metrics.read_text().count("\n") >= steps):
+    time.sleep(0.05)
+
+
+def _errors(stderr):
+  return [line for line in stderr.splitlines() if line.startswith("error:")]
+
+
+@pytest.fixture(scope="module")
+def compile_cache(tmp_path_factory):
+  return tmp_path_factory.mktemp("compilation_cache")
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
+def test_a_stop_signal_saves_exits_with_its_code_a_fresh_eval_and_resumes_bit_exactly(tmp_path, signum,
+                                                                                      compile_cache):
+  constant = {"optimizer.schedule": "constant"}  # the lr does not depend on train.steps: resume with fewer
+  workdir, log = tmp_path / "interrupted", tmp_path / "stderr.txt"
+  flags = [f"--config.{k}={v}" for k, v in {**SMALL, **constant, "train.steps": 10000}.items()]
+  proc = _launch(workdir, log, *flags, cache=compile_cache)
+  _when_training(proc, workdir)
+  proc.send_signal(signum)
+  proc.wait()
   stderr = log.read_text()
-  assert proc.returncode == 130, stderr[-3000:]
+  assert proc.returncode == 128 + signum, stderr[-3000:]  # Ctrl-C 130, SIGTERM 143: the shell's codes
   summary = json.loads((workdir / "summary.json").read_text())
   stopped = summary["steps"]
-  assert summary["stopped_early"] and 3 <= stopped < 10000
-  assert f"stopped at step {stopped}; checkpoint saved" in stderr
+  assert summary["stopped_early"] and summary["stop_signal"] == signal.Signals(signum).name
+  assert 3 <= stopped < 10000
+  name = "Ctrl-C" if signum == signal.SIGINT else "SIGTERM"
+  assert f"{name}: saving a checkpoint after this step" in stderr
+  assert f"stopped at step {stopped} by {name}; checkpoint saved" in stderr
+  assert not _errors(stderr) and "Traceback" not in stderr, stderr[-3000:]
   assert f"{stopped}/10000" in stderr.split("stopped at step")[-1]  # the bar's last count: the steps done
   assert max(int(p) for p in os.listdir(workdir / "checkpoints") if p.isdigit()) == stopped
   last = _strict_records(workdir)[-1]  # train.eval_every=0: the only evaluation is the one after the stop
@@ -285,3 +311,142 @@ def test_ctrl_c_saves_exits_130_with_a_fresh_eval_and_resumes_bit_exactly(tmp_pa
   train(_config(**constant, **{"train.steps": stopped + 2}), str(tmp_path / "straight"))
   jax.tree.map(np.testing.assert_array_equal, saved_params(str(workdir), stopped + 2),
                saved_params(str(tmp_path / "straight"), stopped + 2))
+
+
+def test_sigusr1_saves_and_exits_138(tmp_path, compile_cache):
+  """SLURM's --signal=USR1@SECONDS: warned ahead of the time limit, the run saves and stops."""
+  workdir, log = tmp_path / "run", tmp_path / "stderr.txt"
+  proc = _launch(workdir, log, *[f"--config.{k}={v}" for k, v in {**SMALL, "train.steps": 10000}.items()],
+                 cache=compile_cache)
+  _when_training(proc, workdir)
+  proc.send_signal(signal.SIGUSR1)
+  proc.wait()
+  stderr = log.read_text()
+  assert proc.returncode == 138, stderr[-3000:]
+  stopped = json.loads((workdir / "summary.json").read_text())["steps"]
+  assert f"stopped at step {stopped} by SIGUSR1; checkpoint saved" in stderr
+  assert max(int(p) for p in os.listdir(workdir / "checkpoints") if p.isdigit()) == stopped
+
+
+def _catches(pid, signum) -> bool:
+  """Whether process `pid` has a handler installed for `signum` (/proc's SigCgt mask)."""
+  with open(f"/proc/{pid}/status") as f:
+    caught = next(int(line.split()[1], 16) for line in f if line.startswith("SigCgt:"))
+  return bool(caught >> (signum - 1) & 1)
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self"), reason="reads /proc to know the handler is in place")
+def test_a_signal_before_training_or_a_second_one_stops_at_once_in_one_line(tmp_path, compile_cache):
+  flags = [f"--config.{k}={v}" for k, v in {**SMALL, "train.steps": 10000}.items()]
+  # Before training: while JAX is imported and the run is set up, SIGTERM stops at once.
+  early = tmp_path / "early"
+  proc = _launch(early, tmp_path / "early.txt", *flags, cache=compile_cache)
+  while proc.poll() is None and not _catches(proc.pid, signal.SIGTERM):
+    time.sleep(0.01)
+  proc.send_signal(signal.SIGTERM)
+  proc.wait()
+  stderr = (tmp_path / "early.txt").read_text()
+  assert proc.returncode == 143, stderr[-3000:]
+  assert _errors(stderr) == ["error: stopped at once by SIGTERM; checkpoints already written are intact: run the "
+                             "same command to resume from the newest"], stderr[-3000:]
+  # (The handler runs when Python next gets control, which may be after the run has made its workdir.)
+  assert "Traceback" not in stderr and not glob.glob(str(early / "checkpoints" / "[0-9]*"))
+
+  # While training: the first of two signals asks for a save after the step, the second stops at once.
+  workdir = tmp_path / "twice"
+  proc = _launch(workdir, tmp_path / "twice.txt", *flags, cache=compile_cache)
+  _when_training(proc, workdir)
+  proc.send_signal(signal.SIGUSR1)
+  proc.send_signal(signal.SIGTERM)
+  proc.wait()
+  stderr = (tmp_path / "twice.txt").read_text()
+  assert proc.returncode in (138, 143), stderr[-3000:]  # the code of whichever was handled second
+  (line,) = _errors(stderr)
+  assert line.startswith("error: stopped at once by SIG") and "Traceback" not in stderr, stderr[-3000:]
+
+
+def _mount_namespace_works() -> bool:
+  unshare = shutil.which("unshare")
+  return bool(unshare) and subprocess.run([unshare, "--user", "--map-root-user", "--mount", "true"],
+                                          capture_output=True).returncode == 0
+
+
+@pytest.mark.skipif(not _mount_namespace_works(), reason="needs `unshare --user --mount` for a small tmpfs")
+@pytest.mark.parametrize("background", [False, True], ids=["foreground", "async"])
+def test_a_full_disk_during_a_save_is_one_line_and_keeps_the_last_checkpoint(trained, tmp_path, background):
+  """The run resumes at step 4 on a disk with 64 KiB left (a tmpfs in a private mount namespace);
+  its step-6 checkpoint cannot be written. (Written in the background, the failure is said when
+  the next save waits for it, after orbax's writer threads print their tracebacks.)"""
+  disk, out = tmp_path / "disk", tmp_path / "out"
+  disk.mkdir()
+  flags = " ".join(f"--config.{k}={v}" for k, v in
+                   {**SMALL, "train.steps": 8, "train.async_checkpoints": background}.items())
+  script = f"""
+    mount -t tmpfs -o size=16m tmpfs {disk}
+    cp -r {trained} {disk}/run
+    head -c $(( $(df --output=avail -B1 {disk} | tail -1) - 65536 )) /dev/zero > {disk}/filler 2>/dev/null
+    {sys.executable} train.py --config=configs/llama_tiny_adamw.py --workdir={disk}/run {flags} 2> {out}.stderr
+    echo $? > {out}.rc
+    cp -r {disk}/run {out}
+  """
+  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+  subprocess.run(["unshare", "--user", "--map-root-user", "--mount", "sh", "-c", script], cwd=REPO, env=env,
+                 check=True)
+  stderr = (tmp_path / "out.stderr").read_text()
+  assert (tmp_path / "out.rc").read_text().strip() == "1", stderr[-3000:]
+  assert _errors(stderr) == [f"error: cannot write the checkpoint of step 6 in {disk}/run/checkpoints (No space left "
+                             "on device); nothing partial left, step 4 is intact"], stderr[-3000:]
+  assert background or "Traceback" not in stderr
+  # Nothing partial that a rerun would trip on, and the rerun resumes from step 4, unchanged.
+  assert sorted(os.listdir(out / "checkpoints")) == ["2", "4"]
+  jax.tree.map(np.testing.assert_array_equal, saved_params(str(out), 4), saved_params(str(trained), 4))
+  resumed = train(_config(**{"train.steps": 6}), str(out))
+  assert resumed["resumed_from"] == 4 and resumed["steps"] == 6
+
+
+def _corpus(path, *, bad_line=None, drop_line=None):
+  """400 JSON-lines documents; line `bad_line` malformed, or line `drop_line` left out."""
+  lines = [json.dumps({"text": f"document {i}: " + "lorem ipsum " * (i % 7 + 3)}) for i in range(400)]
+  if bad_line:
+    lines[bad_line - 1] = '{"text": "a record cut off mid-write'
+  if drop_line:
+    del lines[drop_line - 1]
+  path.write_text("\n".join(lines) + "\n")
+  return path
+
+
+def _jsonl_config(tmp_path, path, **overrides):
+  evals = tmp_path / "eval.jsonl"
+  if not evals.exists():
+    _corpus(evals)
+  return _config(**{"data.source": "jsonl", "data.path": str(path), "data.eval_path": str(evals),
+                    "data.tokenizer": "byte", "data.shuffle": False, "optimizer.schedule": "constant",
+                    "train.steps": 40, "train.checkpoint_every": 0, **overrides})
+
+
+def test_a_bad_record_stops_with_a_checkpoint_naming_file_and_line_and_the_fixed_file_resumes_exactly(tmp_path):
+  data = _corpus(tmp_path / "train.jsonl", bad_line=41)
+  with pytest.raises(ConfigError) as info:
+    train(_jsonl_config(tmp_path, data), str(tmp_path / "run"))
+  message = str(info.value)
+  assert message.startswith(f"config.data.path: {data}:41: ") and "data.on_bad_record=skip" in message, message
+  saved = int(message.split("checkpoint saved at step ")[1].split(":")[0])
+  assert 0 < saved < 40 and os.listdir(tmp_path / "run" / "checkpoints") == [str(saved)]
+  # Fixed, the same command resumes from the batch the record was in, as if it had never been bad.
+  _corpus(data)
+  resumed = train(_jsonl_config(tmp_path, data), str(tmp_path / "run"))
+  assert resumed["resumed_from"] == saved and resumed["steps"] == 40
+  train(_jsonl_config(tmp_path, data), str(tmp_path / "straight"))
+  jax.tree.map(np.testing.assert_array_equal, saved_params(str(tmp_path / "run")),
+               saved_params(str(tmp_path / "straight")))
+
+
+def test_skipped_bad_records_are_counted_and_the_rest_trains_as_without_them(tmp_path, caplog):
+  bad = _corpus(tmp_path / "bad.jsonl", bad_line=41)
+  summary = train(_jsonl_config(tmp_path, bad, **{"data.on_bad_record": "skip"}), str(tmp_path / "skip"))
+  assert summary["steps"] == 40 and summary["skipped_records"] == 1
+  assert sum(r.get("skipped_records", 0) for r in _strict_records(tmp_path / "skip")) == 1
+  assert f"skipped a bad record: {bad}:41: " in caplog.text
+  train(_jsonl_config(tmp_path, _corpus(tmp_path / "without.jsonl", drop_line=41)), str(tmp_path / "without"))
+  jax.tree.map(np.testing.assert_array_equal, saved_params(str(tmp_path / "skip")),
+               saved_params(str(tmp_path / "without")))

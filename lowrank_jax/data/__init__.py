@@ -4,6 +4,7 @@ Plain arguments in, numpy batches out; nothing here reads the trainer's
 config. See ``pipeline`` for the stream and its checkpoint state.
 """
 
+from lowrank_jax.data.bad_records import SkipBadRecords
 from lowrank_jax.data.errors import DataError, DataFileError
 from lowrank_jax.data.packing import PackedIterDataset
 from lowrank_jax.data.instructions import (
@@ -40,6 +41,7 @@ from lowrank_jax.data.tokenizers import (
 )
 
 __all__ = [
+    "SkipBadRecords",
     "ImageFolderSource", "ImageTransform", "NpzImageSource", "TfdsImageSource",
     "make_image_eval_batches", "make_image_train_iterator", "offline_npz", "write_medmnist_npz",
     "HFTokenizer", "TiktokenTokenizer",

@@ -34,7 +34,7 @@ from typing import Any, Sequence
 import grain
 import numpy as np
 
-from lowrank_jax.data.errors import DataError
+from lowrank_jax.data.errors import DataError, DataFileError
 from lowrank_jax.data.tfds_source import TfdsSource
 
 __all__ = [
@@ -218,9 +218,13 @@ class ImageFolderSource:
   def __getitem__(self, index: int) -> dict[str, Any]:
     Image = _import_pil()
     rel, label = self._files[index]
-    with Image.open(os.path.join(self.root, rel)) as im:
-      mode = {1: "L", 3: "RGB", None: "L" if im.mode in ("L", "I", "I;16", "1") else "RGB"}
-      image = np.asarray(im.convert(mode[self.channels]))
+    path = os.path.join(self.root, rel)
+    try:
+      with Image.open(path) as im:
+        mode = {1: "L", 3: "RGB", None: "L" if im.mode in ("L", "I", "I;16", "1") else "RGB"}
+        image = np.asarray(im.convert(mode[self.channels]))
+    except OSError as e:  # truncated, not an image, unreadable: PIL's errors are OSErrors
+      raise DataFileError(path, None, f"cannot read the image ({e})") from None
     return {"image": _as_hwc(image), "label": label}
 
   def __repr__(self) -> str:

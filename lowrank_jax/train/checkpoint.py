@@ -6,9 +6,16 @@ and the data iterator's position. Orbax writes to a temporary directory and
 renames it when complete, so a run killed mid-save (kill -9 included) leaves the
 previous checkpoint intact and the next start resumes from it.
 
-Saving is synchronous on purpose: the train step donates its state buffers, and
-an asynchronous writer could still be reading a buffer that the next step
-overwrites in place.
+With `background=True` (`train.async_checkpoints`) a save returns
+once the arrays are copied to host memory, and the files are written while
+training goes on; the next save, or `close`, waits for that write first. The
+train step donates its state buffers, but a buffer the writer still holds is
+not donated (XLA allocates a fresh one; on CPU the host "copy" is a view of the
+buffer), so the step never overwrites what is being written. A write that
+fails is reported at that next wait, naming its step, but only after the
+tracebacks of its file writes that complete after it failed (printed by the
+storage library itself, through no hook Python offers): so the default is to write
+in the foreground, where a failure is the one line.
 
 A step that cannot be read back (a truncated or zeroed file) is moved aside to
 `<step>.corrupt-<time>`, never deleted, and the run resumes from the step before
@@ -94,11 +101,15 @@ def _first_line(error: BaseException) -> str:
 
 
 class Checkpointer:
-  def __init__(self, directory: str, *, keep: int):
+  def __init__(self, directory: str, *, keep: int, background: bool = False):
     self.directory = os.path.abspath(directory)
+    self._background = background
+    self._writing: int | None = None  # the step being written in the background
+    if background:  # a failed write is said once, naming its step, when it is waited for
+      _mute_orbax_thread_failures()
     self._manager = ocp.CheckpointManager(
         self.directory,
-        options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True, enable_async_checkpointing=False),
+        options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True, enable_async_checkpointing=background),
     )
 
   def latest_step(self) -> int | None:
@@ -113,17 +124,34 @@ class Checkpointer:
     }
     if jax.tree.leaves(state.rest):  # orbax refuses empty trees
       items["rest"] = ocp.args.StandardSave(state.rest)
+    self.wait()
     try:
       with _quiet_stderr():  # orbax's writer threads report a failure many times over, with tracebacks
         self._manager.save(step, args=ocp.args.Composite(**items), force=True)
-        self._manager.wait_until_finished()
+        if not self._background:
+          self._manager.wait_until_finished()
     except Exception as e:  # noqa: BLE001 -- disk full, no permission, directory removed: orbax wraps them
-      _mute_orbax_thread_failures()
-      self._remove_partial(step)
-      previous = [s for s in self._manager.all_steps() if s != step]
-      kept = f"step {max(previous)} is intact" if previous else "no earlier checkpoint"
-      raise TrainingStopped(f"cannot write the checkpoint of step {step} in {self.directory} ({_reason(e)}); "
-                            f"nothing partial left, {kept}", exit_code=1) from None
+      self._failed(step, e)
+    self._writing = step if self._background else None
+
+  def wait(self) -> None:
+    """Wait for the background write, if one is running; its failure is raised here."""
+    if self._writing is None:
+      return
+    step, self._writing = self._writing, None
+    try:
+      with _quiet_stderr():
+        self._manager.wait_until_finished()
+    except Exception as e:  # noqa: BLE001
+      self._failed(step, e)
+
+  def _failed(self, step: int, error: BaseException) -> None:
+    _mute_orbax_thread_failures()
+    self._remove_partial(step)
+    previous = [s for s in self._manager.all_steps() if s != step]
+    kept = f"step {max(previous)} is intact" if previous else "no earlier checkpoint"
+    raise TrainingStopped(f"cannot write the checkpoint of step {step} in {self.directory} ({_reason(error)}); "
+                          f"nothing partial left, {kept}", exit_code=1) from None
 
   def _remove_partial(self, step: int) -> None:
     """Delete what a failed save of `step` left: its temporary directory (or an incomplete step)."""
@@ -203,5 +231,7 @@ class Checkpointer:
         step, args=ocp.args.Composite(params=ocp.args.StandardRestore(abstract_params))).params
 
   def close(self) -> None:
-    self._manager.wait_until_finished()
-    self._manager.close()
+    try:
+      self.wait()
+    finally:
+      self._manager.close()

@@ -28,3 +28,20 @@ class TrainingStopped(RuntimeError):
   def __init__(self, message: str, exit_code: int):
     super().__init__(message)
     self.exit_code = exit_code
+
+
+class StopSignal(KeyboardInterrupt):
+  """A stop signal that ends the run at once: a second Ctrl-C, SIGTERM or SIGUSR1, or one before
+  training starts. Checkpoints already written are intact. A `KeyboardInterrupt`, so code that
+  handles Ctrl-C handles the others alike; `exit_code` is the shell's 128 + signal number."""
+
+  def __init__(self, signum: int):
+    super().__init__(signal_name(signum))
+    self.name, self.exit_code = signal_name(signum), 128 + signum
+
+
+def signal_name(signum: int) -> str:
+  """'Ctrl-C' for SIGINT (what a user pressed), else the signal's name ('SIGTERM')."""
+  import signal
+
+  return "Ctrl-C" if signum == signal.SIGINT else signal.Signals(signum).name

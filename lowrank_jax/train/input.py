@@ -20,6 +20,17 @@ class Input:
   eval_batches: list[dict]  # the same fixed batches at every evaluation
   entropy_floor: float | None  # nats/token: the synthetic language's entropy rate, else None
   description: str
+  skipped: Any = None  # with data.on_bad_record=skip: the training source's `SkipBadRecords`
+
+  def skipped_records(self) -> int:
+    """Unreadable training records skipped so far in this launch."""
+    return self.skipped.skipped if self.skipped is not None else 0
+
+
+def _readable(cfg: DataSettings, source):
+  """`source` as data.on_bad_record wants it: as it is (error), or reading unreadable records as
+  filtered out (skip)."""
+  return data_lib.SkipBadRecords(source) if cfg.on_bad_record == "skip" else source
 
 
 # The data library names the argument at fault (`DataError.argument`); these are its config keys.
@@ -138,11 +149,13 @@ def image_input(run: RunConfig, *, process_index: int, process_count: int) -> In
   eval_batches = data_lib.make_image_eval_batches(
       evals, plain, batch_size=eval_batch, max_examples=run.train.eval_batches * eval_batch,
       process_index=process_index, process_count=process_count)
+  readable = _readable(cfg, train)
   train_iter = data_lib.make_image_train_iterator(
-      train, transform, batch_size=local_batch, seed=run.seed, shuffle=cfg.shuffle,
+      readable, transform, batch_size=local_batch, seed=run.seed, shuffle=cfg.shuffle,
       process_index=process_index, process_count=process_count)
   return Input(ImageClasses(train.num_classes), train_iter, eval_batches, None,
-               f"{description}: {train.num_classes} classes, {len(train)} training images, {size}x{size}x{channels}")
+               f"{description}: {train.num_classes} classes, {len(train)} training images, {size}x{size}x{channels}",
+               skipped=readable if readable is not train else None)
 
 
 def image_classes(run: RunConfig) -> ImageClasses:
@@ -204,6 +217,7 @@ def instruction_input(run: RunConfig, *, process_index: int, process_count: int)
     train, evals = data_lib.split_holdout(train, cfg.eval_holdout)
   if len(train) == 0:
     raise ConfigError("data.path", "the training source holds no documents")
+  train, evals = _readable(cfg, train), _readable(cfg, evals)
   local_batch, eval_batch = _batch_sizes(run, process_count)
   shared = dict(pack=cfg.instructions.pack, train_on_prompt=cfg.instructions.train_on_prompt,
                 process_index=process_index, process_count=process_count)
@@ -211,7 +225,8 @@ def instruction_input(run: RunConfig, *, process_index: int, process_count: int)
       evals, tokenizer, seq_len=cfg.seq_len, batch_size=eval_batch, num_batches=run.train.eval_batches, **shared)
   train_iter = data_lib.make_instruction_iterator(
       train, tokenizer, seq_len=cfg.seq_len, batch_size=local_batch, seed=run.seed, shuffle=cfg.shuffle, **shared)
-  return Input(tokenizer, train_iter, eval_batches, None, f"instructions ({cfg.instructions.format}) {cfg.path}")
+  return Input(tokenizer, train_iter, eval_batches, None, f"instructions ({cfg.instructions.format}) {cfg.path}",
+               skipped=train if cfg.on_bad_record == "skip" else None)
 
 
 def _token_sources(cfg: DataSettings, seed: int, tokenizer):
@@ -231,6 +246,8 @@ def token_input(run: RunConfig, *, process_index: int, process_count: int) -> In
   train, evals, tokenizer, floor, description = _token_sources(cfg, run.seed, tokenizer)
   if len(train) == 0:
     raise ConfigError("data.path", "the training source holds no documents")
+  if cfg.source != "synthetic":
+    train, evals = _readable(cfg, train), _readable(cfg, evals)
   local_batch, eval_batch = _batch_sizes(run, process_count)
   try:
     eval_batches = data_lib.make_eval_batches(
@@ -244,4 +261,5 @@ def token_input(run: RunConfig, *, process_index: int, process_count: int) -> In
   train_iter = data_lib.make_train_iterator(
       train, tokenizer, seq_len=cfg.seq_len, batch_size=local_batch, seed=run.seed, shuffle=cfg.shuffle,
       process_index=process_index, process_count=process_count)
-  return Input(tokenizer, train_iter, eval_batches, floor, description)
+  return Input(tokenizer, train_iter, eval_batches, floor, description,
+               skipped=train if isinstance(train, data_lib.SkipBadRecords) else None)

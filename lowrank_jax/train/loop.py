@@ -27,7 +27,7 @@ from lowrank_jax import data as data_lib
 from lowrank_jax.train import parallel, warm_start
 from lowrank_jax.train.checkpoint import Checkpointer
 from lowrank_jax.train.config import RunConfig, default_config, full_rank_layers, resolve
-from lowrank_jax.train.errors import ConfigError, TrainingStopped
+from lowrank_jax.train.errors import ConfigError, StopSignal, TrainingStopped, signal_name
 from lowrank_jax.train.input import Input
 from lowrank_jax.train.memory_check import check_memory
 from lowrank_jax.train.metrics import MetricsWriter
@@ -149,7 +149,7 @@ class _Saver:
     self.checkpointer, self.inputs, self.progress = checkpointer, inputs, progress
     self.last_saved = checkpointer.latest_step()
 
-  def __call__(self, setup: Setup, state, phase: str, at_step: int) -> None:
+  def __call__(self, setup: Setup, state, phase: str, at_step: int, position: Any = None) -> None:
     if self.progress.nonfinite_run:
       _say(f"step {at_step}: no checkpoint written (the last step was not finite); step {self.last_saved} is kept")
       return
@@ -157,34 +157,60 @@ class _Saver:
       raise TrainingStopped(f"step {at_step}: the parameters are not finite; no checkpoint written, step "
                             f"{self.last_saved} in {self.checkpointer.directory} is kept", exit_code=3)
     # Every process reads its own share of the data, so each one's position is kept.
-    positions = parallel.gather_json(self.inputs.train_iter.get_state())
+    positions = parallel.gather_json(self.inputs.train_iter.get_state() if position is None else position)
     self.checkpointer.save(state, {"processes": positions, "phase": phase}, at_step)
     self.last_saved = at_step
 
 
+# What stops a run after the step in flight, with a checkpoint: Ctrl-C, SIGTERM (SLURM at the time
+# limit, Kubernetes, `timeout`, cloud preemption) and SIGUSR1 (SLURM's --signal=USR1@SECONDS).
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)
+
+
 class _StopRequest:
-  """First Ctrl-C: finish the current step, checkpoint, stop. Second: stop at once."""
+  """The first stop signal: finish the current step, checkpoint, stop. A second: stop at once
+  (`StopSignal`).
+
+  On several processes, each process's request is shared at the next log step (the same steps
+  on every process, where the host waits anyway), so that every process saves the same step even
+  when only one of them got the signal.
+  """
 
   def __init__(self):
-    self.requested = False
-    self._previous = None
+    self.signum: int | None = None
+    self._previous: dict[int, Any] = {}
 
   def __enter__(self):
-    try:
-      self._previous = signal.signal(signal.SIGINT, self._handle)
-    except ValueError:  # not the main thread
-      self._previous = None
+    for signum in STOP_SIGNALS:
+      try:
+        self._previous[signum] = signal.signal(signum, self._handle)
+      except ValueError:  # not the main thread: signals are left as they are
+        break
     return self
 
   def _handle(self, signum, frame):
-    if self.requested:
-      raise KeyboardInterrupt
-    self.requested = True
-    _say("interrupt: saving a checkpoint after this step (Ctrl-C again to stop at once)")
+    if self.signum is not None:
+      raise StopSignal(signum)
+    self.signum = signum
+    name = signal_name(signum)
+    when = "after this step" if jax.process_count() == 1 else "at the next log step, where all processes agree"
+    tqdm.write(f"{name}: saving a checkpoint {when}, then stopping ({name} again to stop at once)", file=sys.stderr)
+
+  def agreed(self, sync_point: bool) -> int | None:
+    """The signal to stop on after this step, or None. On one process, the request itself; on
+    several, any process's, asked only at a `sync_point` (every process passes the same ones)."""
+    if jax.process_count() == 1:
+      return self.signum
+    if not sync_point:
+      return None
+    requested = [s for s in parallel.gather_json(self.signum) if s is not None]
+    if requested and self.signum is None:
+      self.signum = requested[0]
+    return self.signum if requested else None
 
   def __exit__(self, *exc):
-    if self._previous is not None:
-      signal.signal(signal.SIGINT, self._previous)
+    for signum, previous in self._previous.items():
+      signal.signal(signum, previous)
     return False
 
 
@@ -216,8 +242,10 @@ class _Progress:
   last_eval: dict[str, float] = dataclasses.field(default_factory=dict)
   throughput: list[float] = dataclasses.field(default_factory=list)
   stopped_early: bool = False
+  stop_signal: int | None = None  # what stopped it early (after saving)
   nonfinite_run: int = 0  # steps in a row, up to the last log, whose loss or gradient norm was not finite
   skipped: int = 0  # such steps (skipped: no update) in this launch
+  skipped_records: int = 0  # unreadable records skipped (data.on_bad_record=skip) in this launch
   first_step: int = dataclasses.field(init=False)
 
   def __post_init__(self):
@@ -258,8 +286,10 @@ def _start(setup: Setup, vocab: int):
   return state
 
 
-def _log(progress: _Progress, pending: list[dict], tokens: int, mark: tuple[int, float], writer, bar) -> None:
-  """Fetch the interval's metrics (the one host sync), write them with the throughput."""
+def _log(progress: _Progress, pending: list[dict], tokens: int, mark: tuple[int, float], writer, bar,
+         skipped_records: int) -> None:
+  """Fetch the interval's metrics (the one host sync), write them with the throughput and the
+  unreadable records skipped (data.on_bad_record=skip) in the interval."""
   fetched = jax.device_get(pending)
   now = time.perf_counter()
   skipped = [bool(m.pop("skipped", 0)) for m in fetched]
@@ -273,6 +303,9 @@ def _log(progress: _Progress, pending: list[dict], tokens: int, mark: tuple[int,
   if mark[0] > progress.first_step:  # the first interval includes compilation
     progress.throughput.append(rate)
   record = {**progress.last_train, "tokens_per_s": rate, "step_time_s": elapsed / steps}
+  if skipped_records > progress.skipped_records:
+    record["skipped_records"] = skipped_records - progress.skipped_records
+    progress.skipped_records = skipped_records
   if any(skipped):
     record["skipped_steps"] = sum(skipped)
     _say(f"step {progress.step}: {sum(skipped)} of the last {len(skipped)} steps skipped (loss or gradient norm "
@@ -315,17 +348,18 @@ def _refresh_if_due(setup: Setup, state, tokens, refresh_in: int | None):
   return state, setup.steps_to_refresh(state)
 
 
-def _loop(setup: Setup, state, phase: str, inputs: Input, progress: _Progress, save, writer):
-  """Steps until train.steps or a stop request; returns the final setup and state."""
+def _loop(setup: Setup, state, phase: str, inputs: Input, progress: _Progress, save, writer, stop: _StopRequest):
+  """Steps until train.steps or a stop signal; returns the final setup and state."""
   run, t = setup.run, setup.run.train
   warm_steps, vocab = warm_start.plan(run).steps, inputs.tokenizer.vocab_size
   accum, _, seq_len = setup.tokens_shape
   pending: list[dict] = []
   mark = (progress.step, progress.start_time)
   refresh_in = setup.steps_to_refresh(state)
+  keep_position = run.data.on_bad_record == "error" and jax.process_count() == 1
   bar = tqdm(total=t.steps, initial=progress.step, unit="step", dynamic_ncols=True, file=sys.stderr,
              disable=not t.progress_bar or jax.process_index() != 0, desc=run.optimizer.name)
-  with _StopRequest() as stop:
+  try:  # the bar ends its line whatever stops the loop: a message after it starts on its own
     while progress.step < t.steps:
       if phase == warm_start.WARM_START and progress.step >= warm_steps:
         setup, state = warm_start.leave(setup, state, vocab)
@@ -334,10 +368,12 @@ def _loop(setup: Setup, state, phase: str, inputs: Input, progress: _Progress, s
              f"({model_summary(setup)})")
         mark = (mark[0], time.perf_counter())  # keep the recompilation out of the throughput
         refresh_in = setup.steps_to_refresh(state)
+      # The data position before this step's batch: what a checkpoint holds if the batch cannot be read.
+      position = inputs.train_iter.get_state() if keep_position else None
       try:
         local = next(inputs.train_iter)  # {'tokens'}, or an instruction batch's fields
-      except data_lib.DataFileError as e:  # a malformed record met mid-run, named by file and line
-        raise ConfigError("data.path", str(e)) from None
+      except data_lib.DataFileError as e:  # a malformed record met mid-run (data.on_bad_record=error)
+        raise _bad_record(e, setup, state, phase, progress, save, position) from None
       local = {k: v.reshape(accum, v.shape[0] // accum, *v.shape[1:]) for k, v in local.items()}
       tokens = run.task.batch(local)
       state, refresh_in = _refresh_if_due(setup, state, tokens, refresh_in)
@@ -348,26 +384,43 @@ def _loop(setup: Setup, state, phase: str, inputs: Input, progress: _Progress, s
       bar.update(_completed(progress.step, pending) - bar.n)
       step = progress.step
       checkpoint_due = bool(t.checkpoint_every) and step % t.checkpoint_every == 0 and step < t.steps
+      sync_point = step % t.log_every == 0 or step == t.steps or checkpoint_due
+      stopping = stop.agreed(sync_point) if step < t.steps else None  # (the last step saves anyway)
       # A checkpoint is written only after a log: the host must know the steps were finite.
-      if step % t.log_every == 0 or step == t.steps or stop.requested or checkpoint_due:
-        _log(progress, pending, t.batch_size * seq_len, mark, writer, bar)
+      if sync_point or stopping:
+        _log(progress, pending, t.batch_size * seq_len, mark, writer, bar, inputs.skipped_records())
         pending, mark = [], (step, time.perf_counter())
         bar.update(step - bar.n)
         if progress.nonfinite_run >= t.max_nonfinite_steps:
-          bar.close()
           raise _diverged(run, progress, save.last_saved, save.checkpointer.directory)
+      if stopping:
+        save(setup, state, phase, step)
+        _say(f"stopped at step {step} by {signal_name(stopping)}; checkpoint saved; run the same command to resume")
+        progress.stopped_early, progress.stop_signal = True, stopping
+        break
       if t.eval_every and step % t.eval_every == 0 and step < t.steps:
         _evaluate_and_log(setup, state, inputs, progress, writer)
         mark = (mark[0], time.perf_counter())  # keep evaluation out of the throughput
-      if stop.requested:
-        save(setup, state, phase, step)
-        _say(f"stopped at step {step}; checkpoint saved; run the same command to resume")
-        progress.stopped_early = True
-        break
       if checkpoint_due:
         save(setup, state, phase, step)
-  bar.close()
+  finally:
+    bar.close()
   return setup, state, phase
+
+
+def _bad_record(error: data_lib.DataFileError, setup: Setup, state, phase: str, progress: _Progress, save,
+                position) -> ConfigError:
+  """The error for a record that cannot be read, after saving the steps done (one process: on
+  several, the others cannot join the save) at the data position before the record's batch."""
+  if position is None:
+    kept = (f"the last checkpoint, step {save.last_saved}, is kept" if save.last_saved is not None
+            else "no checkpoint was written")
+  else:
+    if save.last_saved != progress.step:
+      save(setup, state, phase, progress.step, position=position)
+    kept = f"checkpoint saved at step {progress.step}"
+  return ConfigError("data.path", f"{error}; {kept}: fix or remove the record, or set data.on_bad_record=skip, "
+                     "then run the same command to resume")
 
 
 def _setup_for(run: RunConfig, phase: str, vocab: int) -> Setup:
@@ -413,7 +466,8 @@ def train(config: ml_collections.ConfigDict | RunConfig, workdir: str, *, restar
   """
   run = resolve(config, num_devices=jax.device_count(), process_count=jax.process_count())
   _writable_workdir(workdir)
-  checkpointer = Checkpointer(os.path.join(workdir, "checkpoints"), keep=run.train.keep_checkpoints)
+  checkpointer = Checkpointer(os.path.join(workdir, "checkpoints"), keep=run.train.keep_checkpoints,
+                              background=run.train.async_checkpoints)
   latest = checkpointer.latest_step()
   _check_resumable(workdir, run, latest is not None)
   if latest is not None and latest >= run.train.steps:
@@ -442,16 +496,29 @@ def train(config: ml_collections.ConfigDict | RunConfig, workdir: str, *, restar
   writer = MetricsWriter(workdir, resume_step=None if latest is None else step, enabled=jax.process_index() == 0)
   save = _Saver(checkpointer, inputs, progress)
 
-  setup, state, phase = _loop(setup, state, phase, inputs, progress, save, writer)
-  # Also after Ctrl-C: the summary's evaluation is of the parameters it stopped with.
-  progress.last_eval = evaluate(setup, state, inputs.eval_batches)
-  if progress.step > progress.first_step:
-    writer.write(progress.step, progress.last_eval)
-  if not progress.stopped_early:
-    if checkpointer.latest_step() != progress.step:
-      save(setup, state, phase, progress.step)
-    if run.model.export_to:  # every process takes part (gathers); process 0 writes
-      _say(f"exported the model to {export_model(setup, state)} (Hugging Face format, adapters merged)")
+  try:
+    # A stop signal from here to the end saves and stops after the step in flight (the final save
+    # and export run as planned when it comes after the last step).
+    with _StopRequest() as stop:
+      setup, state, phase = _loop(setup, state, phase, inputs, progress, save, writer, stop)
+      if not progress.stopped_early and checkpointer.latest_step() != progress.step:
+        save(setup, state, phase, progress.step)
+      # Also after a stop signal: the summary's evaluation is of the parameters it stopped with.
+      progress.last_eval = evaluate(setup, state, inputs.eval_batches)
+      if progress.step > progress.first_step:
+        writer.write(progress.step, progress.last_eval)
+      if not progress.stopped_early and run.model.export_to:  # every process takes part (gathers); process 0 writes
+        _say(f"exported the model to {export_model(setup, state)} (Hugging Face format, adapters merged)")
+  except (ConfigError, TrainingStopped):
+    checkpointer.close()  # the last checkpoint is complete before the error is told
+    raise
+  except BaseException:
+    # A stop signal stops at once: a write in progress is abandoned (a temporary directory, never
+    # read back). On several processes another failure is most often a lost peer, whose share of
+    # the write never comes.
+    if jax.process_count() == 1 and not isinstance(sys.exc_info()[1], StopSignal):
+      checkpointer.close()
+    raise
   checkpointer.close()
   writer.close()
   return _summarise(setup, inputs, progress, workdir)
@@ -473,7 +540,9 @@ def _summarise(setup: Setup, inputs: Input, progress: _Progress, workdir: str) -
       "resumed_from": progress.resumed_from,
       "peak_device_bytes": _peak_device_memory(),
       "stopped_early": progress.stopped_early,
+      "stop_signal": signal.Signals(progress.stop_signal).name if progress.stop_signal else None,
       "skipped_steps": progress.skipped,  # not finite: skipped, no update
+      "skipped_records": inputs.skipped_records(),  # unreadable (data.on_bad_record=skip)
   }
   if jax.process_index() == 0:
     with open(os.path.join(workdir, "summary.json"), "w") as f:

@@ -376,6 +376,9 @@ class DataSettings(Settings):
   tokenizer: str = setting("")
   seq_len: int = setting(128, positive_int)  # tokens per packed sequence (the model's context)
   shuffle: bool = setting(True, boolean)  # shuffle the training examples (seeded by seed); False: source order
+  # a record that cannot be read (a malformed JSON line, text that is not UTF-8, a truncated image):
+  # error = save a checkpoint and stop, naming file and line; skip = go on, counted as skipped_records
+  on_bad_record: str = setting("error", one_of(("error", "skip")))
   synthetic: SyntheticSettings = section(SyntheticSettings)
   instructions: InstructionSettings = section(InstructionSettings)
   image: ImageSettings = section(ImageSettings)
@@ -435,6 +438,9 @@ class TrainSettings(Settings):
   eval_batches: int = setting(4, positive_int)  # fixed validation batches per evaluation
   checkpoint_every: int = setting(100, non_negative_int)  # steps between checkpoints (0: only at the end)
   keep_checkpoints: int = setting(2, positive_int)  # checkpoints kept on disk
+  # write checkpoints while training goes on (a save waits for the copy to host memory, the next save
+  # for the previous write); a failed background write is said after orbax's own tracebacks
+  async_checkpoints: bool = setting(False, boolean)
   # Steps whose loss or gradient norm is not finite are skipped (no update); this many in a
   # row stop the run (exit 3), its last checkpoint with finite parameters kept.
   max_nonfinite_steps: int = setting(5, positive_int)
