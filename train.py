@@ -150,7 +150,7 @@ def _exit_multiprocess(error: Exception) -> None:
   of logs."""
   import traceback
 
-  from lowrank_jax.train.parallel import exit_lost, lost_processes
+  from lowrank_jax.train.liveness import exit_lost, lost_processes
 
   if lost := lost_processes():
     exit_lost(str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__, lost)
@@ -171,12 +171,24 @@ def _main_or_interrupted(argv):
   for signum in (signal.SIGTERM, signal.SIGUSR1):
     signal.signal(signum, _stop_at_once)
   try:
-    sys.exit(main(argv))
+    code = main(argv)
   except KeyboardInterrupt as e:  # StopSignal, or Ctrl-C as Python raises it
     name, code = getattr(e, "name", "Ctrl-C"), getattr(e, "exit_code", 130)
     print(f"error: stopped at once by {name}; checkpoints already written are intact: run the same command to "
           "resume from the newest", file=sys.stderr, flush=True)
+    _leaving()
     os._exit(code)  # at once: not waiting on orbax's writer threads (a half-written step is never read back)
+  if code == 0 or code >= 128:  # finished, or stopped by a signal after saving
+    _leaving()
+  sys.exit(code)
+
+
+def _leaving() -> None:
+  """Tell the other processes of a multi-process run that this one leaves on purpose: its silence
+  is not a loss (`lowrank_jax.train.liveness`, loaded only when the run joined others)."""
+  liveness = sys.modules.get("lowrank_jax.train.liveness")
+  if liveness is not None:
+    liveness.mark_done()
 
 
 if __name__ == "__main__":

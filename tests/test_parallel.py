@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -350,18 +350,81 @@ def _two_hosts(workdir, *overrides, cache_dir):
   return [log.read_text() for log in logs]
 
 
-def test_two_hosts_resume_exactly(tmp_path):
-  common = ["--config.data.seq_len=32", "--config.train.log_every=3", "--config.train.eval_batches=1",
-            "--config.train.checkpoint_every=4", "--config.train.eval_every=0"]
-  cache = tmp_path / "compilation_cache"
-  _two_hosts(tmp_path / "straight", "--config.train.steps=8", *common, cache_dir=cache)
-  # The same run as if it had died after its step-4 checkpoint, continued by a second launch.
-  shutil.copytree(tmp_path / "straight", tmp_path / "resumed")
-  shutil.rmtree(tmp_path / "resumed" / "checkpoints" / "8")
-  logs = _two_hosts(tmp_path / "resumed", "--config.train.steps=8", *common, cache_dir=cache)
-  assert "resumed from the checkpoint at step 4" in logs[0]
+def _launch_two(workdir, *overrides, cache_dir, port: int):
+  """Both processes of a 2-process job (2 CPU devices each), their output to files beside `workdir`."""
+  procs, logs = [], []
+  for pid in range(2):
+    env = {**{k: v for k, v in os.environ.items() if k != "XLA_FLAGS"},
+           "JAX_COORDINATOR_ADDRESS": f"127.0.0.1:{port}", "JAX_NUM_PROCESSES": "2", "JAX_PROCESS_ID": str(pid),
+           "XLA_FLAGS": "--xla_force_host_platform_device_count=2", "JAX_COMPILATION_CACHE_DIR": str(cache_dir)}
+    args = [sys.executable, str(REPO / "train.py"), "--config", str(REPO / "configs/llama_tiny_adamw.py"),
+            "--workdir", str(workdir), "--config.train.progress_bar=False", *overrides]
+    logs.append(workdir.parent / f"{workdir.name}.{len(list(workdir.parent.glob(workdir.name + '.*')))}.log")
+    with open(logs[-1], "w") as out:
+      procs.append(subprocess.Popen(args, cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT))
+  return procs, logs
+
+
+def _interrupt_two(workdir, interrupt, *overrides, cache_dir):
+  """A 2-process job, `interrupt(procs)` once it has written a checkpoint past its first; then
+  wait for both (no time limit: a hang hangs the test, which is the failure). Returns the logs."""
+  port = _reserve_port()
+  def newest():
+    return max((int(p.name) for p in (workdir / "checkpoints").glob("[0-9]*") if p.name.isdigit()), default=0)
+
+  first = newest() + 8
+  procs, logs = _launch_two(workdir, *overrides, cache_dir=cache_dir, port=port.getsockname()[1])
+  try:
+    while newest() < first:
+      assert all(p.poll() is None for p in procs), logs[0].read_text()[-3000:] + logs[1].read_text()[-3000:]
+      time.sleep(0.05)
+    interrupt(procs)
+    for p in procs:
+      p.wait()
+  finally:
+    for p in procs:
+      if p.poll() is None:
+        p.kill()
+    port.close()
+  return procs, [log.read_text().replace("\r", "\n") for log in logs]
+
+
+def _error_lines(log):
+  return [line for line in log.splitlines() if line.startswith("error:")]
+
+
+def test_two_processes_stop_together_survive_a_dead_peer_and_resume_exactly(tmp_path):
+  """One 2-process run, interrupted twice, then finished; it ends bit for bit where an
+  uninterrupted run ends.
+  1. SIGTERM to process 1 only: both save the same step (agreed at a log step) and exit 143.
+  2. Relaunched, it resumes; process 1 is killed (kill -9): process 0 exits with code 4 and one
+     line naming process 1, never hangs.
+  3. Relaunched, it resumes from the last checkpoint and finishes."""
+  common = ["--config.data.seq_len=32", "--config.train.log_every=2", "--config.train.eval_batches=1",
+            "--config.train.checkpoint_every=4", "--config.train.eval_every=0",
+            "--config.optimizer.schedule=constant"]  # the lr does not depend on train.steps
+  cache, run = tmp_path / "compilation_cache", tmp_path / "run"
+  forever = ["--config.train.steps=100000", *common]
+
+  procs, logs = _interrupt_two(run, lambda procs: procs[1].send_signal(signal.SIGTERM), *forever, cache_dir=cache)
+  assert [p.returncode for p in procs] == [143, 143], logs[0][-3000:] + logs[1][-3000:]
+  stopped = json.loads((run / "summary.json").read_text())["steps"]
+  assert f"stopped at step {stopped} by SIGTERM; checkpoint saved" in logs[0]
+  assert "SIGTERM: saving a checkpoint at the next log step" in logs[1]  # the one that got it
+  assert max(int(p.name) for p in (run / "checkpoints").glob("[0-9]*") if p.name.isdigit()) == stopped
+
+  procs, logs = _interrupt_two(run, lambda procs: procs[1].kill(), *forever, cache_dir=cache)
+  assert f"resumed from the checkpoint at step {stopped}" in logs[0]
+  assert procs[0].returncode == 4, logs[0][-3000:]
+  (line,) = _error_lines(logs[0])
+  assert line.startswith("error: process 0 of 2 lost contact with process(es) 1 (") and "Traceback" not in logs[0]
+
+  last = max(int(p.name) for p in (run / "checkpoints").glob("[0-9]*") if p.name.isdigit())
+  end = [f"--config.train.steps={last + 4}", *common]
+  assert f"resumed from the checkpoint at step {last}" in _two_hosts(run, *end, cache_dir=cache)[0]
+  _two_hosts(tmp_path / "straight", *end, cache_dir=cache)
   import jax
   from train_helpers import saved_params
 
-  straight, resumed = saved_params(str(tmp_path / "straight"), 8), saved_params(str(tmp_path / "resumed"), 8)
-  jax.tree.map(np.testing.assert_array_equal, straight, resumed)
+  jax.tree.map(np.testing.assert_array_equal, saved_params(str(tmp_path / "straight"), last + 4),
+               saved_params(str(run), last + 4))

@@ -21,6 +21,8 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from lowrank_jax.train import liveness
+
 DATA_AXIS = "data"
 HEADS_AXIS = "heads"
 
@@ -247,83 +249,8 @@ def initialize_distributed() -> bool:
     jax.distributed.initialize()
   else:
     return False
-  _start_beating()
+  liveness.start()
   return True
-
-
-def exit_lost(reason: str, lost: list[int] | None = None) -> None:
-  """Say in one line which process this one lost contact with (`lost`, else found out here), and
-  exit now (code 4): a normal exit would wait at the coordination service's shutdown barrier for
-  the dead peer."""
-  import os
-  import sys
-
-  lost = lost_processes() if lost is None else lost
-  reason = " ".join(reason.split())[:200]
-  print(f"error: process {jax.process_index()} of {jax.process_count()} lost contact with process(es) "
-        f"{', '.join(map(str, lost)) or '(unknown)'} ({reason}); checkpoints already written are intact: relaunch "
-        "every process to resume from the newest", file=sys.stderr, flush=True)
-  os._exit(4)
-
-
-# Liveness that a survivor can read. When a peer dies, the survivors' next collective fails at
-# once; the coordination service's own heartbeats are not readable from Python and it acts on them
-# only after its timeout (100 s), by aborting every process with pages of logs. These counters
-# let a survivor name the lost process within seconds instead. (Process 0 hosts the service:
-# when it dies, jaxlib's client aborts the survivors at once, with its own logs; jaxlib 0.10's
-# hook for that, `missed_heartbeat_callback`, fails with std::bad_cast.)
-_ALIVE = "lowrank_jax/alive/"
-_BEAT_S = 1.0
-
-
-def _client():
-  from jax._src import distributed
-
-  return distributed.global_state.client
-
-
-def _start_beating() -> None:
-  """A daemon thread bumps this process's counter in the coordination service every second."""
-  import threading
-  import time
-
-  client, key = _client(), f"{_ALIVE}{jax.process_index()}"
-
-  def beat():
-    while True:
-      try:
-        client.key_value_increment(key, 1)
-      except Exception:  # noqa: BLE001 -- the coordination service is gone: nothing to tell
-        return
-      time.sleep(_BEAT_S)
-
-  threading.Thread(target=beat, name="lowrank-alive", daemon=True).start()
-
-
-def lost_processes(watch_s: float = 5.0) -> list[int]:
-  """The other processes whose counters stopped moving over `watch_s` seconds (after a failed
-  collective: which peer is gone). Process 0 hosts the coordination service: when it cannot be
-  reached (or does not answer within a few seconds), process 0 is the one lost."""
-  import concurrent.futures
-  import time
-
-  if jax.process_count() == 1 or _client() is None:
-    return []
-
-  def counters():
-    return dict(_client().key_value_dir_get(_ALIVE))
-
-  pool = concurrent.futures.ThreadPoolExecutor(1)  # a call to a dead coordinator may hang: bounded here
-  try:
-    before = pool.submit(counters).result(timeout=10)
-    time.sleep(watch_s)
-    after = pool.submit(counters).result(timeout=10)
-  except Exception:  # noqa: BLE001 -- unreachable or silent coordinator
-    return [0] if jax.process_index() != 0 else []
-  finally:
-    pool.shutdown(wait=False)
-  return [i for i in range(jax.process_count())
-          if i != jax.process_index() and after.get(f"{_ALIVE}{i}") == before.get(f"{_ALIVE}{i}")]
 
 
 def gather_json(obj: Any) -> list[Any]:
