@@ -5,9 +5,12 @@
 SPEC: {"jobs": [{"kind": "train", "workdir": ..., "overrides": {...}, "out": "x.npz",
                  "copy_to": [dirs to copy the workdir to afterwards]},
                 {"kind": "memory", "overrides": {...}, "out": "x.json"},
-                {"kind": "collectives", "overrides": {...}, "out": "x.json"}]}
+                {"kind": "collectives", "overrides": {...}, "out": "x.json"},
+                {"kind": "updates", "overrides": {...}, "devices": n, "out": "x.npz"}],
+       "xla_flags": "more XLA_FLAGS (optional)"}
 Trained parameters go to `out` as flattened npz (key = path), with the summary beside it
 (`out`.json, written last: its presence means the job is complete).
+"updates" writes `train_helpers.optimizer_updates` on the first `devices` devices (all if absent).
 "collectives" writes the compiled step's collectives and the shapes of the LTE head and
 kernel variables (whole, and one device's block).
 """
@@ -19,7 +22,8 @@ import os
 import shutil
 import sys
 
-os.environ["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={int(sys.argv[1])}"
+os.environ["XLA_FLAGS"] = (f"--xla_force_host_platform_device_count={int(sys.argv[1])} "
+                           f"{json.loads(sys.argv[2]).get('xla_flags', '')}").strip()
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -30,7 +34,7 @@ from lowrank_jax.train import memory_report, train  # noqa: E402
 from lowrank_jax.train.checkpoint import Checkpointer  # noqa: E402
 from lowrank_jax.train.config import resolve, validate  # noqa: E402
 from lowrank_jax.train.setup import build_setup, vocab_size_of  # noqa: E402
-from train_helpers import tiny_config  # noqa: E402
+from train_helpers import optimizer_updates, tiny_config  # noqa: E402
 
 
 def final_params(config, workdir):
@@ -67,6 +71,10 @@ def main():
   for job in json.loads(sys.argv[2])["jobs"]:
     config = tiny_config(**job["overrides"])
     validate(config, num_devices=jax.device_count())
+    if job["kind"] == "updates":
+      np.savez(job["out"] + ".partial.npz", **optimizer_updates(config, job.get("devices")))
+      os.replace(job["out"] + ".partial.npz", job["out"])  # whole or absent
+      continue
     if job["kind"] in ("memory", "collectives"):
       with open(job["out"], "w") as f:
         json.dump(memory_report(config) if job["kind"] == "memory" else collectives(config), f)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import platform
 import signal
 import subprocess
 import sys
@@ -49,11 +50,12 @@ class _Worker:
   only takes longer, and a worker that dies is reported at once with its log.
   """
 
-  def __init__(self, devices: int, jobs: list[dict], log):
+  def __init__(self, devices: int, jobs: list[dict], log, xla_flags: str = ""):
     self.log = log
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    spec = json.dumps({"jobs": jobs, "xla_flags": xla_flags})
     with open(log, "w") as out:
-      self.proc = subprocess.Popen([sys.executable, str(WORKER), str(devices), json.dumps({"jobs": jobs})],
+      self.proc = subprocess.Popen([sys.executable, str(WORKER), str(devices), spec],
                                    cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT)
 
   def _failed(self) -> str:
@@ -220,17 +222,66 @@ def test_heads_spread_over_8_devices_equal_one_device_and_talk_only_at_merges(tm
              for s in c["shapes"])
 
 
-def test_fsdp_stores_an_eighth_per_device(tmp_path):
-  jobs = [{"kind": "memory", "overrides": {**BASE, "parallel.fsdp": fsdp, "model.tie_embeddings": False},
-           "out": str(tmp_path / f"fsdp_{fsdp}.json")} for fsdp in (False, True)]
-  _Worker(8, jobs, tmp_path / "worker.log").wait()
-  full = json.loads((tmp_path / "fsdp_False.json").read_text())
-  sharded = json.loads((tmp_path / "fsdp_True.json").read_text())
+# 8-bit states under FSDP, compared update for update (`train_helpers.optimizer_updates`: the
+# trainer's optimizer, shardings and refreshes on fixed gradients; the train step's gradient
+# all-reduce sums in another order on 8 devices, so trained parameters differ in the last bits
+# whatever the states). XLA:CPU contracts a * b + c into one FMA where both sit in one fusion,
+# and the FSDP program fuses the 8-bit update (dequantize, Adam, quantize) of the leaves split
+# along their last axis, the blocks' axis, otherwise than one device does: with FMA a few second
+# moments differ by one ulp (their block scales by 1e-7, a code now and then; parameters 1e-8).
+# Without FMA (x86: --xla_cpu_max_isa=AVX) the layouts agree bit for bit, which is what
+# catches a block scale taken per shard or a code placed on the wrong device.
+NO_FMA = "--xla_cpu_max_isa=AVX"
+EIGHT_BIT_FSDP = {**BASE, "optimizer.state_bits": 8, "parallel.fsdp": True}
+
+
+@pytest.fixture(scope="module")
+def fsdp_on_8_devices(request, tmp_path_factory):
+  """One 8-device worker (one JAX start-up) for the selected FSDP tests: the memory reports and
+  the 8-bit optimizer updates, on 8 devices and, as the reference, on the first one alone."""
+  selected = {getattr(item, "function", None) for item in request.session.items}
+  out = tmp_path_factory.mktemp("fsdp_on_8")
+  jobs = []
+  if request.module.test_fsdp_stores_an_eighth_per_device in selected:
+    jobs += [{"kind": "memory", "overrides": {**BASE, "parallel.fsdp": fsdp, "model.tie_embeddings": False},
+              "out": str(out / f"fsdp_{fsdp}.json")} for fsdp in (False, True)]
+  if request.module.test_8bit_states_under_fsdp_on_8_devices_equal_one_device_bitwise in selected:
+    jobs += [{"kind": "updates", "overrides": EIGHT_BIT_FSDP, "devices": n, "out": str(out / f"updates_on_{n}.npz")}
+             for n in (8, 1)]
+  x86 = platform.machine().lower() in ("x86_64", "amd64")
+  worker = _Worker(8, jobs, out / "worker.log", xla_flags=NO_FMA if x86 else "")
+  try:
+    worker.wait()
+  finally:
+    worker.stop()
+  return out, x86
+
+
+def test_fsdp_stores_an_eighth_per_device(fsdp_on_8_devices):
+  out, _ = fsdp_on_8_devices
+  full = json.loads((out / "fsdp_False.json").read_text())
+  sharded = json.loads((out / "fsdp_True.json").read_text())
   for key in ("params_bytes", "opt_state_bytes"):
     ratio = sharded[key] / full[key]
     # Exactly 1/8 for every sharded leaf; the few small leaves (norm scales, counters) stay whole.
     assert 1 / 8 <= ratio < 1 / 8 + 0.01, (key, ratio)
   assert sharded["argument_bytes"] < full["argument_bytes"] / 4
+
+
+def test_8bit_states_under_fsdp_on_8_devices_equal_one_device_bitwise(fsdp_on_8_devices):
+  """AdamW with 8-bit states (`optimizer.state_bits=8`), its parameters and state split over 8
+  devices by `parallel.fsdp`: three updates equal one device's, every parameter, code and block
+  scale bit for bit (without FMA contraction, see NO_FMA)."""
+  out, x86 = fsdp_on_8_devices
+  if not x86:
+    pytest.skip(f"bitwise only without FMA contraction, forced by {NO_FMA} (x86 only)")
+  on8, on1 = dict(np.load(out / "updates_on_8.npz")), dict(np.load(out / "updates_on_1.npz"))
+  assert on8.keys() == on1.keys()
+  codes = [key for key in on1 if key.endswith(".codes")]
+  assert len(codes) >= 2 * 14 and all(on1[key].dtype == np.uint8 and on1[key].any() for key in codes)  # mu, nu
+  assert [int(on1[key]) for key in on1 if key.endswith(".count")] == [3, 3]  # Adam's and the schedule's
+  for key in on1:
+    np.testing.assert_array_equal(on8[key], on1[key], err_msg=key)
 
 
 def test_checkpoint_from_8_devices_continues_on_1_and_4(tmp_path):
@@ -356,7 +407,8 @@ def _launch_two(workdir, *overrides, cache_dir, port: int):
   for pid in range(2):
     env = {**{k: v for k, v in os.environ.items() if k != "XLA_FLAGS"},
            "JAX_COORDINATOR_ADDRESS": f"127.0.0.1:{port}", "JAX_NUM_PROCESSES": "2", "JAX_PROCESS_ID": str(pid),
-           "XLA_FLAGS": "--xla_force_host_platform_device_count=2", "JAX_COMPILATION_CACHE_DIR": str(cache_dir)}
+           "XLA_FLAGS": "--xla_force_host_platform_device_count=2", "JAX_COMPILATION_CACHE_DIR": str(cache_dir),
+           "LOWRANK_LOST_AFTER_S": "10"}  # (30 s by default) a survivor blocked in a collective waits this long
     args = [sys.executable, str(REPO / "train.py"), "--config", str(REPO / "configs/llama_tiny_adamw.py"),
             "--workdir", str(workdir), "--config.train.progress_bar=False", *overrides]
     logs.append(workdir.parent / f"{workdir.name}.{len(list(workdir.parent.glob(workdir.name + '.*')))}.log")

@@ -72,12 +72,13 @@ def _cli(workdir, *overrides):
           "--workdir", str(workdir), "--config.train.progress_bar=False", *overrides]
 
 
-@pytest.mark.parametrize("weight_bits", [16, 8])  # 8: int8 weights, whose stochastic rounding must replay
-def test_resume_after_kill_9_equals_the_uninterrupted_run(tmp_path, weight_bits):
+def test_resume_after_kill_9_equals_the_uninterrupted_run(tmp_path):
+  """The real kill -9 (every method resumes bit for bit in tests/test_resume_every_method.py, int8
+  weights in tests/test_int8_train.py)."""
   # A constant lr: the schedule does not depend on train.steps, so the killed run can be asked for
   # far more steps than it will reach (no race with a slow test process) and resumed to a shorter end.
   common = {"optimizer.schedule": "constant", "train.checkpoint_every": 10, "train.eval_every": 20,
-            "train.log_every": 5, "model.weight_bits": weight_bits}
+            "train.log_every": 5}
   killed = tmp_path / "killed"
   args = [f"--config.{k}={v}" for k, v in {**common, "train.steps": 100000}.items()]
   log = tmp_path / "stderr.txt"

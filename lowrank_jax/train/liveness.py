@@ -25,7 +25,9 @@ import jax
 _ALIVE = "lowrank_jax/alive/"
 _DONE = "lowrank_jax/done/"
 BEAT_S = 1.0
-LOST_AFTER_S = 30.0  # silence that means a peer is gone (a loaded host can starve a thread for seconds)
+# Silence that means a peer is gone (a loaded host can starve a thread for seconds); the
+# environment variable LOWRANK_LOST_AFTER_S sets another.
+LOST_AFTER_S = float(os.environ.get("LOWRANK_LOST_AFTER_S", "30"))
 
 
 def _client():
