@@ -14,8 +14,9 @@ not donated (XLA allocates a fresh one; on CPU the host "copy" is a view of the
 buffer), so the step never overwrites what is being written. A write that
 fails is reported at that next wait, naming its step, but only after the
 tracebacks of its file writes that complete after it failed (printed by the
-storage library itself, through no hook Python offers): so the default is to write
-in the foreground, where a failure is the one line.
+storage library itself, through no hook Python offers; after a foreground failure
+they are waited for with stderr dropped): so the default is to write in the
+foreground, where a failure is the one line.
 
 A step that cannot be read back (a truncated or zeroed file) is moved aside to
 `<step>.corrupt-<time>`, never deleted, and the run resumes from the step before
@@ -70,6 +71,27 @@ def _quiet_stderr():
         text = held.read().decode(errors="replace")
         if text:
           sys.stderr.write(text)
+
+
+@contextlib.contextmanager
+def _dropped_stderr():
+  """Drop what is written to stderr (file descriptor 2, threads included) meanwhile."""
+  sys.stderr.flush()
+  saved, devnull = os.dup(2), os.open(os.devnull, os.O_WRONLY)
+  os.dup2(devnull, 2)
+  try:
+    yield
+  finally:
+    sys.stderr.flush()
+    os.dup2(saved, 2)
+    os.close(saved)
+    os.close(devnull)
+
+
+# After a write fails, its other file operations still complete and call back into the asyncio
+# loop orbax has closed; the storage library prints each such failure's traceback itself (no
+# Python hook reaches it). They come within milliseconds; this long they are waited for, unheard.
+_SETTLE_S = 1.0
 
 
 class _OrbaxThreadFailures(logging.Filter):
@@ -147,7 +169,9 @@ class Checkpointer:
 
   def _failed(self, step: int, error: BaseException) -> None:
     _mute_orbax_thread_failures()
-    self._remove_partial(step)
+    with _dropped_stderr():
+      time.sleep(_SETTLE_S)
+      self._remove_partial(step)
     previous = [s for s in self._manager.all_steps() if s != step]
     kept = f"step {max(previous)} is intact" if previous else "no earlier checkpoint"
     raise TrainingStopped(f"cannot write the checkpoint of step {step} in {self.directory} ({_reason(error)}); "
