@@ -40,9 +40,13 @@ def _others_done(client) -> set[str]:
   return {key[len(_DONE):] for key, _ in client.key_value_dir_get(_DONE)}
 
 
+_stderr = 2  # a copy of stderr taken at start: a save holds file descriptor 2 while it writes
+
+
 def start() -> None:
   """Beat and watch from a daemon thread (after `jax.distributed.initialize`)."""
-  client, me = _client(), jax.process_index()
+  global _stderr
+  client, me, _stderr = _client(), jax.process_index(), os.dup(2)
 
   def beat():
     changed: dict[str, tuple[str, float]] = {}  # process -> (its counter, when it last moved)
@@ -105,7 +109,9 @@ def exit_lost(reason: str, lost: list[int] | None = None) -> None:
   exit now (code 4): a normal exit would wait at the service's shutdown barrier for the dead peer."""
   lost = lost_processes() if lost is None else lost
   reason = " ".join(reason.split())[:200]
-  print(f"error: process {jax.process_index()} of {jax.process_count()} lost contact with process(es) "
-        f"{', '.join(map(str, lost)) or '(unknown)'} ({reason}); checkpoints already written are intact: relaunch "
-        "every process to resume from the newest", file=sys.stderr, flush=True)
+  line = (f"error: process {jax.process_index()} of {jax.process_count()} lost contact with process(es) "
+          f"{', '.join(map(str, lost)) or '(unknown)'} ({reason}); checkpoints already written are intact: "
+          "relaunch every process to resume from the newest\n")
+  sys.stderr.flush()
+  os.write(_stderr, ("\n" + line).encode())  # (a line of its own, whatever was half written)
   os._exit(4)
