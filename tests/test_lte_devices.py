@@ -3,7 +3,7 @@
 A named `jax.vmap` axis stands in for the devices: collectives (`psum`,
 `axis_size`) behave on it as on a `shard_map` / `pmap` axis, so one process checks
 that the per-device programs compute exactly what the all-heads-local ones do.
-The trainer on 8 real (host) devices is tested in test_parallel.py.
+The trainer on 8 real (host) devices is tested in test_parallel_8_devices.py.
 """
 
 from __future__ import annotations
