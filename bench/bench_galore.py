@@ -45,7 +45,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from _common import RESULTS, meta, set_dotted, write_json
+from _common import RESULTS, meta, offline_data, set_dotted, write_json
 from lowrank_jax import optim
 from lowrank_jax.optim import projection as P
 
@@ -270,6 +270,7 @@ def bench_state_1b():
   rows = []
   for name, overrides in STATE_CASES:
     config = llama_1b_galore.get_config()
+    offline_data(config)  # the recipe's T5 vocabulary, offline
     for key, value in overrides.items():
       set_dotted(config, key, value)
     run = resolve(config)

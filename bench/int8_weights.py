@@ -35,7 +35,7 @@ import tempfile
 import time
 from typing import Any
 
-from _common import RESULTS, ROOT, T5_VOCAB, load_config, meta, write_json
+from _common import OFFLINE_DATA, RESULTS, ROOT, T5_VOCAB, load_config, meta, write_json
 import quality
 
 METHODS = ("adamw", "galore", "apollo_mini")
@@ -123,7 +123,7 @@ def speed_config(args, bits: int):
   return load_config(os.path.join(ROOT, "configs", f"llama_{args.size}_adamw.py"), [
       f"model.size={args.size!r}", "model.dtype='bfloat16'", "model.param_dtype='bfloat16'",
       f"model.weight_bits={bits}", f"train.batch_size={args.batch}", "train.grad_accum=1",
-      f"data.seq_len={args.seq}"])
+      f"data.seq_len={args.seq}", *(f"{k}={v!r}" for k, v in OFFLINE_DATA.items())])
 
 
 class Stepper:

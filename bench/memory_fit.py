@@ -48,7 +48,7 @@ import subprocess
 import sys
 import time
 
-from _common import RESULTS, ROOT, T5_VOCAB, config_module, meta, set_dotted, write_json
+from _common import RESULTS, ROOT, config_module, offline_data, meta, set_dotted, write_json
 
 MiB, GiB = 2**20, 2**30
 
@@ -120,11 +120,6 @@ MODEL_METHODS = ("adamw", "galore", "osd", "lora")
 RANKS = {"1b": 512, "7b": 1024}
 
 
-def without_shared_data(config) -> None:
-  """No shared data on this machine (a lent GPU): the same vocabulary size from the built-in source."""
-  if not os.path.exists(os.path.join(ROOT, config.data.tokenizer)):
-    config.data.source = "synthetic"
-    config.data.synthetic.vocab_size = T5_VOCAB - 2  # + pad and eos
 
 
 def model_config(size: str, method: str, *, state_bits: int | None = None, tiny: bool = False,
@@ -137,7 +132,7 @@ def model_config(size: str, method: str, *, state_bits: int | None = None, tiny:
   config.data.seq_len = 256
   config.train.batch_size, config.train.grad_accum = 16, 1
   config.optimizer.clip_mode = "previous"
-  without_shared_data(config)
+  offline_data(config)
   rank = 16 if tiny else RANKS[size]
   if method in ("galore", "osd"):
     config.optimizer[method].rank = rank
@@ -205,7 +200,7 @@ def config_case(spec: dict) -> list[dict]:
   config = config_module(spec["config"]).get_config()
   for key, value in spec["overrides"].items():
     set_dotted(config, key, value)
-  without_shared_data(config)
+  offline_data(config)
   report = memory_report(config, spec["target"], only=tuple(spec["programs"]) if spec.get("programs") else None)
   row = {"section": "configs", "target": spec["target"], "config": spec["config"], "overrides": spec["overrides"],
          "method": config.optimizer.name, "weight_bits": config.model.weight_bits,

@@ -26,7 +26,7 @@ import time
 
 import numpy as np
 
-from _common import RESULTS, ROOT, meta, write_json
+from _common import OFFLINE_DATA, RESULTS, ROOT, config_module, meta, write_json
 from lowrank_jax.data import images
 
 GIB = 2**30
@@ -105,7 +105,7 @@ def main() -> None:
     for name in names:
       if name in rows:
         continue
-      extra = []
+      extra = [f"--config.{k}={v}" for k, v in OFFLINE_DATA.items()] if config_module(name).get_config().data.source == "hf" else []
       if name.startswith("vit_b16"):
         pathmnist = pathmnist or stand_in_pathmnist(tmp)
         extra = [f"--config.data.path={pathmnist}", "--config.data.eval_split=val"]

@@ -1,15 +1,26 @@
-"""Quality benchmark: every method against a tuned full-rank baseline on real text.
+"""Quality benchmark: every method against tuned full-rank baselines on real text.
 
 For each method (one per `configs/llama_tiny_<method>.py`, so a newly registered method with a
 tiny config appears here by itself) it sweeps the peak learning rate on a log grid around that
 config's own lr, picks the best lr on the validation loss, re-runs the best lr with more seeds,
-and reports eval loss, perplexity, the perplexity ratio to the best AdamW, the spread over
-seeds, tokens seen and wall time. Every run is the real trainer (`python train.py ...`) in a
-fresh process, so nothing here can differ from what a user runs.
+and reports eval loss, perplexity, the spread over seeds, tokens seen, wall time and three
+perplexity ratios: to the best AdamW, to the best AdamW with parameter groups, and to the fair
+baseline, the better of AdamW with groups and Muon (issue #30). AdamW with groups is AdamW whose
+embeddings, head and norms run at `s` times its lr (`optimizer.embed_lr_scale` and
+`other_lr_scale`), one entry `adamw_groups_x<s>` per factor in `--groups`, each swept over
+`--group_lrs`; the low-rank methods run their non-matrix leaves as plain Adam at their own, larger,
+lr, so their lead over plain AdamW is partly that. Every run is the real trainer (`python train.py
+...`) in a fresh process, so nothing here can differ from what a user runs.
 
-  python bench/quality.py --quick                 # C4 sample, byte tokens, ~22 min on 2 idle CPU cores
+  python bench/quality.py --quick                 # C4 sample, byte tokens, ~26 min on 2 idle CPU cores
   python bench/quality.py --quick --methods adamw,galore --steps 100
-  python bench/quality.py --full --budget_s 420   # GaLore paper protocol at 60m (GPU)
+  python bench/quality.py --small                 # 8.6M parameters (T5 vocabulary), 5 methods, ~55 min
+  python bench/quality.py --full                  # GaLore paper protocol at 60m (GPU)
+
+`--small` trains AdamW with groups, Muon, GaLore, APOLLO and LoRA once each at the lr (and group
+factor) the tiny sweep found best (read from `--tiny_report`, default the `--quick` report) on the
+tiny LLaMA blocks with the T5 vocabulary, and reports the Spearman rank correlation of the five
+methods' eval losses between the two scales: whether the ranking holds when the model grows.
 
 Writes bench/results/quality_<mode>.json and, with matplotlib installed (`pip install -e
 ".[bench]"`), bench/results/quality_<mode>.png: eval-loss curves of every method at its best lr.
@@ -62,6 +73,19 @@ MODES: dict[str, dict[str, Any]] = {
         "train.steps": 400,
         "train.eval_batches": 8,
     },
+    # Five methods once each at their tiny-tuned lr, about 55 minutes on two cores: the tiny blocks with
+    # the T5 vocabulary (8.6M parameters, 8.2M of them the embedding and head), 2M tokens of the C4 sample.
+    "small": {
+        "model.size": "tiny",
+        "data.source": "jsonl",
+        "data.path": os.path.join(SHARED, "c4", "train.jsonl"),
+        "data.eval_path": os.path.join(SHARED, "c4", "validation.jsonl"),
+        "data.tokenizer": os.path.join(SHARED, "tokenizers", "c4_t5_32k.model"),
+        "data.seq_len": 128,
+        "train.batch_size": 16,
+        "train.steps": 1000,
+        "train.eval_batches": 16,
+    },
     # The synthetic language, a handful of steps: the harness's own smoke test.
     "smoke": {
         "model.size": "tiny",
@@ -75,6 +99,75 @@ MODES: dict[str, dict[str, Any]] = {
 
 # Keys every run sets: no progress bar, no intermediate checkpoints.
 RUN_KEYS = {"train.progress_bar": False, "train.checkpoint_every": 0, "train.log_every": 5}
+
+# The fair baselines: the ratio column `x fair` divides by the lower perplexity of these.
+GROUPS_PREFIX = "adamw_groups"  # every `adamw_groups_x<s>` entry
+FAIR = (GROUPS_PREFIX, "muon")
+# --small: these methods, each at its best point of the tiny sweep.
+SMALL_METHODS = (GROUPS_PREFIX, "muon", "galore", "apollo", "lora")
+
+
+def group_variants(spec: str) -> dict[str, dict[str, float]]:
+  """`--groups` ("4,16", or "8:1" for embed 8, other 1) -> {name: the lr-group overrides}."""
+  out = {}
+  for item in filter(None, spec.split(",")):
+    embed, _, other = item.partition(":")
+    e, o = float(embed), float(other or embed)
+    name = f"{GROUPS_PREFIX}_x{e:g}" if e == o else f"{GROUPS_PREFIX}_e{e:g}_o{o:g}"
+    out[name] = {"optimizer.embed_lr_scale": e, "optimizer.other_lr_scale": o}
+  return out
+
+
+def family(name: str) -> str:
+  """The entry's fair-baseline family: every AdamW-with-groups variant counts as one method."""
+  return GROUPS_PREFIX if name.startswith(GROUPS_PREFIX) else name
+
+
+def best_of_family(results: dict[str, Any], name: str) -> str | None:
+  """The entry of `name`'s family with the lowest finite eval loss (None: none ran)."""
+  entries = [m for m in results if family(m) == name and math.isfinite(results[m].get("eval_loss") or math.inf)]
+  return min(entries, key=lambda m: results[m]["eval_loss"]) if entries else None
+
+
+def add_ratios(results: dict[str, Any]) -> dict[str, str]:
+  """Each entry's perplexity over AdamW's (`ppl_ratio_to_adamw`), the best AdamW with groups'
+  (`ppl_ratio_to_adamw_groups`) and the fair baseline's (`ppl_ratio_to_fair`), where those ran.
+  Returns {reference: the entry it is}."""
+  refs = {"adamw": "adamw" if "adamw" in results and math.isfinite(results["adamw"]["eval_ppl"]) else None,
+          "adamw_groups": best_of_family(results, GROUPS_PREFIX)}
+  fair = [m for m in (best_of_family(results, f) for f in FAIR) if m]
+  refs["fair"] = min(fair, key=lambda m: results[m]["eval_loss"]) if fair else None
+  for key, ref in refs.items():
+    if ref is not None:
+      for entry in results.values():
+        entry[f"ppl_ratio_to_{key}"] = entry["eval_ppl"] / results[ref]["eval_ppl"]
+  return {k: v for k, v in refs.items() if v}
+
+
+def ranks(values: list[float]) -> list[float]:
+  """1-based ranks, ties sharing their mean rank."""
+  order = sorted(range(len(values)), key=lambda i: values[i])
+  out = [0.0] * len(values)
+  i = 0
+  while i < len(order):
+    j = i
+    while j + 1 < len(order) and values[order[j + 1]] == values[order[i]]:
+      j += 1
+    for k in range(i, j + 1):
+      out[order[k]] = (i + j) / 2 + 1
+    i = j + 1
+  return out
+
+
+def spearman(a: list[float], b: list[float]) -> float:
+  """Spearman's rank correlation: Pearson's of the ranks (ties get their mean rank)."""
+  ra, rb = ranks(a), ranks(b)
+  n = len(a)
+  ma, mb = sum(ra) / n, sum(rb) / n
+  cov = sum((x - ma) * (y - mb) for x, y in zip(ra, rb))
+  sa = math.sqrt(sum((x - ma) ** 2 for x in ra))
+  sb = math.sqrt(sum((y - mb) ** 2 for y in rb))
+  return cov / (sa * sb) if sa and sb else math.nan
 
 
 def tiny_methods() -> dict[str, str]:
@@ -271,10 +364,7 @@ def sweep(methods: dict[str, str], mode: dict[str, Any], *, points: int, factor:
     entry["wall_s"] = sum(r["wall_s"] for r in entry["sweep"].values()) + sum(
         r["wall_s"] for r in entry.get("seeds", {}).values())
     entry["eval_curve"] = best.get("eval_curve", [])
-  if "adamw" in results and math.isfinite(results["adamw"]["eval_ppl"]):
-    ref = results["adamw"]["eval_ppl"]
-    for entry in results.values():
-      entry["ppl_ratio_to_adamw"] = entry["eval_ppl"] / ref
+  add_ratios(results)
   return results
 
 
@@ -290,18 +380,43 @@ def _strict(value: Any) -> Any:
 
 
 def table(results: dict[str, Any]) -> str:
-  rows = ["| method | best lr | eval loss (mean of seeds) | perplexity | x AdamW | seed spread (loss) | "
-          "tokens | wall |", "|---|---|---|---|---|---|---|---|"]
+  ratios = ("adamw", "adamw_groups", "fair")
+  rows = ["| method | best lr | eval loss (mean of seeds) | perplexity | x AdamW | x AdamW+groups | x fair | "
+          "seed spread (loss) | tokens | wall |", "|---|---|---|---|---|---|---|---|---|---|"]
   order = sorted(results, key=lambda m: (m != "adamw", results[m]["eval_loss"]))
   for m in order:
     e = results[m]
     edge = " (edge)" if e["best_at_edge"] else ""
-    ratio = e.get("ppl_ratio_to_adamw")
+    cells = [f"{e[f'ppl_ratio_to_{r}']:.3f}" if f"ppl_ratio_to_{r}" in e else "-" for r in ratios]
     spread = e["seed_spread"]
     rows.append(f"| {m} | {e['best_lr']:.3g}{edge} | {e['eval_loss']:.4f} | {e['eval_ppl']:.3f} | "
-                f"{'-' if ratio is None else f'{ratio:.3f}'} | {'-' if spread is None else f'{spread:.4f}'} | "
+                f"{' | '.join(cells)} | {'-' if spread is None else f'{spread:.4f}'} | "
                 f"{e['tokens']:,} | {e['wall_s']:.0f}s |")
   return "\n".join(rows)
+
+
+def small_methods(tiny: dict[str, Any], names: list[str]) -> tuple[dict, dict, dict]:
+  """--small's methods (`names`, default SMALL_METHODS), each at its best point of the tiny report
+  `tiny` (AdamW with groups: its best variant's lr and factors): their configs, overrides, lrs."""
+  methods, variants, grids = {}, {}, {}
+  for name in names or SMALL_METHODS:
+    best = best_of_family(tiny, name)
+    if best is None:
+      raise SystemExit(f"--small: the tiny report has no finished {name!r} entry")
+    methods[name] = os.path.join(ROOT, tiny[best]["config"])
+    variants[name] = dict(tiny[best].get("overrides") or {})
+    grids[name] = [float(tiny[best]["best_lr"])]
+  return methods, variants, grids
+
+
+def rank_agreement(tiny: dict[str, Any], small: dict[str, Any]) -> dict[str, Any]:
+  """The methods' eval losses at both scales, their ranks, and Spearman's correlation of the two."""
+  names = [m for m in small if math.isfinite(small[m]["eval_loss"]) and best_of_family(tiny, m)]
+  a = [tiny[best_of_family(tiny, m)]["eval_loss"] for m in names]
+  b = [small[m]["eval_loss"] for m in names]
+  return {"methods": names, "tiny_entries": [best_of_family(tiny, m) for m in names], "tiny_eval_loss": a,
+          "small_eval_loss": b, "tiny_rank": ranks(a), "small_rank": ranks(b),
+          "spearman": spearman(a, b) if len(names) > 1 else math.nan}
 
 
 def plot(results: dict[str, Any], path: str, title: str) -> bool:
@@ -356,8 +471,17 @@ def main(argv: list[str] | None = None) -> int:
   group = parser.add_mutually_exclusive_group()
   group.add_argument("--quick", action="store_const", dest="mode", const="quick", help="C4 sample, CPU (default)")
   group.add_argument("--full", action="store_const", dest="mode", const="full", help="60m protocol, GPU")
+  group.add_argument("--small", action="store_const", dest="mode", const="small",
+                     help=f"{', '.join(SMALL_METHODS)} at their tiny-tuned lr on an 8.6M-parameter model, CPU")
   group.add_argument("--smoke", action="store_const", dest="mode", const="smoke", help="harness self-test")
-  parser.add_argument("--methods", default="", help="comma list (default: every configs/llama_tiny_*.py)")
+  parser.add_argument("--methods", default="", help="comma list (default: every configs/llama_tiny_*.py and "
+                      f"the {GROUPS_PREFIX}_* entries; {GROUPS_PREFIX} names them all)")
+  parser.add_argument("--groups", default="4,16",
+                      help=f"the {GROUPS_PREFIX}_x<s> entries: AdamW with embeddings, head and norms at s x lr; "
+                           "'e:o' sets the embedding-and-head and the other factor apart, e.g. '8:1'")
+  parser.add_argument("--group_lrs", default="1.5e-3,3e-3", help=f"the learning rates of the {GROUPS_PREFIX} grid")
+  parser.add_argument("--tiny_report", default=os.path.join(RESULTS, "quality_quick.json"),
+                      help="--small: the tiny sweep whose best lr per method it runs")
   parser.add_argument("--variant", action="append", default=[],
                       help="NAME=METHOD:key=value;key=value adds a method variant, e.g. "
                            "'adamw_8bit=adamw:optimizer.state_bits=8' (repeatable)")
@@ -368,9 +492,11 @@ def main(argv: list[str] | None = None) -> int:
   parser.add_argument("--factor", type=float, default=2.0, help="ratio between neighbouring learning rates")
   parser.add_argument("--extend", type=int, default=2,
                       help="times a method whose best lr is at its grid's edge gets one more lr beyond it")
-  parser.add_argument("--seeds", type=int, default=2, help="seeds at the best lr (>= 1)")
+  parser.add_argument("--seeds", type=int, default=None, help="seeds at the best lr (>= 1; default 2, --small 1)")
   parser.add_argument("--steps", type=int, default=0, help="override the mode's train.steps")
-  parser.add_argument("--jobs", type=int, default=2, help="runs side by side (one XLA thread each when > 1)")
+  parser.add_argument("--jobs", type=int, default=None,
+                      help="runs side by side (one XLA thread each when > 1; default 2, --small 1: its five runs "
+                           "take as long one at a time on both cores as two at a time on one core each)")
   parser.add_argument("--out", default=RESULTS, help="output folder")
   parser.add_argument("--name", default="", help="output file stem (default quality_<mode>)")
   parser.add_argument("--resume", action="store_true",
@@ -391,11 +517,19 @@ def main(argv: list[str] | None = None) -> int:
   mode = dict(MODES[mode_name])
   if args.steps:
     mode["train.steps"] = args.steps
+  if args.seeds is None:
+    args.seeds = 1 if mode_name == "small" else 2
+  if args.jobs is None:
+    args.jobs = 1 if mode_name == "small" else 2
   available = tiny_methods()
+  groups = group_variants(args.groups)
+  available.update({name: available["adamw"] for name in groups})
   chosen = [m for m in args.methods.split(",") if m] or list(available)
+  chosen = [g for m in chosen for g in (groups if m == GROUPS_PREFIX else [m])]
   unknown = [m for m in chosen if m not in available]
   if unknown:
-    parser.error(f"--methods: no configs/llama_tiny_<method>.py for {unknown} (valid choices: {sorted(available)})")
+    parser.error(f"--methods: no configs/llama_tiny_<method>.py for {unknown} (valid choices: "
+                 f"{sorted(available)} and {GROUPS_PREFIX})")
   if args.points < 2 or args.seeds < 1 or args.jobs < 1 or args.factor <= 1 or args.extend < 0:
     parser.error("--points >= 2, --seeds >= 1, --jobs >= 1, --extend >= 0 and --factor > 1 are required")
   if mode.get("data.source") == "jsonl" and not os.path.exists(mode["data.path"]):
@@ -429,7 +563,7 @@ def main(argv: list[str] | None = None) -> int:
     return result
 
   methods = {m: available[m] for m in chosen}
-  variants: dict[str, dict[str, str]] = {}
+  variants: dict[str, dict[str, Any]] = {m: groups[m] for m in chosen if m in groups}
   for spec in args.variant:
     name, _, rest = spec.partition("=")
     method, _, keys = rest.partition(":")
@@ -437,7 +571,15 @@ def main(argv: list[str] | None = None) -> int:
       parser.error(f"--variant {spec!r}: expected NAME=METHOD:key=value;... with METHOD one of {sorted(available)}")
     methods[name] = available[method]
     variants[name] = dict(kv.split("=", 1) for kv in keys.split(";") if kv)
-  grids = {}
+  grids = {m: [float(x) for x in args.group_lrs.split(",") if x] for m in chosen if m in groups}
+  tiny = None
+  if mode_name == "small":
+    if not os.path.exists(args.tiny_report):
+      parser.error(f"--small runs each method at its best lr of the tiny sweep: {args.tiny_report} is missing "
+                   "(run python bench/quality.py --quick first, or pass --tiny_report)")
+    with open(args.tiny_report) as f:
+      tiny = json.load(f)["methods"]
+    methods, variants, grids = small_methods(tiny, [m for m in args.methods.split(",") if m])
   for item in filter(None, args.grid.split(",")):
     name, _, lrs = item.partition("=")
     if name not in methods:
@@ -445,7 +587,8 @@ def main(argv: list[str] | None = None) -> int:
     grids[name] = [float(x) for x in lrs.split("/")]
   info = meta(args)
   start, load_at_start = time.perf_counter(), os.getloadavg()
-  print(f"quality ({mode_name}): {len(methods)} methods x {args.points} lrs + {args.seeds - 1} extra seed(s); "
+  swept = "at their tiny-tuned lr" if tiny is not None else f"x {args.points} lrs (or their --grid)"
+  print(f"quality ({mode_name}): {len(methods)} methods {swept} + {args.seeds - 1} extra seed(s); "
         f"{mode['train.steps']} steps of {mode['train.batch_size']} x {mode['data.seq_len']} tokens")
   try:
     results = sweep(methods, mode, points=args.points, factor=args.factor, seeds=args.seeds, runner=runner,
@@ -458,16 +601,24 @@ def main(argv: list[str] | None = None) -> int:
   cpu = sum(r.get("cpu_s", 0.0) for r in runs)
   load = os.getloadavg()
   print(table(results))
-  print(f"{len(runs)} runs in {total:.0f}s wall; their CPU time {cpu:.0f}s, i.e. about {cpu / args.jobs:.0f}s "
-        f"on {args.jobs} idle cores; load average at the end {load[0]:.1f} (1 min), {load[2]:.1f} (15 min)")
+  agreement = None
+  if tiny is not None:
+    agreement = rank_agreement(tiny, results)
+    print(f"ranking tiny -> small over {', '.join(agreement['methods'])}: Spearman {agreement['spearman']:.3f}")
+  cores = args.jobs if args.jobs > 1 else os.cpu_count() or 1  # one job runs XLA on every core
+  print(f"{len(runs)} runs in {total:.0f}s wall; their CPU time {cpu:.0f}s, i.e. about {cpu / cores:.0f}s "
+        f"on {cores} idle cores; load average at the end {load[0]:.1f} (1 min), {load[2]:.1f} (15 min)")
   for m, e in results.items():
     if e["best_at_edge"]:
       print(f"note: {m}'s best lr {e['best_lr']:.3g} is at the edge of its grid {e['grid']}")
   report = {"mode": mode_name, "settings": mode, "points": args.points, "factor": args.factor,
             "seeds": args.seeds, "extend": args.extend, "jobs": args.jobs, "runs": len(runs), "wall_s": total,
-            "cpu_s": cpu, "idle_estimate_s": cpu / args.jobs, "load_at_start": load_at_start, "load_at_end": load, "cpus": os.cpu_count(),
+            "cpu_s": cpu, "idle_estimate_s": cpu / cores, "load_at_start": load_at_start, "load_at_end": load,
+            "cpus": os.cpu_count(),
             "command": " ".join(["python", "bench/quality.py", *(argv if argv is not None else sys.argv[1:])]),
-            "methods": results}
+            "references": add_ratios(results), "methods": results}
+  if agreement is not None:
+    report["rank_agreement"] = agreement
   write_json(os.path.join(args.out, stem + ".json"), _strict(report), meta=info)
   plot_sweep(results, os.path.join(args.out, stem + "_lr.png"), f"{mode['model.size']} LLaMA, lr sweep per method")
   if plot(results, os.path.join(args.out, stem + ".png"),

@@ -3,16 +3,19 @@
 Sequence 256, a total batch of 512 sequences, AdamW-style cosine schedule with
 10% warmup decaying to 0.1x, bfloat16 weights, the T5 C4 SentencePiece vocabulary.
 
-The data paths default to the team's shared sample (`../shared/data`, relative to
-the repository). For the real corpus point them at your own copies:
-  --config.data.data_dir=~/tensorflow_datasets   (holding c4/en/3.1.0, prepared by TFDS)
-  --config.data.tokenizer=/path/to/c4_t5_32k.model
-or train on JSON lines with --config.data.source=jsonl --config.data.path=... .
+The data: C4 English streamed from the Hugging Face Hub (`allenai/c4`, config `en`; nothing
+is downloaded ahead) with the T5 vocabulary by its Hub id (`google-t5/t5-base`, the tokenizer
+GaLore used), so a fresh clone needs no data beside it. Other ways:
+  --config.data.preset=sample   the C4 sample shipped in the package (300 documents) with its
+                                T5 SentencePiece model (T5's pieces plus a BOS, so ids shift
+                                by one): a quick check on one machine, no network
+  --config.data.source=tfds --config.data.data_dir=~/tensorflow_datasets
+                                a prepared c4/en:3.1.0 (TFDS); set data.tokenizer to a local
+                                c4_t5_32k.model when offline
+  --config.data.source=jsonl --config.data.path=... --config.data.eval_path=...   JSON lines
 """
 
 from configs import base
-
-SHARED = "../shared/data"
 
 
 def get_config(size: str, steps: int):
@@ -20,10 +23,10 @@ def get_config(size: str, steps: int):
   config.model.size = size
   config.model.dtype = "bfloat16"
   config.model.param_dtype = "bfloat16"
-  config.data.source = "tfds"
-  config.data.tfds_name = "c4/en:3.1.0"
-  config.data.data_dir = f"{SHARED}/tfds"
-  config.data.tokenizer = f"{SHARED}/tokenizers/c4_t5_32k.model"
+  config.data.source = "hf"
+  config.data.hf.path = "allenai/c4"
+  config.data.hf.name = "en"  # streamed (data.hf.streaming auto: a Hub id), not its 305 GB downloaded first
+  config.data.tokenizer = "google-t5/t5-base"
   config.data.seq_len = 256
   config.train.steps = steps
   config.train.batch_size = 512

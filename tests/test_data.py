@@ -1,12 +1,13 @@
 """Tests of lowrank_jax.data against independent computations.
 
-Real-data tests read ``../shared/data`` (relative to the repository) and skip
-when it is absent.
+Real-data tests read the sample shipped in the package (``lowrank_jax.data.samples``:
+C4 documents as JSON lines and as a TFDS directory, the T5 vocabulary, a GPT-2-format BPE).
 """
 
 from __future__ import annotations
 
 import gzip
+import hashlib
 import json
 import math
 import pickle
@@ -18,36 +19,28 @@ import numpy as np
 import pytest
 
 from lowrank_jax import data as D
-from lowrank_jax.data import tfrecord
+from lowrank_jax.data import samples, tfrecord
 
-SHARED = Path(__file__).resolve().parents[1] / ".." / "shared" / "data"
-C4_TRAIN = SHARED / "c4" / "train.jsonl"
-C4_VALID = SHARED / "c4" / "validation.jsonl"
-TFDS_DIR = SHARED / "tfds"
-T5_MODEL = SHARED / "tokenizers" / "c4_t5_32k.model"
-
-
-def _need(path: Path) -> Path:
-  if not path.exists():
-    pytest.skip(f"shared data not available: {path}")
-  return path
+C4_TRAIN = samples.C4_TRAIN
+C4_VALID = samples.C4_VALIDATION
+TFDS_DIR = samples.TFDS_DIR
+T5_MODEL = samples.T5_TOKENIZER
 
 
 @pytest.fixture(scope="module")
 def t5():
-  return D.SentencePieceTokenizer(_need(T5_MODEL))
+  return D.SentencePieceTokenizer(T5_MODEL)
 
 
 @pytest.fixture(scope="module")
 def c4_train_texts():
-  with open(_need(C4_TRAIN), encoding="utf-8") as f:
+  with open(C4_TRAIN, encoding="utf-8") as f:
     return [json.loads(line)["text"] for line in f if line.strip()]
 
 
 @pytest.fixture(scope="module")
 def tfds_train():
-  pytest.importorskip("tensorflow_datasets")
-  return D.TfdsSource("c4/en:3.1.0", "train", data_dir=_need(TFDS_DIR))
+  return D.TfdsSource("c4/en:3.1.0", "train", data_dir=TFDS_DIR)
 
 
 def _id_tokenizer(vocab_size):
@@ -115,6 +108,84 @@ def test_make_tokenizer_choices_and_errors(tmp_path):
   assert str(missing) in msg and "'byte'" in msg and ".model" in msg
 
 
+# GPT-2's pre-tokenizer pattern (its encoder.py), written out here rather than
+# taken from the package.
+_GPT2_PATTERN = (r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+"""
+                 r"""| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+""")
+
+
+def _gpt2_bytes_to_unicode():
+  """GPT-2's printable stand-in character for each byte (its encoder.py)."""
+  bs = (list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1))
+        + list(range(ord("®"), ord("ÿ") + 1)))
+  cs, n = bs[:], 0
+  for b in range(256):
+    if b not in bs:
+      bs.append(b)
+      cs.append(256 + n)
+      n += 1
+  return {b: chr(c) for b, c in zip(bs, cs)}
+
+
+def _gpt2_bpe(text, vocab, merges):
+  """GPT-2's byte-pair encoding in plain Python: split with its pattern, map
+  bytes to stand-ins, merge the adjacent pair of lowest merge rank until none
+  is a merge."""
+  import regex
+  ranks = {pair: r for r, pair in enumerate(merges)}
+  to_char = _gpt2_bytes_to_unicode()
+  ids = []
+  for piece in regex.findall(_GPT2_PATTERN, text):
+    parts = [to_char[b] for b in piece.encode("utf-8")]
+    while len(parts) > 1:
+      pair_rank = [ranks.get((a, b), math.inf) for a, b in zip(parts, parts[1:])]
+      best = int(np.argmin(pair_rank))
+      if pair_rank[best] == math.inf:
+        break
+      parts[best:best + 2] = [parts[best] + parts[best + 1]]
+    ids.extend(vocab[p] for p in parts)
+  return ids
+
+
+def test_shipped_gpt2_format_bpe_encodes_as_gpt2s_algorithm():
+  spec = json.loads(samples.GPT2_TOKENIZER.read_text(encoding="utf-8"))
+  model = spec["model"]
+  assert model["type"] == "BPE" and spec["pre_tokenizer"]["type"] == "ByteLevel"
+  merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m)
+            for m in model["merges"]]
+  tok = D.make_tokenizer(str(samples.GPT2_TOKENIZER))
+  assert isinstance(tok, D.HFTokenizer)
+  # GPT-2's layout: 256 byte stand-ins, the merges, <|endoftext|> last (EOS).
+  assert len(model["vocab"]) == 256 + len(merges) == 4095
+  assert (tok.vocab_size, tok.eos_id, tok.pad_id) == (4096, 4095, 4095)
+  assert sorted(model["vocab"].values()) == list(range(4095))
+  with open(C4_VALID, encoding="utf-8") as f:  # documents it was not trained on
+    texts = [json.loads(line)["text"] for line in f][:4]
+  texts.append("Grüße, 世界!\t 42 times  \n\n it's  ok\r\n")
+  for text in texts:
+    ids = tok.encode(text)
+    assert ids.tolist() == _gpt2_bpe(text, model["vocab"], merges)
+    assert tok.decode(ids) == text
+  assert len(tok.encode(texts[0])) < 0.5 * len(texts[0].encode())  # it merges
+
+
+def test_shipped_sample_matches_its_readme():
+  # The README's sha256 list names every data file, and the files are unchanged.
+  readme = (samples.SAMPLE_DIR / "README.md").read_text(encoding="utf-8")
+  block = readme.split("## sha256")[1].split("```")[1]
+  listed = dict(line.split()[::-1] for line in block.strip().splitlines())
+  files = {p.relative_to(samples.SAMPLE_DIR).as_posix(): p
+           for p in samples.SAMPLE_DIR.rglob("*")
+           if p.is_file() and p.suffix not in (".md", ".py", ".pyc")}
+  assert sorted(listed) == sorted(files)
+  for name, path in files.items():
+    assert hashlib.sha256(path.read_bytes()).hexdigest() == listed[name], name
+  assert sum(p.stat().st_size for p in files.values()) < 4e6  # the size budget
+  for path in (samples.C4_TRAIN, samples.C4_VALIDATION, samples.T5_TOKENIZER,
+               samples.GPT2_TOKENIZER, samples.TFDS_DIR / "c4/en/3.1.0"):
+    assert path.exists()
+
+
 # ------------------------------------------------------------- line sources
 
 
@@ -122,9 +193,9 @@ def test_jsonl_source_on_c4(c4_train_texts):
   src = D.JsonlSource(str(C4_TRAIN))
   with open(C4_TRAIN, encoding="utf-8") as f:
     lines = [line for line in f if line.strip()]
-  assert len(src) == len(lines) == len(c4_train_texts) == 2300
+  assert len(src) == len(lines) == len(c4_train_texts) == 300
   rng = np.random.default_rng(0)
-  for i in [0, 1, 1234, len(lines) - 1, *rng.integers(len(lines), size=20)]:
+  for i in [0, 1, 123, len(lines) - 1, *rng.integers(len(lines), size=20)]:
     assert src[int(i)] == json.loads(lines[i])["text"]
   assert src[-1] == c4_train_texts[-1]
   with pytest.raises(IndexError):
@@ -203,19 +274,21 @@ def test_text_source(tmp_path):
 
 
 def test_tfds_source_matches_jsonl(tfds_train, c4_train_texts):
-  # The prepared train split holds documents 1000..1999 of c4/train.jsonl,
-  # in order; validation is exactly c4/validation.jsonl.
-  assert len(tfds_train) == 1000
-  assert [tfds_train[i] for i in range(1000)] == c4_train_texts[1000:2000]
+  # The prepared train split holds the first 125 documents of c4/train.jsonl,
+  # in order, in shards of 70 and 55; validation the first 50 of
+  # c4/validation.jsonl.
+  assert tfds_train._records.shard_lengths == [70, 55]
+  assert len(tfds_train) == 125
+  assert [tfds_train[i] for i in range(125)] == c4_train_texts[:125]
   valid = D.TfdsSource("c4/en", "validation", data_dir=str(TFDS_DIR))
   assert valid.directory.endswith("3.1.0")  # newest version when omitted
-  with open(_need(C4_VALID), encoding="utf-8") as f:
+  with open(C4_VALID, encoding="utf-8") as f:
     valid_texts = [json.loads(line)["text"] for line in f]
-  assert len(valid) == 200
-  assert [valid[i] for i in (199, 0, 100, 99)] == [
-      valid_texts[i] for i in (199, 0, 100, 99)]
+  assert len(valid) == 50
+  assert [valid[i] for i in (49, 0, 25, 24)] == [
+      valid_texts[i] for i in (49, 0, 25, 24)]
   clone = pickle.loads(pickle.dumps(valid))
-  assert clone[150] == valid_texts[150]
+  assert clone[37] == valid_texts[37]
 
 
 def test_tfds_source_errors(tmp_path, tfds_train):
@@ -251,8 +324,8 @@ def test_tfds_source_array_record_dir(tmp_path, tfds_train):
   info["fileFormat"] = "array_record"
   (dst / "dataset_info.json").write_text(json.dumps(info))
   src = D.TfdsSource("c4/en:3.1.0", "train", data_dir=str(tmp_path))
-  assert src._records is None and len(src) == 1000
-  for i in (0, 124, 125, 999, 517):
+  assert src._records is None and len(src) == 125
+  for i in (0, 69, 70, 124, 97):
     assert src[i] == tfds_train[i]
 
 
@@ -260,13 +333,13 @@ def test_tfds_missing_package_message(monkeypatch):
   import sys
   monkeypatch.setitem(sys.modules, "tensorflow_datasets", None)
   with pytest.raises(ImportError, match=r"pip install 'lowrank-jax\[tfds\]'"):
-    D.TfdsSource("c4/en:3.1.0", "train", data_dir=str(_need(TFDS_DIR)))
+    D.TfdsSource("c4/en:3.1.0", "train", data_dir=str(TFDS_DIR))
 
 
 def test_tfrecord_reader_rejects_truncated_shard(tmp_path, tfds_train):
   shard = tfds_train._records.paths[0]
   offsets, lengths = tfrecord.index_records(shard)
-  assert len(offsets) == 125
+  assert len(offsets) == 70
   cut = tmp_path / "cut.tfrecord"
   cut.write_bytes(Path(shard).read_bytes()[:int(offsets[-1]) + 5])
   with pytest.raises(ValueError, match="truncated|past the end"):
@@ -277,7 +350,7 @@ def test_jsonl_and_tfds_give_same_packed_tokens(tmp_path, tfds_train, t5):
   # A jsonl of the same documents, copied from the raw c4 lines (not from
   # TfdsSource), in TFDS order.
   with open(C4_TRAIN, encoding="utf-8") as f:
-    lines = f.readlines()[1000:2000]
+    lines = f.readlines()[:125]
   same = tmp_path / "same.jsonl"
   same.write_text("".join(lines), encoding="utf-8")
   jsonl = D.JsonlSource(same)
@@ -361,7 +434,7 @@ def test_exact_resume_across_epochs(num_threads):
 
 def test_resume_synthetic_and_real(t5):
   lang = D.SyntheticLanguage(vocab_size=32, seed=2)
-  src = D.JsonlSource(_need(C4_VALID))
+  src = D.JsonlSource(C4_VALID)
   for source, tok in [(lang, lang.tokenizer), (src, t5)]:
     make = lambda: D.make_train_iterator(source, tok, seq_len=64,
                                          batch_size=2, seed=7)

@@ -4,16 +4,13 @@ from __future__ import annotations
 
 import json
 import pickle
-from pathlib import Path
 
 import numpy as np
 import pytest
 
 from lowrank_jax import data as D
-from lowrank_jax.data import text_files
+from lowrank_jax.data import samples, text_files
 from lowrank_jax.data.errors import DataError, DataFileError
-
-SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 
 
 def _records(n: int) -> str:
@@ -91,10 +88,8 @@ def test_errors_keep_their_fields_through_pickle():
   assert (str(e), e.argument) == ("no such feature", "text_key")
 
 
-@pytest.mark.skipif(not (SHARED / "tfds").is_dir(), reason="needs ../shared/data/tfds")
 def test_tfds_names_the_argument_at_fault():
-  pytest.importorskip("tensorflow_datasets")
-  directory = SHARED / "tfds"
+  directory = samples.TFDS_DIR
   with pytest.raises(DataError) as info:
     D.TfdsSource("c4/en:3.1.0", split="train", data_dir=directory, text_key="body")
   assert info.value.argument == "text_key" and "'body'" in str(info.value)

@@ -54,6 +54,7 @@ METHODS = {
     "apollo": ({"optimizer.apollo.rank": 16, "optimizer.apollo.update_proj_gap": PERIOD}, PERIOD),
     "apollo_mini": ({"optimizer.apollo_mini.update_proj_gap": PERIOD}, PERIOD),
     "fira": ({"optimizer.fira.rank": 16, "optimizer.fira.update_proj_gap": PERIOD}, PERIOD),
+    "muon": ({}, None),  # its momentum and AdamW's moments on the rest
 }
 # Beyond the methods: VeLoRA's compressed layers (their v is set by the first batch and kept
 # in the checkpoint's `rest`) and 8-bit states. GaLore's 8-bit state holds both kinds of coded
@@ -64,7 +65,13 @@ EXTRA = {
     "velora": ({"optimizer.name": "adamw", "model.velora.layers": "o:8,down:8"}, None),
     "galore_8bit": ({"optimizer.name": "galore", "optimizer.state_bits": 8, "optimizer.galore.rank": 32,
                      "optimizer.galore.update_proj_gap": PERIOD}, PERIOD),
+    # Muon's momentum coded in 8 bits beside AdamW's moments of the embedding and head (the parameter
+    # groups on: their chain around the state resumes too).
+    "muon_8bit": ({"optimizer.name": "muon", "optimizer.state_bits": 8, "optimizer.embed_lr_scale": 2.0,
+                   "optimizer.other_lr_scale": 0.5}, None),
 }
+# Where each 8-bit case must hold coded moments (names in the checkpoint's state paths).
+CODED = {"galore_8bit": {"dense_state", "lowrank_state"}, "muon_8bit": {"muon", "adam"}}
 CASES = {**{name: ({"optimizer.name": name, **extra}, period) for name, (extra, period) in METHODS.items()}, **EXTRA}
 
 
@@ -151,7 +158,7 @@ def test_resume_equals_the_uninterrupted_run_bit_for_bit(tmp_path, monkeypatch, 
   if overrides.get("optimizer.state_bits") == 8:
     codes = {jax.tree_util.keystr(path): x for path, x in jax.tree_util.tree_flatten_with_path(a["opt_state"])[0]
              if "codes" in jax.tree_util.keystr(path)}
-    assert {"dense_state", "lowrank_state"} <= {k for path in codes for k in path.split("'")}, codes.keys()
+    assert CODED[case] <= {k for path in codes for k in path.split("'")}, codes.keys()
     assert all(x.dtype.itemsize == 1 for x in codes.values()), "no 8-bit moment in the state"
   if "model.velora.layers" in overrides:
     assert "rest" in a

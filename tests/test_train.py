@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
 import signal
@@ -13,11 +14,12 @@ import jax
 import numpy as np
 import pytest
 
+from lowrank_jax.data import samples
 from lowrank_jax.train import ConfigError, memory_report, resolve, train
 from lowrank_jax.train import loop as loop_lib
 from lowrank_jax.train.model import build_model
 from lowrank_jax.train.setup import build_setup, init_state
-from train_helpers import REPO, SHARED, saved_params, tiny_config
+from train_helpers import REPO, saved_params, tiny_config
 
 
 def _records(workdir):
@@ -155,28 +157,38 @@ C4_METHODS = {
     "velora": ("llama_tiny_velora", {}),
     "mhlora": ("llama_tiny_mhlora", {}),
 }
+# A short run on the shipped C4 sample: 30 steps of 8 x 64 tokens.
+C4_RUN = {"data.seq_len": 64, "train.batch_size": 8, "train.steps": 30, "train.log_every": 1,
+          "train.eval_batches": 2, "train.eval_every": 0, "train.checkpoint_every": 0}
 
 
-@pytest.mark.parametrize("source,method", [("tfds", "adamw")] + [("jsonl", m) for m in C4_METHODS])
+def _trained_on_c4(workdir, summary, vocab: int, drop: float) -> None:
+  """The loss starts near uniform over the padded vocabulary and falls by `drop` in the run."""
+  losses = [r["loss"] for r in _records(workdir) if "loss" in r]
+  assert abs(losses[0] - np.log(vocab)) < 0.5
+  assert np.mean(losses[-5:]) < losses[0] - drop, losses
+  assert np.isfinite(summary["eval_loss"])
+
+
+# jsonl + adamw + the T5 vocabulary: test_data_preset_sample_trains_on_the_shipped_c4.
+@pytest.mark.parametrize("source,method", [("tfds", "adamw")] + [("jsonl", m) for m in C4_METHODS if m != "adamw"])
 def test_tiny_configs_train_on_the_c4_sample(tmp_path, source, method):
-  if not SHARED.exists():
-    pytest.skip("shared C4 sample not present")
   import importlib
 
   name, extra = C4_METHODS[method]
   config = importlib.import_module(f"configs.{name}").get_config()
   config.train.progress_bar = False
   # The per-method runs use the byte tokenizer on the C4 text (a 32k-word head would make the
-  # tiny model ten times slower); adamw also runs the T5 vocabulary, from jsonl and from TFDS.
-  tokenizer = str(SHARED / "tokenizers" / "c4_t5_32k.model") if method == "adamw" else "byte"
+  # tiny model ten times slower), GaLore the shipped 4k GPT-2-format BPE (the Hugging Face
+  # tokenizer.json path); TFDS runs the T5 vocabulary.
+  tokenizer = {"adamw": samples.T5_TOKENIZER, "galore": samples.GPT2_TOKENIZER}.get(method, "byte")
   settings = {
       "data.source": source,
-      "data.path": str(SHARED / "c4" / "train.jsonl"),
-      "data.eval_path": str(SHARED / "c4" / "validation.jsonl"),
-      "data.data_dir": str(SHARED / "tfds"),
-      "data.tokenizer": tokenizer,
-      "data.seq_len": 64, "train.batch_size": 8, "train.steps": 30, "train.log_every": 1,
-      "train.eval_batches": 2, "train.eval_every": 0, "train.checkpoint_every": 0, **extra,
+      "data.path": str(samples.C4_TRAIN),
+      "data.eval_path": str(samples.C4_VALIDATION),
+      "data.data_dir": str(samples.TFDS_DIR),
+      "data.tokenizer": str(tokenizer),
+      **C4_RUN, **extra,
   }
   for key, value in settings.items():
     section, *rest = key.split(".")
@@ -185,11 +197,46 @@ def test_tiny_configs_train_on_the_c4_sample(tmp_path, source, method):
       node = node[part]
     node[rest[-1]] = value
   summary = train(config, str(tmp_path))
-  losses = [r["loss"] for r in _records(tmp_path) if "loss" in r]
-  untrained = np.log(32128 if method == "adamw" else 384)  # the padded vocabulary
-  assert abs(losses[0] - untrained) < 0.5  # starts near uniform
-  assert np.mean(losses[-5:]) < losses[0] - (2.0 if method == "adamw" else 1.5), losses
-  assert np.isfinite(summary["eval_loss"])
+  # (padded vocabulary, the fall asked for). The BPE's tokens carry more each: in 30 steps the loss
+  # gets from log(4096) = 8.3 to about the sample's unigram entropy in those tokens, 7.0 nats.
+  vocab, drop = {"adamw": (32128, 2.0), "galore": (4096, 0.8)}.get(method, (384, 1.5))
+  _trained_on_c4(tmp_path, summary, vocab, drop)
+
+
+@pytest.mark.filterwarnings("ignore:the load_module:DeprecationWarning")  # ml_collections loading the file
+def test_data_preset_sample_trains_on_the_shipped_c4(tmp_path, capfd):
+  """`--config.data.preset=sample` on a config file: the shipped C4 sample as jsonl with the T5
+  vocabulary, whatever the file and the command line set for the keys the preset gives."""
+  from absl import flags
+  from ml_collections import config_flags
+
+  argv = ["train.py", f"--config={REPO / 'configs' / 'llama_tiny_adamw.py'}", "--config.data.preset=sample",
+          "--config.data.source=text", "--config.data.path=/no/such/file.txt", "--config.data.tokenizer=byte",
+          "--config.data.text_key=body", "--config.train.progress_bar=False",
+          *(f"--config.{k}={v}" for k, v in C4_RUN.items())]
+  flag_values = flags.FlagValues()  # train.py's own flag, parsed as it parses it
+  config_flags.DEFINE_config_file("config", None, "", flag_values=flag_values, sys_argv=argv)
+  flag_values(argv)
+  config = flag_values.config
+  data = resolve(config).data
+  assert (data.preset, data.source, data.text_key) == ("sample", "jsonl", "text")
+  assert (data.path, data.eval_path, data.tokenizer) == (
+      str(samples.C4_TRAIN), str(samples.C4_VALIDATION), str(samples.T5_TOKENIZER))
+  assert all(os.path.isfile(p) for p in (data.path, data.eval_path, data.tokenizer))
+  # The run's own smaller sizes are kept (C4_RUN asks for less than SAMPLE_RUN_CAPS)...
+  assert (resolve(config).train.batch_size, resolve(config).train.steps) == (8, 30)
+  # ...and a paper recipe's (512 x 256 tokens a step, 20k steps) lowered to what the sample feeds.
+  paper = importlib.import_module("configs.llama_130m_osd").get_config()
+  paper.data.preset = "sample"
+  lowered = resolve(paper).train
+  assert (lowered.batch_size, lowered.grad_accum, lowered.steps, lowered.eval_batches) == (8, 1, 50, 4)
+  summary = train(config, str(tmp_path))
+  _trained_on_c4(tmp_path, summary, 32128, 2.0)
+  data_line = next(line for line in capfd.readouterr().err.splitlines() if line.startswith("data "))
+  assert "jsonl" in data_line and str(samples.C4_TRAIN) in data_line  # the run says what it trains on
+  with open(tmp_path / "config.json") as f:
+    recorded = json.load(f)["data"]
+  assert recorded["preset"] == "sample" and recorded["path"] == str(samples.C4_TRAIN)
 
 
 # --- bad input: one ConfigError naming the key, raised before anything is compiled ----------
@@ -211,7 +258,8 @@ BAD = [
     ({"optimizer.name": "sgdx"}, "optimizer.name", "adamw"),
     ({"model.size": "3b"}, "model.size", "7b"),
     ({"model.dtype": "float16"}, "model.dtype", "bfloat16"),
-    ({"data.source": "hf"}, "data.source", "tfds"),
+    ({"data.source": "csv"}, "data.source", "tfds"),
+    ({"data.preset": "c4"}, "data.preset", "'sample'"),
     ({"data.source": "jsonl", "data.path": "/no/such/file.jsonl"}, "data.path", "no file matches"),
     ({"data.seq_len": 0}, "data.seq_len", "> 0"),
     ({"train.batch_size": -4}, "train.batch_size", "> 0"),

@@ -12,7 +12,6 @@ import orbax.checkpoint as ocp
 from configs import llama_tiny_adamw
 
 REPO = Path(__file__).resolve().parents[1]
-SHARED = REPO.parent / "shared" / "data"
 
 
 def tiny_config(**overrides):

@@ -1,7 +1,7 @@
 """Instruction data for supervised fine-tuning: prompt/response examples, loss on the response only.
 
-Source: JSON-lines files, one example per line. A *format* says how a record becomes a
-prompt and a response:
+Source: JSON-lines files, one example per line, and Parquet files, one example per row (its
+columns are the record's fields). A *format* says how a record becomes a prompt and a response:
 
 * ``'alpaca'`` (Stanford Alpaca's ``instruction`` / ``input`` / ``output`` records and its
   prompt template, :data:`ALPACA_TEMPLATE` / :data:`ALPACA_TEMPLATE_NO_INPUT`);
@@ -33,15 +33,14 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import json
 from typing import Any
 
 import grain
 import numpy as np
 
-from lowrank_jax.data.errors import DataError, DataFileError
+from lowrank_jax.data.errors import DataError
 from lowrank_jax.data.pipeline import _check_args, _first_batches, _process_share
-from lowrank_jax.data.text_files import _LineFiles, line_number
+from lowrank_jax.data.sources import records
 
 __all__ = ['ALPACA_TEMPLATE', 'ALPACA_TEMPLATE_NO_INPUT', 'FORMATS', 'InstructionSource',
            'make_instruction_eval_batches', 'make_instruction_iterator', 'tokenize_example']
@@ -64,17 +63,19 @@ class _Format:
   template_no_input: str | None = None  # Alpaca: used when the record's `input` is empty
 
 
-class InstructionSource(_LineFiles):
-  """JSON-lines instruction examples; ``source[i]`` is ``(prompt text, response text)``.
+class InstructionSource:
+  """Instruction examples, one per JSON-lines record or Parquet row; ``source[i]`` is
+  ``(prompt text, response text)``.
 
   Args:
-    paths: one path / glob or a list of them.
+    paths: one path / glob or a list of them: JSON-lines files (each line an object) and
+      Parquet files (``*.parquet``, each row a record of its columns), mixed as you like.
     format: ``'alpaca'`` or ``'prompt_response'`` (see the module docstring).
     template: ``'prompt_response'`` only: the prompt as a ``str.format`` template over the
       record's fields (``'{prompt}'``; e.g. ``'Question: {question}\\nAnswer: '``).
     response_key: ``'prompt_response'`` only: the field holding the response.
 
-  The first record of every file is parsed at once, so a wrong format fails here.
+  The first record of every file is read at once, so a wrong format fails here.
   """
 
   def __init__(self, paths, *, format: str = 'alpaca', template: str = '{prompt}',  # pylint: disable=redefined-builtin
@@ -82,7 +83,8 @@ class InstructionSource(_LineFiles):
     if format not in FORMATS:
       raise DataError(f'unknown instruction format {format!r}; valid formats: {list(FORMATS)}',
                       argument='format')
-    super().__init__(paths)
+    self._records = records(paths)
+    self.paths = self._records.paths
     if len(self) == 0:
       raise DataError(f'No non-blank lines in {self.paths!r}.')
     self.format = format
@@ -90,17 +92,16 @@ class InstructionSource(_LineFiles):
       self._format = _Format(ALPACA_TEMPLATE, 'output', ALPACA_TEMPLATE_NO_INPUT)
     else:
       self._format = _Format(template, response_key)
-    self._check_first_documents()
+    for start, part in zip(self._records.starts, self._records.parts):
+      for index in part.file_starts():
+        self[int(start) + index]
+
+  def __len__(self) -> int:
+    return len(self._records)
 
   def __getitem__(self, index: int) -> tuple[str, str]:
-    raw, path, offset = self._line(index)
-    fail = lambda message: DataFileError(path, line_number(path, offset), message)  # noqa: E731
-    try:
-      record = json.loads(raw)
-    except ValueError as e:
-      raise fail(f'not valid JSON: {e}') from None
-    if not isinstance(record, dict):
-      raise fail(f'a JSON {type(record).__name__}, not an object')
+    part, local = self._records.locate(index)
+    record, fail = part.record(local)
     fmt = self._format
     template = fmt.template
     if fmt.template_no_input is not None and not record.get('input'):

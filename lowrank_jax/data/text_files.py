@@ -23,7 +23,7 @@ import numpy as np
 from lowrank_jax.data.errors import DataFileError
 from lowrank_jax.data.random_access import IndexedFiles, checked_index
 
-__all__ = ["JsonlSource", "TextSource"]
+__all__ = ["JsonRecords", "JsonlSource", "TextSource"]
 
 _CHUNK = 1 << 24  # 16 MiB per scan step bounds the scan's memory (~100 MiB).
 _NOT_WHITESPACE = np.ones(256, dtype=bool)
@@ -129,13 +129,15 @@ class _LineFiles(IndexedFiles):
     self._ends = np.concatenate(ends)
     self._init_files()
 
+  def file_starts(self) -> list[int]:
+    """The index of each file's first document (files without one have none)."""
+    return [int(i) for i in np.flatnonzero(np.diff(np.concatenate([[-1], self._file_ids])) != 0)]
+
   def _check_first_documents(self) -> None:
     """Read each file's first document, so a file of the wrong kind (or a
     wrong ``text_key``) fails when the source is built, not mid-training."""
-    first_of_file = np.flatnonzero(
-        np.diff(np.concatenate([[-1], self._file_ids])) != 0)
-    for index in first_of_file:
-      self[int(index)]
+    for index in self.file_starts():
+      self[index]
 
   def __len__(self) -> int:
     return len(self._starts)
@@ -187,7 +189,33 @@ class TextSource(_LineFiles):
     return f"TextSource({self.paths!r}, {len(self)} documents)"
 
 
-class JsonlSource(_LineFiles):
+class JsonRecords(_LineFiles):
+  """JSON-lines files of objects: ``record(i)`` is ``(json.loads(line_i), fail)``.
+
+  ``fail(message)`` is a ``DataFileError`` naming the record's file and line (the line number
+  is counted only then), for the caller's own checks of the record's fields. A line that is not
+  JSON, or not an object, raises one at once.
+  """
+
+  def record(self, index: int, wanted: str = "") -> tuple[dict, object]:
+    """``wanted``: what the object should hold, for the message when the line is no object."""
+    raw, path, offset = self._line(index)
+    fail = lambda message: DataFileError(path, line_number(path, offset), message)  # noqa: E731
+    try:
+      record = json.loads(raw)
+    except json.JSONDecodeError as e:
+      raise fail(f"not valid JSON: {e.msg} (column {e.colno})") from None
+    except ValueError as e:  # bytes that are not UTF-8
+      raise fail(f"not valid JSON: {e}") from None
+    if not isinstance(record, dict):
+      raise fail(f"a JSON {type(record).__name__}, not an object{wanted}")
+    return record, fail
+
+  def __repr__(self) -> str:
+    return f"JsonRecords({self.paths!r}, {len(self)} records)"
+
+
+class JsonlSource(JsonRecords):
   """JSON-lines files; document ``i`` is ``json.loads(line_i)[text_key]``.
 
   Only the first record of each file is parsed up front (to fail fast on a
@@ -203,30 +231,13 @@ class JsonlSource(_LineFiles):
     self._check_first_documents()
 
   def __getitem__(self, index: int) -> str:
-    raw, path, offset = self._line(index)
-    try:
-      record = json.loads(raw)
-    except json.JSONDecodeError as e:
-      raise DataFileError(path, line_number(path, offset),
-                          f"not valid JSON: {e.msg} (column {e.colno})") from None
-    except ValueError as e:  # bytes that are not UTF-8
-      raise DataFileError(path, line_number(path, offset),
-                          f"not valid JSON: {e}") from None
-    if not isinstance(record, dict):
-      raise DataFileError(path, line_number(path, offset),
-                          f"a JSON {type(record).__name__}, not an object "
-                          f"with a {self.text_key!r} field")
+    record, fail = self.record(index, f" with a {self.text_key!r} field")
     if self.text_key not in record:
-      raise DataFileError(
-          path, line_number(path, offset),
-          f"the record has no key {self.text_key!r} (found: "
-          f"{', '.join(map(repr, sorted(record)))}); set text_key to the "
-          "field that holds the document text")
+      raise fail(f"the record has no key {self.text_key!r} (found: {', '.join(map(repr, sorted(record)))}); "
+                 "set text_key to the field that holds the document text")
     text = record[self.text_key]
     if not isinstance(text, str):
-      raise DataFileError(path, line_number(path, offset),
-                          f"{self.text_key!r} is {json.dumps(text)[:40]}, "
-                          "not a string")
+      raise fail(f"{self.text_key!r} is {json.dumps(text)[:40]}, not a string")
     return text
 
   def __repr__(self) -> str:

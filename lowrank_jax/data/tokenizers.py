@@ -290,7 +290,7 @@ def make_tokenizer(spec: str | os.PathLike):
   """The tokenizer a spec names.
 
   ``'byte'`` -> ``ByteTokenizer``; a directory -> its ``tokenizer.json``
-  (``HFTokenizer``), else its ``tokenizer.model`` (SentencePiece); a ``.json``
+  (``HFTokenizer``), else its ``tokenizer.model`` or ``spiece.model`` (SentencePiece); a ``.json``
   file -> ``HFTokenizer``; a file of ``<base64> <rank>`` lines ->
   ``TiktokenTokenizer``; any other file -> ``SentencePieceTokenizer``.
   """
@@ -298,10 +298,12 @@ def make_tokenizer(spec: str | os.PathLike):
     return ByteTokenizer()
   path = os.path.expanduser(os.fspath(spec))
   if os.path.isdir(path):
-    for name, kind in (("tokenizer.json", HFTokenizer), ("tokenizer.model", SentencePieceTokenizer)):
+    # (spiece.model: T5's name for its SentencePiece model)
+    for name, kind in (("tokenizer.json", HFTokenizer), ("tokenizer.model", SentencePieceTokenizer),
+                       ("spiece.model", SentencePieceTokenizer)):
       if os.path.isfile(os.path.join(path, name)):
         return kind(os.path.join(path, name))
-    raise FileNotFoundError(f"{path!r} is a directory without tokenizer.json or tokenizer.model. "
+    raise FileNotFoundError(f"{path!r} is a directory without tokenizer.json or tokenizer.model (or spiece.model). "
                             + _missing_model_message(path))
   if not os.path.isfile(path):
     raise FileNotFoundError(_missing_model_message(path))

@@ -20,6 +20,11 @@ Usable in any Optax code: nothing here imports the rest of ``lowrank_jax``.
   the heads spread over devices (``axis_name``).
 * :func:`quantize_state`: 8-bit block-wise optimizer states for any
   transform (Dettmers et al., 2022).
+* :func:`muon`: Muon (Jordan et al., 2024) on the linears' kernels, AdamW on
+  the rest; the full-rank baseline beside AdamW.
+* :func:`param_groups` / :func:`scale_by_group` / :func:`with_groups`: a
+  learning-rate multiplier per kind of parameter (embeddings and head, other
+  non-matrix leaves, matrices) for any transform.
 * :func:`clip_by_global_norm` / :func:`global_norm`: global-norm clipping
   when some leaves are split over a device axis.
 * :func:`clip_gradients` (``CLIP_MODES``): ``global``, per-leaf ``block`` RMS
@@ -38,6 +43,7 @@ from lowrank_jax.optim.subspace import (SubspaceState, refresh_due, refresh_proj
                                         steps_to_refresh, uses_split_refresh)
 from lowrank_jax.optim.apollo import apollo, apollo_mini, scale_by_apollo
 from lowrank_jax.optim.fira import fira, scale_by_fira
+from lowrank_jax.optim.groups import GROUPS, param_groups, scale_by_group, with_groups
 from lowrank_jax.optim.lte import LTEState, lte_head_mask, lte_layer_paths, lte_leaf_roles, lte_merge
 from lowrank_jax.optim.projection import (
     DEFAULT_EXCLUDED_KEYS,
@@ -60,6 +66,7 @@ from lowrank_jax.optim.projection import (
     randomized_projector,
     svd_projectors,
 )
+from lowrank_jax.optim.muon import muon
 from lowrank_jax.optim.quantize import QuantizedArray, QuantizedState, quantize_state
 from lowrank_jax.optim.relora import ReLoRAState, adapted_layer_paths, freeze_adapted_kernels, relora
 from lowrank_jax.optim.schedules import jagged_cosine_schedule
@@ -77,6 +84,11 @@ __all__ = [
     'clip_gradients',
     'freeze_adapted_kernels',
     'global_norm',
+    'GROUPS',
+    'muon',
+    'param_groups',
+    'scale_by_group',
+    'with_groups',
     'jagged_cosine_schedule',
     'lte_head_mask',
     'lte_layer_paths',

@@ -9,6 +9,7 @@ from typing import Any
 
 from lowrank_jax import data as data_lib
 from lowrank_jax import models
+from lowrank_jax.train import hub
 from lowrank_jax.train.settings import DataSettings, RunConfig
 from lowrank_jax.train.errors import ConfigError
 
@@ -47,11 +48,10 @@ def _synthetic(cfg: DataSettings, seed: int):
 
 
 def _file_source(cfg: DataSettings, paths: list[str], key: str):
+  """JSON-lines or text files (data.source), Parquet files among them read by column data.text_key."""
   try:
-    if cfg.source == "jsonl":
-      return data_lib.JsonlSource(paths, text_key=cfg.text_key)
-    return data_lib.TextSource(paths)
-  except (FileNotFoundError, ValueError) as e:
+    return data_lib.file_source(paths, kind=cfg.source, text_key=cfg.text_key)
+  except (FileNotFoundError, ValueError, ImportError) as e:  # ImportError: Parquet without pyarrow
     raise ConfigError(_ARGUMENT_KEYS.get(getattr(e, "argument", None), key), str(e)) from None
 
 
@@ -185,7 +185,7 @@ def token_vocab_size(run: RunConfig) -> int:
     return run.data.synthetic.vocab_size + 2  # + pad and eos
   if run.model.init_from and not run.data.tokenizer and not any(
       os.path.exists(os.path.join(os.path.expanduser(run.model.init_from), f))
-      for f in ("tokenizer.json", "tokenizer.model")):
+      for f in ("tokenizer.json", "tokenizer.model", "spiece.model")):
     return models.pretrained_config(run.model.init_from).vocab_size
   return make_tokenizer(run).vocab_size
 
@@ -195,7 +195,7 @@ def _instructions(cfg: DataSettings, paths: list[str], key: str):
   try:
     return data_lib.InstructionSource(paths, format=ins.format, template=ins.template,
                                       response_key=ins.response_key)
-  except (FileNotFoundError, ValueError) as e:
+  except (FileNotFoundError, ValueError, ImportError) as e:  # ImportError: Parquet without pyarrow
     raise ConfigError({"format": "data.instructions.format"}.get(getattr(e, "argument", None), key), str(e)) from None
 
 
@@ -229,12 +229,69 @@ def instruction_input(run: RunConfig, *, process_index: int, process_count: int)
                skipped=train if cfg.on_bad_record == "skip" else None)
 
 
+# data.hf's keys by the argument the data library blames (`DataError.argument`; "split" is the split at hand).
+_HF_KEYS = {"path": "data.hf.path", "name": "data.hf.name", "text_field": "data.hf.text_field"}
+
+
+def _hf(cfg: DataSettings, load, split: str, split_key: str):
+  """`load` (hf_source.load_source: random access, or open_stream) of one split; an error names its key."""
+  h = cfg.hf
+  try:
+    return load(h.path, name=h.name, split=split, text_field=h.text_field, revision=h.revision)
+  except (FileNotFoundError, ValueError, ImportError) as e:
+    key = {**_HF_KEYS, "split": split_key}.get(getattr(e, "argument", None), "data.hf.path")
+    route = hub.DATA_WITHOUT_HUB if key == "data.hf.path" and data_lib.hf_source.is_hub_id(h.path) else ""
+    raise ConfigError(key, f"{e}{route}") from None
+
+
+def _hf_description(cfg: DataSettings) -> str:
+  h = cfg.hf
+  return f"hf {h.path}{f' ({h.name})' if h.name else ''} [{h.split}]{' streamed' if h.streams else ''}"
+
+
+def _hf_sources(cfg: DataSettings):
+  """(train, eval) random-access sources of data.source=hf with streaming off."""
+  load = data_lib.hf_source.load_source
+  train = _hf(cfg, load, cfg.hf.split, "data.hf.split")
+  if len(train) == 0:
+    raise ConfigError("data.hf.split", f"{cfg.hf.split!r} of {cfg.hf.path} holds no rows")
+  return train, _hf(cfg, load, cfg.hf.eval_split, "data.hf.eval_split")
+
+
+def _hf_stream_input(run: RunConfig, tokenizer, *, process_index: int, process_count: int) -> Input:
+  """data.source=hf streamed: each process reads its own shards of the split, resumable exactly
+  (lowrank_jax/data/hf_source.py)."""
+  cfg, h, hf = run.data, run.data.hf, data_lib.hf_source
+  local_batch, eval_batch = _batch_sizes(run, process_count)
+  shared = dict(text_field=h.text_field, process_index=process_index, process_count=process_count)
+  evals = hf.TextStream(_hf(cfg, hf.open_stream, h.eval_split, "data.hf.eval_split"), shuffle=False, epochs=1,
+                        description=f"{h.path} [{h.eval_split}]", **shared)
+  try:
+    eval_batches = hf.make_stream_eval_batches(evals, tokenizer, seq_len=cfg.seq_len, batch_size=eval_batch,
+                                               num_batches=run.train.eval_batches)
+  except data_lib.DataError as e:
+    if e.argument:
+      raise ConfigError(_HF_KEYS.get(e.argument, "data.hf.path"), str(e)) from None
+    raise ConfigError("data.seq_len", f"validation data cannot form one batch of {eval_batch} x {cfg.seq_len} "
+                      f"tokens: {e}") from None
+  except data_lib.DataFileError as e:  # a record whose text is not a string
+    raise ConfigError("data.hf.eval_split", str(e)) from None
+  skip = cfg.on_bad_record == "skip"
+  train = hf.TextStream(_hf(cfg, hf.open_stream, h.split, "data.hf.split"), seed=run.seed, shuffle=cfg.shuffle,
+                        shuffle_buffer=h.shuffle_buffer, skip_bad_records=skip,
+                        description=f"{h.path} [{h.split}]", **shared)
+  train_iter = hf.make_stream_iterator(train, tokenizer, seq_len=cfg.seq_len, batch_size=local_batch)
+  return Input(tokenizer, train_iter, eval_batches, None, _hf_description(cfg), skipped=train if skip else None)
+
+
 def _token_sources(cfg: DataSettings, seed: int, tokenizer):
   """(train source, eval source, tokenizer, entropy floor, description) of a language-model source."""
   if cfg.source == "synthetic":
     return _synthetic(cfg, seed)
   if cfg.source in ("jsonl", "text"):
     return (*_files(cfg), tokenizer, None, f"{cfg.source} {cfg.path}")
+  if cfg.source == "hf":
+    return (*_hf_sources(cfg), tokenizer, None, _hf_description(cfg))
   train = _tfds(cfg, cfg.train_split, "data.train_split")
   return train, _tfds(cfg, cfg.eval_split, "data.eval_split"), tokenizer, None, f"tfds {cfg.tfds_name}"
 
@@ -243,6 +300,8 @@ def token_input(run: RunConfig, *, process_index: int, process_count: int) -> In
   """Documents tokenized and packed into rows of `data.seq_len` tokens."""
   cfg = run.data
   tokenizer = None if cfg.source == "synthetic" else make_tokenizer(run)
+  if cfg.source == "hf" and cfg.hf.streams:  # no random access: a stream of its own
+    return _hf_stream_input(run, tokenizer, process_index=process_index, process_count=process_count)
   train, evals, tokenizer, floor, description = _token_sources(cfg, run.seed, tokenizer)
   if len(train) == 0:
     raise ConfigError("data.path", "the training source holds no documents")
@@ -257,7 +316,8 @@ def token_input(run: RunConfig, *, process_index: int, process_count: int) -> In
     raise ConfigError("data.seq_len", f"validation data cannot form one batch of {eval_batch} x {cfg.seq_len} "
                       f"tokens: {e}") from None
   except data_lib.DataFileError as e:  # a malformed record, named by file and line
-    raise ConfigError("data.eval_path" if cfg.eval_path else "data.path", str(e)) from None
+    raise ConfigError("data.hf.eval_split" if cfg.source == "hf" else "data.eval_path" if cfg.eval_path
+                      else "data.path", str(e)) from None
   train_iter = data_lib.make_train_iterator(
       train, tokenizer, seq_len=cfg.seq_len, batch_size=local_batch, seed=run.seed, shuffle=cfg.shuffle,
       process_index=process_index, process_count=process_count)

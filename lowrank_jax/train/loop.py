@@ -493,7 +493,8 @@ def train(config: ml_collections.ConfigDict | RunConfig, workdir: str, *, restar
   if latest is not None:
     _say(f"resumed from the checkpoint at step {step} in {checkpointer.directory}")
   progress = _Progress(step, latest)
-  writer = MetricsWriter(workdir, resume_step=None if latest is None else step, enabled=jax.process_index() == 0)
+  writer = MetricsWriter(workdir, resume_step=None if latest is None else step, enabled=jax.process_index() == 0,
+                         run=run)
   save = _Saver(checkpointer, inputs, progress)
 
   try:

@@ -1,10 +1,10 @@
-"""The run's learning-rate schedule and full Optax transform: clipping, then the method's update."""
+"""The run's learning-rate schedule and full Optax transform: clipping, the method's update, the lr groups."""
 
 from __future__ import annotations
 
 import optax
 
-from lowrank_jax.optim import clipping, quantize
+from lowrank_jax.optim import clipping, groups, quantize
 from lowrank_jax.train import parallel
 from lowrank_jax.train.settings import RunConfig
 from lowrank_jax.train.errors import ConfigError
@@ -20,6 +20,7 @@ def heads_of(run: RunConfig) -> Heads | None:
 
 def build_optimizer(run: RunConfig) -> tuple[optax.GradientTransformation, optax.Schedule]:
   """Gradient clipping (if any, `optimizer.clip_mode`) chained in front of the method's transform,
+  whose updates the parameter groups then scale (`optimizer.embed_lr_scale`, `other_lr_scale`),
   and the schedule.
 
   With heads spread over devices both are their per-device versions over the `heads`
@@ -40,4 +41,5 @@ def build_optimizer(run: RunConfig) -> tuple[optax.GradientTransformation, optax
                                    split=heads.mask) if opt.grad_clip > 0 else None
   if opt.state_bits != 32:
     tx = quantize.quantize_state(tx, bits=opt.state_bits)
+  tx = groups.with_groups(tx, embed_lr_scale=opt.embed_lr_scale, other_lr_scale=opt.other_lr_scale)
   return (tx if clip is None else optax.chain(clip, tx)), schedule

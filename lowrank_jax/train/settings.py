@@ -23,11 +23,14 @@ from typing import Any, Callable, ClassVar, Iterable
 import ml_collections
 
 from lowrank_jax import models
+from lowrank_jax.data import hf_source as data_hf
 from lowrank_jax.data import images as data_images
 from lowrank_jax.data import instructions as data_instructions
+from lowrank_jax.data import samples
 from lowrank_jax.nn.velora import V_INITS
 from lowrank_jax.optim.clipping import CLIP_MODES
 from lowrank_jax.optim.quantize import SUPPORTED_BITS
+from lowrank_jax.train import hub, metrics
 from lowrank_jax.train.errors import ConfigError
 
 # --- checks: (dotted key, value) -> the value, or ConfigError -------------------------------
@@ -145,13 +148,13 @@ def _node(config: Any, dotted: str) -> Any:
 
 def read(cls: type, config: Any) -> Any:
   """An instance of settings dataclass `cls` from `config` at `cls.SECTION`, every field checked."""
-  values = {}
+  values, replaced = {}, cls.replaced(config)
   for f in dataclasses.fields(cls):
     if "section" in f.metadata:
       values[f.name] = read(f.metadata["section"], config)
       continue
     key = f"{cls.SECTION}.{f.name}"
-    value = _node(config, key)
+    value = replaced[f.name] if f.name in replaced else _node(config, key)
     if isinstance(value, ml_collections.ConfigDict):
       value = value.to_dict()
     for check in f.metadata.get("checks", ()):
@@ -168,6 +171,12 @@ class Settings:
 
   def check(self) -> None:
     """Checks across this section's fields (each field's own checks have run)."""
+
+  @classmethod
+  def replaced(cls, config: Any) -> dict[str, Any]:
+    """{field: value} replacing what `config` sets for those fields, before their checks run
+    (`data.preset`): a replaced value is checked, and seen by every reader, as if the config set it."""
+    return {}
 
   def to_dict(self) -> dict[str, Any]:
     """The section as the config spells it (what `config.json` holds)."""
@@ -248,10 +257,12 @@ class ModelSettings(Settings):
   # Methods such as LoRA choose kinds for their layers; entries here win.
   linear: dict = setting({})
   velora: VeLoRASettings = section(VeLoRASettings)
-  # A Hugging Face model directory (config.json + safetensors: LLaMA, GPT-2 or ViT) to start from: its
+  # A Hugging Face model directory (config.json + safetensors: LLaMA, GPT-2 or ViT), or a Hub id
+  # (owner/name[@revision], fetched into the Hugging Face cache: train/hub.py), to start from: its
   # architecture, shapes and vocabulary replace family/size/tie_embeddings/vocab_multiple; its weights
-  # the init (a ViT's head is new when the data's classes differ).
-  init_from: str = setting("")
+  # the init (a ViT's head is new when the data's classes differ). config.json records an id as
+  # owner/name@commit.
+  init_from: str = setting("", hub.checkpoint)
   # Write the final model here as a Hugging Face directory (adapters merged); empty = don't.
   export_to: str = setting("")
 
@@ -262,8 +273,11 @@ class ModelSettings(Settings):
 
   @property
   def name(self) -> str:
-    """How logs name the model: its checkpoint directory, else family-size."""
-    return os.path.basename(os.path.normpath(self.init_from)) if self.init_from else f"{self.family}-{self.size}"
+    """How logs name the model: its checkpoint (directory or Hub id), else family-size."""
+    return hub.name_of(self.init_from) if self.init_from else f"{self.family}-{self.size}"
+
+  def to_dict(self) -> dict[str, Any]:
+    return {**super().to_dict(), "init_from": hub.spec_of(self.init_from)}  # a Hub snapshot: owner/name@commit
 
   def check(self) -> None:
     if self.init_from:
@@ -299,7 +313,20 @@ class SyntheticSettings(Settings):
 # Image classification (model.family 'vit'): MedMNIST-layout .npz files, a folder per class, a TFDS
 # image dataset, or real images installed offline (Debian's Fashion-MNIST, scikit-learn's digits).
 IMAGE_SOURCES = ("npz", "image_folder", "tfds_images") + tuple(sorted(data_images.OFFLINE_DATASETS))
-SOURCES = ("synthetic", "jsonl", "text", "tfds", "instructions") + IMAGE_SOURCES
+SOURCES = ("synthetic", "jsonl", "text", "tfds", "hf", "instructions") + IMAGE_SOURCES
+# data.preset: named data that replace the keys they give, whatever the config file or the command
+# line set for those keys (so `--config.data.preset=sample` turns any language-model config, the
+# paper's C4 ones included, into a quick run on the sample shipped in the package).
+DATA_PRESETS = {
+    "": {},
+    "sample": {"source": "jsonl", "path": str(samples.C4_TRAIN), "eval_path": str(samples.C4_VALIDATION),
+               "text_key": "text", "tokenizer": str(samples.T5_TOKENIZER)},
+}
+# The sample's 300 documents (about 150k T5 tokens; 100 validation documents, 46k) cannot feed a
+# paper recipe's steps of 512 x 256 tokens, nor its validation batches of 256 x 256, and a CPU
+# would take many minutes a step: `sample` also lowers these train keys to at most these values
+# (a config that asks for less keeps its own), so it is a check of the config that trains in minutes.
+SAMPLE_RUN_CAPS = {"batch_size": 8, "eval_batches": 4, "steps": 50}
 
 
 def _floats(key: str, value: Any) -> str:
@@ -350,6 +377,38 @@ class InstructionSettings(Settings):
   train_on_prompt: bool = setting(False, boolean)  # also count prompt tokens (Alpaca-LoRA's train_on_inputs)
 
 
+def _streaming(key: str, value: Any) -> str:
+  """data.hf.streaming: 'auto', 'true' or 'false' (any case; True / False too)."""
+  text = str(value).lower() if isinstance(value, (bool, str)) else ""
+  if text not in ("auto", "true", "false"):
+    raise ConfigError(key, f"unknown value {value!r}", ["auto", "true", "false"])
+  return text
+
+
+@dataclasses.dataclass(frozen=True)
+class HFSettings(Settings):
+  """data.source 'hf': a Hugging Face dataset, streamed from the Hub or read from local files (docs/data.md)."""
+  SECTION: ClassVar[str] = "data.hf"
+  # a Hub dataset id ('allenai/c4'), a local dataset folder, or Parquet/JSON/Arrow/CSV file(s) or globs, comma separated
+  path: str = setting("")
+  name: str = setting("")  # the dataset's config ('en' of allenai/c4); empty: its default
+  split: str = setting("train")  # the split trained on; with streaming off also a slice such as 'train[:95%]'
+  eval_split: str = setting("validation")  # the split evaluated (its first train.eval_batches batches)
+  text_field: str = setting("text")  # the column holding the document text
+  revision: str = setting("")  # Hub ids: a branch, tag or commit; empty: the default branch
+  # auto: stream a Hub id (read while training, nothing prepared first), read local files at random; true /
+  # false force it (false downloads a Hub dataset and prepares it as Arrow files before training)
+  streaming: str = setting("auto", _streaming)
+  # streaming with data.shuffle: documents permuted in seeded blocks of this many, besides a new shard order
+  # every epoch (0: the shard order only); a resume reads the current block again
+  shuffle_buffer: int = setting(1000, non_negative_int)
+
+  @property
+  def streams(self) -> bool:
+    """Whether the data is streamed: `streaming`, with auto resolved (a Hub id streams)."""
+    return data_hf.is_hub_id(self.path) if self.streaming == "auto" else self.streaming == "true"
+
+
 def _files(key: str, spec: str) -> None:
   patterns = comma_list(spec)
   if not patterns:
@@ -362,18 +421,23 @@ def _files(key: str, spec: str) -> None:
 @dataclasses.dataclass(frozen=True)
 class DataSettings(Settings):
   SECTION: ClassVar[str] = "data"
+  # 'sample': the C4 sample shipped in the package (lowrank_jax/data/samples.py) as jsonl with the T5
+  # vocabulary, replacing source, path, eval_path, text_key and tokenizer, and lowering train.batch_size
+  # (<= 8), steps (<= 50) and eval_batches (<= 4) to what the sample feeds; '' = none
+  preset: str = setting("", one_of(DATA_PRESETS))
   source: str = setting("synthetic", one_of(SOURCES))  # what to train on (docs/data.md); the image sources need a vit
-  path: str = setting("")  # jsonl/text: file(s) or glob(s) for training, comma separated
+  path: str = setting("")  # jsonl/text/instructions: file(s) or glob(s) for training (.parquet too), comma separated
   eval_path: str = setting("")  # jsonl/text: validation file(s); empty = hold out eval_holdout
   eval_holdout: float = setting(0.05)  # fraction of documents held out when eval_path is empty
-  text_key: str = setting("text")  # jsonl/tfds: the field holding the document text
+  text_key: str = setting("text")  # jsonl/tfds, and .parquet files of jsonl/text: the field holding the document text
   tfds_name: str = setting("c4/en:3.1.0")  # tfds: dataset/config:version under data_dir
   data_dir: str = setting("")  # tfds: data_dir (empty = $TFDS_DATA_DIR or ~/tensorflow_datasets)
   train_split: str = setting("train")  # the split trained on: tfds, tfds_images; npz-layout sources: train, val or test
   eval_split: str = setting("validation")  # the split evaluated (as train_split; npz layout: val or test)
-  # 'byte', a SentencePiece .model, an HF tokenizer.json, a tiktoken BPE file (GPT-2 r50k) or a model
-  # directory; empty: model.init_from's own tokenizer, else 'byte' (ignored by synthetic)
-  tokenizer: str = setting("")
+  # 'byte', a SentencePiece .model, an HF tokenizer.json, a tiktoken BPE file (GPT-2 r50k), a model
+  # directory or a Hub id (owner/name[@revision], as model.init_from); empty: model.init_from's own
+  # tokenizer, else 'byte' (ignored by synthetic)
+  tokenizer: str = setting("", hub.tokenizer)
   seq_len: int = setting(128, positive_int)  # tokens per packed sequence (the model's context)
   shuffle: bool = setting(True, boolean)  # shuffle the training examples (seeded by seed); False: source order
   # a record that cannot be read (a malformed JSON line, text that is not UTF-8, a truncated image):
@@ -381,7 +445,12 @@ class DataSettings(Settings):
   on_bad_record: str = setting("error", one_of(("error", "skip")))
   synthetic: SyntheticSettings = section(SyntheticSettings)
   instructions: InstructionSettings = section(InstructionSettings)
+  hf: HFSettings = section(HFSettings)
   image: ImageSettings = section(ImageSettings)
+
+  @classmethod
+  def replaced(cls, config: Any) -> dict[str, Any]:
+    return DATA_PRESETS[one_of(DATA_PRESETS)("data.preset", _node(config, "data.preset"))]
 
   @property
   def paths(self) -> list[str]:
@@ -390,6 +459,9 @@ class DataSettings(Settings):
   @property
   def eval_paths(self) -> list[str]:
     return [os.path.expanduser(p) for p in comma_list(self.eval_path)]
+
+  def to_dict(self) -> dict[str, Any]:
+    return {**super().to_dict(), "tokenizer": hub.spec_of(self.tokenizer)}  # a Hub snapshot: owner/name@commit
 
   def check(self) -> None:
     if self.seq_len < 2:
@@ -409,6 +481,8 @@ class DataSettings(Settings):
         in_range(0.0, 1.0)("data.eval_holdout", self.eval_holdout)
         if self.eval_holdout <= 0:
           raise ConfigError("data.eval_holdout", "must be > 0 when data.eval_path is empty (or set data.eval_path)")
+    if self.source == "hf":
+      self._check_hf()
     if self.source in ("tfds", "tfds_images"):
       try:
         import tensorflow_datasets  # noqa: F401
@@ -419,6 +493,24 @@ class DataSettings(Settings):
                         "SentencePiece .model (GaLore used the T5 C4 vocabulary), a tokenizer.json, a tiktoken "
                         "BPE file or a model directory")
 
+  def _check_hf(self) -> None:
+    import importlib.util
+
+    if importlib.util.find_spec("datasets") is None:  # (without importing it: a second of start-up)
+      raise ConfigError("data.source", f"'hf' needs the datasets library: pip install 'lowrank-jax[hf]'{hub.DATA_WITHOUT_HUB}")
+    if not self.hf.path.strip():
+      raise ConfigError("data.hf.path", "is empty: give a Hub dataset id such as 'allenai/c4', a dataset folder, "
+                        "or Parquet/JSON files")
+    try:
+      data_hf.locate(self.hf.path)
+    except FileNotFoundError as e:
+      raise ConfigError("data.hf.path", str(e)) from None
+    for key, split in (("data.hf.split", self.hf.split), ("data.hf.eval_split", self.hf.eval_split)):
+      if not split.strip():
+        raise ConfigError(key, "is empty: name a split of the dataset")
+      if self.hf.streams and "[" in split:
+        raise ConfigError(key, f"{split!r}: slices of a split need random access: set data.hf.streaming=false")
+
 
 ACCUM_DTYPES = ("float32", "param")  # train.accum_dtype: see make_train_step
 NONFINITE_GUARDS = ("step", "loss")  # train.nonfinite_guard: see make_train_step
@@ -427,6 +519,15 @@ NONFINITE_GUARDS = ("step", "loss")  # train.nonfinite_guard: see make_train_ste
 @dataclasses.dataclass(frozen=True)
 class TrainSettings(Settings):
   SECTION: ClassVar[str] = "train"
+
+  @classmethod
+  def replaced(cls, config: Any) -> dict[str, Any]:
+    if _node(config, "data.preset") != "sample":
+      return {}
+    lowered = {key: cap for key, cap in SAMPLE_RUN_CAPS.items() if _node(config, f"train.{key}") > cap}
+    if "batch_size" in lowered:
+      lowered["grad_accum"] = 1  # (the config's accumulation divides its own batch, not this one)
+    return lowered
   steps: int = setting(300, positive_int)  # optimizer steps
   batch_size: int = setting(16, positive_int)  # global batch, in sequences, per optimizer step
   grad_accum: int = setting(1, positive_int)  # micro-batches per step (batch_size must divide evenly)
@@ -459,6 +560,11 @@ class TrainSettings(Settings):
   # 90% of the memory it runs in (host memory available on the CPU, the device's limit on an
   # accelerator; train/memory_check.py); False: run anyway.
   check_memory: bool = setting(True, boolean)
+  # Where metrics go besides metrics.jsonl (always written): a comma list of jsonl, tensorboard
+  # (<workdir>/tensorboard) and wandb (Weights & Biases; WANDB_MODE=offline needs no account).
+  log_to: str = setting("jsonl", metrics.trackers)
+  wandb_project: str = setting("lowrank-jax")  # log_to=wandb: the project
+  run_name: str = setting("")  # log_to=wandb: the run's name; empty = the workdir's name
 
   @property
   def micro_batch(self) -> int:
@@ -513,6 +619,10 @@ class OptimizerSettings(Settings):
   b2: float = setting(0.999, in_range(0.0, 1.0))  # Adam's second-moment decay
   eps: float = setting(1e-8, non_negative)  # Adam's epsilon, added to the denominator sqrt(v) (unused by sgd)
   weight_decay: float = setting(0.0, non_negative)  # decoupled, on matrices only (norm scales are not decayed)
+  # Learning-rate multiplier of the token and position embeddings and the output head, for every method
+  # (optim.with_groups; matrices keep lr). A group's weight decay scales with its rate: lr x scale x weight_decay.
+  embed_lr_scale: float = setting(1.0, non_negative)
+  other_lr_scale: float = setting(1.0, non_negative)  # the same for the other leaves with < 2 dims: norm scales, biases
   grad_clip: float = setting(1.0, non_negative)  # the clipping threshold (0: off); its unit is clip_mode's
   # global: the norm of all gradients <= grad_clip; block: each leaf's RMS <= grad_clip (optax
   # clip_by_block_rms); previous: global, by the previous step's norm. block and previous let the step

@@ -88,7 +88,7 @@ def _check_context(run: RunConfig, config: Any) -> None:
 
 LANGUAGE_MODEL = Task(
     name="language_model", model_task="language_model",
-    sources=("synthetic", "jsonl", "text", "tfds"),
+    sources=("synthetic", "jsonl", "text", "tfds", "hf"),
     positions=lambda run: run.data.seq_len, example=_rows, batch=lambda fields: fields["tokens"],
     describe_batch=lambda run, vocab: f"{run.train.batch_size} x {run.data.seq_len} tokens; vocab {vocab}",
     loss=losses.language_model_loss, evaluate=losses.language_model_loss,

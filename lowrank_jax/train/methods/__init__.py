@@ -6,6 +6,7 @@ One file per method family; each registers itself on import:
   lora.py      LoRA and ReLoRA (adapter linears; ReLoRA's merges, jagged schedule and warm start)
   subspace.py  GaLore, Online Subspace Descent, APOLLO, APOLLO-Mini and Fira (optimizers in a subspace)
   mhlora.py    LTE multi-head LoRA (heads that can live on separate devices)
+  muon.py      Muon (orthogonalised momentum on kernels, AdamW on the rest): the other full-rank baseline
 """
 
 from lowrank_jax.train.methods.base import (Heads, Linears, Method, WarmStart, adam_moments, build_adamw, decay_mask,
@@ -14,6 +15,7 @@ from lowrank_jax.train.methods.base import (Heads, Linears, Method, WarmStart, a
 from lowrank_jax.train.methods import adamw as _adamw  # noqa: F401  (registers)
 from lowrank_jax.train.methods import lora as _lora  # noqa: F401
 from lowrank_jax.train.methods import mhlora as _mhlora  # noqa: F401
+from lowrank_jax.train.methods import muon as _muon  # noqa: F401
 from lowrank_jax.train.methods import sgd as _sgd  # noqa: F401
 from lowrank_jax.train.methods import subspace as _subspace  # noqa: F401
 
