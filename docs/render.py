@@ -179,28 +179,99 @@ def page(title: str, intro: str, sections: list[list[str]]) -> str:
 
 # --- results/quality.md -------------------------------------------------------------------------
 
+# bench/quality.py's references (its `references` block): {key of the ratio: what the reference entry is}.
+QUALITY_REFERENCES = {"fair": "fair baseline", "adamw_groups": "best AdamW with groups", "adamw": "AdamW"}
+
+
+def _loss(entry: dict) -> float:
+  value = entry.get("eval_loss")
+  return value if isinstance(value, (int, float)) and math.isfinite(value) else math.inf
+
+
+def _by_loss(methods: dict) -> list[str]:
+  """The entries best first (failed ones last)."""
+  return sorted(methods, key=lambda m: _loss(methods[m]))
+
+
+def _overrides(entry: dict) -> str:
+  return ", ".join(code(f"{k}={v}") for k, v in (entry.get("overrides") or {}).items())
+
+
+def _groups_share(methods: dict, refs: dict, name: str) -> str:
+  """Of entry `name`'s eval-loss gain over AdamW, the part the best AdamW with groups gains too."""
+  adamw, groups = refs.get("adamw"), refs.get("adamw_groups")
+  if not adamw or not groups or name in (adamw, groups) or name.startswith("adamw_groups"):
+    return "-"
+  base, with_groups, own = _loss(methods[adamw]), _loss(methods[groups]), _loss(methods[name])
+  if not all(map(math.isfinite, (base, with_groups, own))):
+    return "-"
+  if own >= base:
+    return "no lead"
+  share = (base - with_groups) / (base - own)
+  return "all of it" if share >= 1 else "none" if share <= 0 else f"{100 * share:.0f}%"
+
+
+def _fair_table(data: dict) -> list[str]:
+  """Every entry's best point with its three ratios, best first; which entry each ratio divides by."""
+  methods, refs = data.get("methods", {}), data.get("references") or {}
+  roles = {}
+  for key, what in QUALITY_REFERENCES.items():
+    if refs.get(key):
+      roles.setdefault(refs[key], []).append(what)
+  if refs.get("fair"):
+    groups = refs.get("adamw_groups")
+    out = [f"**Fair baseline: {code(refs['fair'])}**, the lower perplexity of the best AdamW with parameter "
+           f"groups ({code(groups) if groups else 'none ran'}) and Muon ({code('muon') if 'muon' in methods else 'not run'}). "
+           "Each `x` column is an entry's perplexity over the reference's (below 1: better than it); the fair "
+           "ratio is the one to hold against the papers' claims, which are made against tuned baselines.", ""]
+  else:
+    out = ["This file has no fair baseline (it was written before AdamW with groups and Muon joined the sweep): "
+           "its only ratio is to plain AdamW.", ""]
+  rows = []
+  for name in _by_loss(methods):
+    m = methods[name]
+    seeds = ", ".join(num(x, ".4f") for x in m.get("seed_losses") or [])
+    label = f"{name} ({', '.join(roles[name])})" if name in roles else name
+    rows.append([label, lr(m.get("best_lr")) + (" (grid's edge)" if m.get("best_at_edge") else ""),
+                 f"{num(m.get('eval_loss'), '.4f')} ({seeds})", num(m.get("eval_ppl"), ".2f"),
+                 num(m.get("seed_spread"), ".3f"), ratio(m.get("ppl_ratio_to_fair")),
+                 ratio(m.get("ppl_ratio_to_adamw_groups")), ratio(m.get("ppl_ratio_to_adamw")),
+                 _groups_share(methods, refs, name)])
+  out += table(["method", "best lr", "eval loss, mean (per seed)", "perplexity", "seed spread (loss)", "x fair",
+                "x AdamW+groups", "x AdamW", "groups' share of its lead over AdamW"], rows)
+  if refs.get("adamw") and refs.get("adamw_groups"):
+    out += ["Groups' share of a lead: of the entry's eval-loss gain over AdamW, the part AdamW with groups gains "
+            "too, (AdamW - AdamW+groups) / (AdamW - entry) in eval loss; all of it: AdamW with groups does as well "
+            "or better than the entry; no lead: the entry does not beat AdamW.", ""]
+  if refs.get("fair"):
+    below = [n for n in _by_loss(methods) if (methods[n].get("ppl_ratio_to_fair") or math.inf) < 1]
+    out += [("Below the fair baseline (x fair < 1): " + ", ".join(code(n) for n in below) + "."
+             if below else "No entry is below the fair baseline (x fair < 1).")
+            + " A difference smaller than the entries' seed spreads is no difference.", ""]
+  varied = [n for n in _by_loss(methods) if methods[n].get("overrides")]
+  if varied:
+    out += ["Entries with settings of their own: " + "; ".join(f"{code(n)}: {_overrides(methods[n])}" for n in varied)
+            + ".", ""]
+  return out
+
+
+def _settings_line(data: dict) -> list[str]:
+  settings = data.get("settings", {})
+  if not settings:
+    return []
+  # A file's path is the measuring machine's: its name says which (the tokenizer's, e.g.).
+  shown = {k: Path(v).name if isinstance(v, str) and Path(v).is_absolute() else v for k, v in settings.items()
+           if k not in ("data.path", "data.eval_path")}
+  return ["Settings of every run: " + ", ".join(f"{code(k)}={v}" for k, v in shown.items()) + ".", ""]
+
+
 def _quality(data: dict) -> list[str]:
   methods = data.get("methods", {})
-  settings = data.get("settings", {})
-  out = []
-  if settings:
-    out += ["Settings of every run: " + ", ".join(f"{code(k)}={v}" for k, v in settings.items()
-                                                  if k != "data.path" and k != "data.eval_path") + ".", ""]
+  out = _fair_table(data) + _settings_line(data)
   out += [f"Sweep: {data.get('points', '-')} learning rates a factor {data.get('factor', '-')} apart around each "
           f"config's lr, up to {data.get('extend', '-')} extra steps past a grid edge, {data.get('seeds', '-')} seeds at "
           f"the best lr; {data.get('runs', '-')} runs, {num(data.get('cpu_s'), ',.0f')} CPU seconds.", ""]
-  order = sorted(methods, key=lambda m: (m != "adamw", methods[m].get("ppl_ratio_to_adamw") or math.inf))
-  rows = []
-  for name in order:
-    m = methods[name]
-    grid = sorted(float(x) for x in m.get("sweep", {}))
-    tried = f"{lr(grid[0])} .. {lr(grid[-1])}" if grid else "-"
-    seeds = ", ".join(num(x, ".4f") for x in m.get("seed_losses", []))
-    rows.append([name, f"{lr(m.get('best_lr'))} ({tried})", f"{num(m.get('eval_loss'), '.4f')} ({seeds})",
-                 num(m.get("eval_ppl"), ".2f"), ratio(m.get("ppl_ratio_to_adamw")), num(m.get("seed_spread"), ".3f"),
-                 "yes" if m.get("best_at_edge") else "no"])
-  out += table(["method", "best lr (lrs run)", "eval loss, mean (per seed)", "perplexity", "perplexity x AdamW",
-                "seed spread (loss)", "best lr at the grid's edge"], rows)
+  order = _by_loss(methods)
   curves = {name: dict(methods[name].get("eval_curve", [])) for name in order}
   steps = sorted({step for curve in curves.values() for step in curve})
   if steps:
@@ -217,6 +288,53 @@ def _quality(data: dict) -> list[str]:
   out += ["Plots of the same runs: `bench/results/quality_quick.png` (eval-loss curves at the best lr) and "
           "`bench/results/quality_quick_lr.png` (loss against lr). Each run is journalled in "
           "`bench/results/quality_quick.runs.jsonl`.", ""]
+  return out
+
+
+def _spearman_reading(rho: Any, n: int) -> str:
+  if not isinstance(rho, (int, float)) or not math.isfinite(rho):
+    return "not defined (fewer than two methods finished at both scales, or every loss tied)"
+  if abs(rho - 1) < 1e-9:
+    return f"{ratio(rho)}: the same order at both scales"
+  return f"{ratio(rho)}: the order changes" + (" (with 5 methods one swap of neighbours gives 0.900)" if n == 5 else "")
+
+
+def _quality_small(data: dict) -> list[str]:
+  methods, refs = data.get("methods", {}), data.get("references") or {}
+  agree = data.get("rank_agreement") or {}
+  names = agree.get("methods") or []
+  at = {n: i for i, n in enumerate(names)}
+
+  def pick(key, name):
+    values = agree.get(key) or []
+    return values[at[name]] if name in at and at[name] < len(values) else None
+
+  out = []
+  if refs.get("fair"):
+    out += [f"**Fair baseline at this scale: {code(refs['fair'])}** (the lower perplexity of AdamW with groups and "
+            "Muon, each at its tiny-tuned point).", ""]
+  rows = []
+  for name in _by_loss(methods):
+    m = methods[name]
+    rank = pick("tiny_rank", name), pick("small_rank", name)  # 1: the lowest eval loss
+    trained = next((r["trainable_params"] for r in (m.get("sweep") or {}).values() if r.get("trainable_params")), None)
+    rows.append([name, pick("tiny_entries", name), lr(m.get("best_lr")), num(trained, ","),
+                 num(pick("tiny_eval_loss", name), ".4f"),
+                 num(m.get("eval_loss"), ".4f"), num(m.get("eval_ppl"), ".2f"), ratio(m.get("ppl_ratio_to_fair")),
+                 ratio(m.get("ppl_ratio_to_adamw_groups")), num(rank[0], "g"), num(rank[1], "g")])
+  out += table(["method", "tiny entry it takes its lr from", "lr", "trained parameters", "tiny eval loss", "small eval loss",
+                "small perplexity", "x fair (small)", "x AdamW+groups (small)", "rank, tiny", "rank, small"], rows)
+  out += [f"Rank 1 is the lowest eval loss. Spearman rank correlation of the eval losses, tiny against small, over "
+          f"{len(names)} methods: "
+          f"**{_spearman_reading(agree.get('spearman'), len(names))}**.", ""]
+  varied = [n for n in _by_loss(methods) if methods[n].get("overrides")]
+  if varied:
+    out += ["Entries with settings of their own: " + "; ".join(f"{code(n)}: {_overrides(methods[n])}" for n in varied)
+            + ".", ""]
+  out += _settings_line(data)
+  out += [f"{data.get('runs', '-')} runs, {data.get('seeds', '-')} seed(s) each, {num(data.get('cpu_s'), ',.0f')} CPU seconds. Plots: "
+          "`bench/results/quality_small.png`, `bench/results/quality_small_lr.png`; runs journalled in "
+          "`bench/results/quality_small.runs.jsonl`.", ""]
   return out
 
 
@@ -300,9 +418,9 @@ def quality_page() -> str:
       "What the methods reach, and how close the library's numbers are to the references. "
       "Differences smaller than the seed spread are no differences. How these are made: "
       "[methods](../methods.md), [8-bit states](../quantization.md), [fine-tuning](../fine-tuning.md)."), [
-      section("Every method against a tuned AdamW (tiny LLaMA, C4 sample)", "quality_quick.json", _quality,
+      section("Every method against the fair baselines (tiny LLaMA, C4 sample)", "quality_quick.json", _quality,
               "python bench/quality.py --quick",
-              needs="about 22 minutes on 2 idle CPU cores; it reads the C4 sample in `$LOWRANK_DATA_DIR/c4/`, "
+              needs="about 26 minutes on 2 idle CPU cores; it reads the C4 sample in `$LOWRANK_DATA_DIR/c4/`, "
                     "by default `../shared/data/c4/`",
               intro=[
           "`bench/quality.py` trains every method that has a `configs/llama_tiny_<method>.py` (a newly "
@@ -312,17 +430,31 @@ def quality_page() -> str:
           "extra). A method whose best lr is at its grid's edge gets one more lr beyond it, up to `--extend` "
           "times. Each run is journalled as it finishes (`quality_<mode>.runs.jsonl`); `--resume` reuses the "
           "finished runs of a stopped sweep.", "",
+          "The fair baselines: beside the methods it runs AdamW with parameter groups, one entry "
+          "`adamw_groups_x<s>` per factor `s` in `--groups` (the embeddings and head at `s` x the lr, "
+          "`optimizer.embed_lr_scale`, and the norms too, `optimizer.other_lr_scale`; "
+          "[parameter groups](../methods.md#parameter-groups)), each over the lrs of `--group_lrs`, and Muon "
+          "(`configs/llama_tiny_muon.py`, [Muon](../methods.md#muon)). The low-rank methods run their "
+          "embeddings, head and norms as plain Adam at their own, larger, lr, so part of their lead over plain "
+          "AdamW is that split, not the rank; AdamW with groups has the same freedom, and Muon is the full-rank "
+          "optimizer new ones are held against today.", "",
           "```bash",
           "python bench/quality.py --quick                    # C4 sample, byte tokens, tiny LLaMA; 2 runs side by side",
-          "python bench/quality.py --quick --methods adamw,galore --points 5 --seeds 3",
+          "python bench/quality.py --quick --methods adamw,adamw_groups,muon,galore --points 5 --seeds 3",
+          "python bench/quality.py --quick --groups 4,16,8:1 --group_lrs 1.5e-3,3e-3   # 8:1: embed 8, norms 1",
           "python bench/quality.py --quick --variant \"adamw_8bit=adamw:optimizer.state_bits=8\"   # add a variant",
+          "python bench/quality.py --small                    # 5 methods at their tiny-tuned lr, T5 vocabulary",
           "python bench/quality.py --full                     # the GaLore paper's protocol at 60m (a GPU job)",
           "```", "",
-          "At this size every method's embeddings, norms and head get plain Adam at the full lr while GaLore, "
-          "OSD and APOLLO scale the matrices' updates; that split, not the rank, is a large part of their lead "
-          "over AdamW here (a full-rank GaLore check of this was run, its figures not recorded). An AdamW with "
-          "its own lr for embeddings and head would be the fair baseline at this size; the trainer has no such "
-          "key yet. The papers' ratios are at 60M to 1B parameters and billions of tokens (`--full`)."]),
+          "The papers' ratios are at 60M to 1B parameters and billions of tokens (`--full`)."]),
+      section("Does the ranking hold when the model grows? (T5 vocabulary, C4 sample)", "quality_small.json",
+              _quality_small, "python bench/quality.py --small",
+              needs="about 55 minutes on 2 idle CPU cores; it runs each method at its best point in "
+                    "`bench/results/quality_quick.json`, so that comes first",
+              intro="{make} trains AdamW with groups, Muon, GaLore, APOLLO and LoRA once each at the lr (and, "
+                    "for AdamW with groups, the factors) of its best entry in the tiny sweep, on the tiny LLaMA "
+                    "blocks with the 32k-token T5 vocabulary (most of the parameters are then the embedding and "
+                    "head), and compares the five methods' order at the two scales."),
       section("8-bit codecs: update error", "quantize_codecs.json", _quantize_codecs,
               "python bench/bench_quantize.py --only codecs"),
       section("int8 weights against bf16 weights: eval loss", "int8_weights.json", _int8_quality,

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import math
 import sys
 from pathlib import Path
 
@@ -112,3 +113,44 @@ def test_what_needs_no_marker(tmp_path):
   assert not found and [str(p) for p in problems] == [
       "README.md:3: '3 GiB' has no marker: add <!-- fig: FILE EXPR UNIT --> after it "
       "(or <!-- nofig: WHY --> where no results file holds it)"]
+
+
+def _quality_entry(loss: float, refs: dict, losses: dict, **extra) -> dict:
+  """One bench/quality.py entry, its ratios computed here from the references' losses."""
+  entry = {"eval_loss": loss, "eval_ppl": math.exp(loss), "seed_losses": [loss - 0.01, loss + 0.01],
+           "seed_spread": 0.02, "best_lr": 1e-3, "best_at_edge": False, "sweep": {"0.001": {"eval_loss": loss}}, **extra}
+  for key, ref in refs.items():
+    entry[f"ppl_ratio_to_{key}"] = math.exp(loss - losses[ref])
+  return entry
+
+
+def test_the_quality_page_leads_with_the_fair_baseline(tmp_path, monkeypatch):
+  """docs/results/quality.md names the fair baseline, gives each entry its three ratios and the groups'
+  share of its lead; the --small section gives the ranks and the Spearman correlation, or says it is
+  not measured."""
+  tiny = {"adamw": 2.4, "adamw_groups_x4": 2.3, "muon": 2.1, "galore": 2.2}
+  refs = {"adamw": "adamw", "adamw_groups": "adamw_groups_x4", "fair": "muon"}
+  (tmp_path / "quality_quick.json").write_text(json.dumps({"references": refs, "methods": {
+      m: _quality_entry(loss, refs, tiny) for m, loss in tiny.items()}}))
+  monkeypatch.setattr(render, "RESULTS", tmp_path)
+  text = render.quality_page()
+  assert "**Fair baseline: `muon`**" in text and "(`adamw\\_groups\\_x4`)" not in text  # code spans unescaped
+  # galore: x fair exp(0.1), x AdamW+groups exp(-0.1), x AdamW exp(-0.2); groups gain 0.1 of its 0.2 lead
+  assert "| galore | 0.001 | 2.2000 (2.1900, 2.2100) | 9.03 | 0.020 | 1.105 | 0.905 | 0.819 | 50% |" in text
+  assert "| muon (fair baseline) | 0.001 | 2.1000 (2.0900, 2.1100) | 8.17 | 0.020 | 1.000 | 0.819 | 0.741 | 33% |" in text
+  assert "| adamw (AdamW) | 0.001 |" in text and "| adamw\\_groups\\_x4 (best AdamW with groups) | 0.001 |" in text
+  assert "Not measured at this commit: `python bench/quality.py --small`" in text
+
+  small = {"adamw_groups": 4.3, "muon": 4.2, "galore": 4.1}
+  small_refs = {"adamw_groups": "adamw_groups", "fair": "galore"}
+  names = list(small)
+  (tmp_path / "quality_small.json").write_text(json.dumps({"references": small_refs, "methods": {
+      m: _quality_entry(loss, small_refs, small) for m, loss in small.items()}, "rank_agreement": {
+      "methods": names, "tiny_entries": ["adamw_groups_x4", "muon", "galore"],
+      "tiny_eval_loss": [tiny[e] for e in ("adamw_groups_x4", "muon", "galore")],
+      "small_eval_loss": [small[m] for m in names], "tiny_rank": [3, 1, 2], "small_rank": [3, 2, 1],
+      "spearman": 0.5}}))
+  text = render.quality_page()
+  assert "**Fair baseline at this scale: `galore`**" in text
+  assert "| galore | galore | 0.001 | - | 2.2000 | 4.1000 | 60.34 | 1.000 | 0.819 | 2 | 1 |" in text
+  assert "over 3 methods: **0.500: the order changes**" in text

@@ -290,7 +290,7 @@ def test_clear_errors(tmp_path):
   attempt('shape', config, bad, r"'model.layers.0.self_attn.k_proj.weight' has shape \(32, 32\)")
   attempt('extra', config, {**w, 'model.layers.0.self_attn.q_norm.weight': _w(8)}, "unexpected tensor 'model")
   attempt('override', config, w, r"\['d_model'\] cannot be overridden", d_model=64)
-  attempt('rope', {**config, 'rope_scaling': {'rope_type': 'llama3', 'factor': 8.0}}, w, 'rope scaling')
+  attempt('rope', {**config, 'rope_scaling': {'rope_type': 'linear', 'factor': 8.0}}, w, 'rope scaling')
   attempt('rope5', {**config, 'rope_parameters': {'rope_type': 'yarn', 'factor': 4.0}}, w, 'rope scaling')
   with pytest.raises(err, match='no config.json'):
     models.from_pretrained(tmp_path)

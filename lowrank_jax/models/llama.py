@@ -44,6 +44,7 @@ from lowrank_jax.models.transformer import (
     linear_with_bias,
     run_blocks,
 )
+from lowrank_jax.nn.rope import Llama3RopeScaling
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -52,6 +53,7 @@ class LlamaConfig(ModelConfig):
   max_seq_len: int = 2048
   tie_embeddings: bool = False
   rope_theta: float = 10000.0
+  rope_scaling: Llama3RopeScaling | None = None  # Llama 3.1+ frequency scaling (HF rope_type "llama3")
   norm_eps: float = 1e-6
   n_kv_heads: int | None = None  # grouped-query attention: k/v heads (None: n_heads)
   attention_bias: bool = False  # biases on q, k, v, o (HF `attention_bias`)
@@ -70,6 +72,8 @@ class LlamaConfig(ModelConfig):
         not is_positive_int(self.n_kv_heads) or self.n_heads % self.n_kv_heads):
       raise ValueError(f'LlamaConfig.n_kv_heads must be a positive divisor of n_heads '
                        f'({self.n_heads}) or None, got {self.n_kv_heads!r}')
+    if not isinstance(self.rope_scaling, (Llama3RopeScaling, type(None))):
+      raise ValueError(f'LlamaConfig.rope_scaling must be a Llama3RopeScaling or None, got {self.rope_scaling!r}')
 
 
 # name -> (d_model, d_ff, n_heads, n_layers). GaLore paper / repo configs
@@ -109,8 +113,8 @@ def _block(config: LlamaConfig, linear_factory: LinearFactory, *, rngs: nnx.Rngs
   return PreNormBlock(
       attn_norm=nn.RMSNorm(config.d_model, **norm_kw),
       attn=CausalSelfAttention(config.d_model, config.n_heads, linear_factory, dtype=config.compute_dtype,
-                               rope_theta=config.rope_theta, q_kw=kw, bias=config.attention_bias,
-                               n_kv_heads=config.n_kv_heads),
+                               rope_theta=config.rope_theta, rope_scaling=config.rope_scaling, q_kw=kw,
+                               bias=config.attention_bias, n_kv_heads=config.n_kv_heads),
       mlp_norm=nn.RMSNorm(config.d_model, **norm_kw),
       mlp=MLP(config, linear_factory, rngs=rngs),
       dtype=config.compute_dtype)
@@ -173,10 +177,7 @@ def _config_from_hf(hf: dict, overrides: dict) -> LlamaConfig:
                           f'num_attention_heads = {d // heads}: not supported')
   # transformers < 5 writes rope_theta (+ rope_scaling); 5 writes rope_parameters.
   rope = dict(hf_get(hf, 'rope_parameters') or {})
-  scaling = hf_get(hf, 'rope_scaling') or ({} if rope.get('rope_type', 'default') == 'default' else rope)
-  if scaling:
-    raise PretrainedError(f'config.json rope scaling {scaling!r}: scaled rotary embeddings '
-                          '(e.g. Llama 3.1 "llama3") are not supported; only plain rope_theta')
+  scaling = hf_get(hf, 'rope_scaling') or rope
   fields = dict(
       vocab_size=hf_get(hf, 'vocab_size', required=True), d_model=d,
       d_ff=hf_get(hf, 'intermediate_size', required=True), n_heads=heads,
@@ -185,20 +186,44 @@ def _config_from_hf(hf: dict, overrides: dict) -> LlamaConfig:
       max_seq_len=hf_get(hf, 'max_position_embeddings', 2048),
       tie_embeddings=bool(hf_get(hf, 'tie_word_embeddings', False)),
       rope_theta=float(rope.get('rope_theta', hf_get(hf, 'rope_theta', 10000.0))),
+      rope_scaling=_rope_scaling_from_hf(scaling),
       norm_eps=float(hf_get(hf, 'rms_norm_eps', 1e-6)),
       attention_bias=bool(hf_get(hf, 'attention_bias', False)), mlp_bias=bool(hf_get(hf, 'mlp_bias', False)))
   return LlamaConfig(**{**fields, **overrides})
 
 
+def _rope_scaling_from_hf(scaling: dict) -> Llama3RopeScaling | None:
+  kind = scaling.get('rope_type', scaling.get('type', 'default'))  # 'type': older config.json files
+  if kind == 'default':
+    return None
+  if kind != 'llama3':
+    raise PretrainedError(f'config.json rope scaling type {kind!r} is not supported '
+                          '(only "llama3", Llama 3.1 to 3.3, and none)')
+  fields = [f.name for f in dataclasses.fields(Llama3RopeScaling)]
+  if missing := [name for name in fields if name not in scaling]:
+    raise PretrainedError(f'config.json rope scaling "llama3" has no {missing[0]!r}')
+  try:
+    return Llama3RopeScaling(**{name: scaling[name] for name in fields})
+  except ValueError as e:
+    raise PretrainedError(f'config.json rope scaling: {e}') from None
+
+
+def _rope_scaling_to_hf(c: LlamaConfig) -> dict | None:
+  if c.rope_scaling is None:
+    return None
+  return {'rope_type': 'llama3', **dataclasses.asdict(c.rope_scaling)}
+
+
 def _config_to_hf(c: LlamaConfig, base: dict) -> dict:
+  scaling = _rope_scaling_to_hf(c)
   return {
       'architectures': ['LlamaForCausalLM'], 'model_type': 'llama', 'vocab_size': c.vocab_size,
       'hidden_size': c.d_model, 'intermediate_size': c.d_ff, 'num_attention_heads': c.n_heads,
       'num_key_value_heads': c.n_kv_heads or c.n_heads, 'num_hidden_layers': c.n_layers,
       'head_dim': c.head_dim, 'max_position_embeddings': c.max_seq_len, 'rope_theta': c.rope_theta,
       'rms_norm_eps': c.norm_eps, 'tie_word_embeddings': c.tie_embeddings, 'hidden_act': 'silu',
-      'attention_bias': c.attention_bias, 'mlp_bias': c.mlp_bias, 'rope_scaling': None,
-      'rope_parameters': {'rope_type': 'default', 'rope_theta': c.rope_theta},
+      'attention_bias': c.attention_bias, 'mlp_bias': c.mlp_bias, 'rope_scaling': scaling,
+      'rope_parameters': {**(scaling or {'rope_type': 'default'}), 'rope_theta': c.rope_theta},
   }
 
 

@@ -85,7 +85,8 @@ class ModelConfig:
 class CausalSelfAttention(nnx.Module):
   """Multi-head causal self-attention with linears `q, k, v, o` from the factory.
 
-  `rope_theta`: rotary embeddings on q and k (LLaMA), or None (GPT-2, learned positions).
+  `rope_theta`: rotary embeddings on q and k (LLaMA), or None (GPT-2, learned positions);
+  `rope_scaling`: their frequency scaling (`nn.rope.Llama3RopeScaling`), or None.
   `q_kw` / `o_kw`: keyword arguments for the linears (dtypes, init); `o_kw` lets GPT-2
   scale its residual projection's init.
   `causal`: False gives bidirectional attention (ViT).
@@ -96,7 +97,8 @@ class CausalSelfAttention(nnx.Module):
 
   def __init__(self, d_model: int, n_heads: int, linear_factory: LinearFactory, *, dtype: Any,
                rope_theta: float | None, q_kw: dict, o_kw: dict | None = None,
-               causal: bool = True, bias: bool = False, n_kv_heads: int | None = None):
+               causal: bool = True, bias: bool = False, n_kv_heads: int | None = None,
+               rope_scaling: Any = None):
     self.n_heads = n_heads
     self.n_kv_heads = n_heads if n_kv_heads is None else int(n_kv_heads)
     if self.n_kv_heads <= 0 or n_heads % self.n_kv_heads:
@@ -104,6 +106,7 @@ class CausalSelfAttention(nnx.Module):
     self.head_dim = d_model // n_heads
     kv_features = self.n_kv_heads * self.head_dim
     self.rope_theta = None if rope_theta is None else float(rope_theta)
+    self.rope_scaling = rope_scaling
     self.dtype = dtype
     self.causal = bool(causal)
     self.q = linear_factory('q', d_model, d_model, **q_kw)
@@ -125,8 +128,8 @@ class CausalSelfAttention(nnx.Module):
     if self.rope_theta is not None:
       if positions is None:
         positions = jnp.arange(t, dtype=jnp.int32)
-      q = nn.apply_rope(q, positions, self.rope_theta)
-      k = nn.apply_rope(k, positions, self.rope_theta)
+      q = nn.apply_rope(q, positions, self.rope_theta, self.rope_scaling)
+      k = nn.apply_rope(k, positions, self.rope_theta, self.rope_scaling)
     q, k, v = (y.astype(self.dtype) for y in (q, k, v))
     # [B, T, N, H] layout; XLA on CPU/TPU, cuDNN flash kernels eligible on GPU.
     # k, v with fewer heads (GQA) are shared by groups of query heads inside the call.
