@@ -159,25 +159,30 @@ def _exit_multiprocess(error: Exception) -> None:
   os._exit(1)
 
 
-def _stop_at_once(signum, frame):
-  from lowrank_jax.train.errors import StopSignal
+def _stopped_at_once(name: str, code: int):
+  print(f"\nerror: stopped at once by {name}; checkpoints already written are intact: run the same command to "
+        "resume from the newest", file=sys.stderr, flush=True)
+  _leaving()
+  os._exit(code)  # at once: not waiting on orbax's writer threads (a half-written step is never read back)
 
-  raise StopSignal(signum)
+
+def _stop_at_once(signum, frame):
+  # Said and done in the handler itself: an exception raised here is lost when the handler runs
+  # inside a garbage-collection callback ("Exception ignored in"), and the run went on.
+  from lowrank_jax.train.errors import signal_name
+
+  _stopped_at_once(signal_name(signum), 128 + signum)
 
 
 def _main_or_interrupted(argv):
   # Until training starts (and again after it), a stop signal stops at once; the trainer's loop
   # takes them over meanwhile: the first saves and stops after the step in flight.
-  for signum in (signal.SIGTERM, signal.SIGUSR1):
+  for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1):
     signal.signal(signum, _stop_at_once)
   try:
     code = main(argv)
-  except KeyboardInterrupt as e:  # StopSignal, or Ctrl-C as Python raises it
-    name, code = getattr(e, "name", "Ctrl-C"), getattr(e, "exit_code", 130)
-    print(f"error: stopped at once by {name}; checkpoints already written are intact: run the same command to "
-          "resume from the newest", file=sys.stderr, flush=True)
-    _leaving()
-    os._exit(code)  # at once: not waiting on orbax's writer threads (a half-written step is never read back)
+  except KeyboardInterrupt as e:  # the loop's StopSignal (a second signal while training)
+    _stopped_at_once(getattr(e, "name", "Ctrl-C"), getattr(e, "exit_code", 130))
   if code == 0 or code >= 128:  # finished, or stopped by a signal after saving
     _leaving()
   sys.exit(code)

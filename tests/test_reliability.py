@@ -365,6 +365,37 @@ def test_a_signal_before_training_or_a_second_one_stops_at_once_in_one_line(tmp_
   assert line.startswith("error: stopped at once by SIG") and "Traceback" not in stderr, stderr[-3000:]
 
 
+GC_SIGNAL = """
+import importlib.util, os, signal, sys, time
+spec = importlib.util.spec_from_file_location("train_cli", sys.argv[1])
+cli = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(cli)
+signal.signal(signal.SIGTERM, cli._stop_at_once)
+
+class Dies:
+  def __del__(self):
+    os.kill(os.getpid(), signal.SIGTERM)
+    time.sleep(0.5)  # the handler runs here, inside __del__
+
+Dies()
+print("went on", flush=True)
+"""
+
+
+def test_a_stop_signal_handled_inside_a_finalizer_still_stops_at_once(tmp_path):
+  """Python ignores an exception a signal handler raises while it runs inside a finalizer or a
+  garbage-collection callback ("Exception ignored in"): train.py's handler stops the run itself.
+  (Seen: a SIGTERM during JAX's start-up landed in jax's _xla_gc_callback, and the run trained on.)"""
+  script = tmp_path / "gc_signal.py"
+  script.write_text(GC_SIGNAL)
+  proc = subprocess.run([sys.executable, str(script), str(REPO / "train.py")], capture_output=True, text=True,
+                        cwd=REPO)
+  assert proc.returncode == 143 and "went on" not in proc.stdout, proc.stderr[-3000:]
+  assert _errors(proc.stderr) == ["error: stopped at once by SIGTERM; checkpoints already written are intact: run "
+                                  "the same command to resume from the newest"], proc.stderr[-3000:]
+  assert "Exception ignored" not in proc.stderr
+
+
 def _mount_namespace_works() -> bool:
   unshare = shutil.which("unshare")
   return bool(unshare) and subprocess.run([unshare, "--user", "--map-root-user", "--mount", "true"],

@@ -178,6 +178,7 @@ class _StopRequest:
 
   def __init__(self):
     self.signum: int | None = None
+    self.at_once: int | None = None  # a second signal
     self._previous: dict[int, Any] = {}
 
   def __enter__(self):
@@ -190,7 +191,8 @@ class _StopRequest:
 
   def _handle(self, signum, frame):
     if self.signum is not None:
-      raise StopSignal(signum)
+      self.at_once = signum  # (raised again by `agreed`: a handler run inside a garbage-collection
+      raise StopSignal(signum)  # callback has its exception ignored)
     self.signum = signum
     name = signal_name(signum)
     when = "after this step" if jax.process_count() == 1 else "at the next log step, where all processes agree"
@@ -199,6 +201,8 @@ class _StopRequest:
   def agreed(self, sync_point: bool) -> int | None:
     """The signal to stop on after this step, or None. On one process, the request itself; on
     several, any process's, asked only at a `sync_point` (every process passes the same ones)."""
+    if self.at_once is not None:
+      raise StopSignal(self.at_once)
     if jax.process_count() == 1:
       return self.signum
     if not sync_point:
