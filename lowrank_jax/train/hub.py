@@ -64,8 +64,9 @@ def resolve(key: str, spec: str, kind: str) -> str:
     import huggingface_hub
     from huggingface_hub import errors
   except ImportError:
+    route = DATA_WITHOUT_HUB if key.startswith("data.") else ""
     raise ConfigError(key, f"{spec!r} is no local path, and a Hugging Face Hub id needs huggingface_hub: "
-                      "pip install 'lowrank-jax[hf]'") from None
+                      f"pip install 'lowrank-jax[hf]'{route}") from None
   what, cache = f"{spec!r} (no local path of that name either)", cache_dir()
   try:
     path = huggingface_hub.snapshot_download(repo, revision=revision, cache_dir=cache,
