@@ -232,7 +232,7 @@ def test_where_false_changes_no_bit_even_under_a_non_finite_update():
 
 def test_the_documented_optax_loop_trains():
   """The module docstring's loop, executed as written, on a small regression problem."""
-  block = int8_weight.__doc__.split("In your own Optax loop::")[1]
+  block = int8_weight.__doc__.split("In your own Optax loop")[1].split("::", 1)[1]
   lines = [line.strip() for line in block.strip("\n").splitlines() if line.strip()]
   assert len(lines) == 5 and lines[0].startswith("params = int8_weight.quantize_tree(params)"), lines
   setup_code, step_code = compile("\n".join(lines[:2]), "doc", "exec"), compile("\n".join(lines[2:]), "doc", "exec")

@@ -69,6 +69,10 @@ EXTRA = {
     # groups on: their chain around the state resumes too).
     "muon_8bit": ({"optimizer.name": "muon", "optimizer.state_bits": 8, "optimizer.embed_lr_scale": 2.0,
                    "optimizer.other_lr_scale": 0.5}, None),
+    # QLoRA with DoRA and LoRA+: the NF4 base (codes and double-quantized scales, never updated), the
+    # magnitudes and the scaled B learning rate.
+    "qdora_nf4": ({"optimizer.name": "lora", "optimizer.lora.rank": 8, "model.base_bits": 4,
+                   "optimizer.lora.variant": "dora", "optimizer.lora.b_lr_ratio": 4.0}, None),
 }
 # Where each 8-bit case must hold coded moments (names in the checkpoint's state paths).
 CODED = {"galore_8bit": {"dense_state", "lowrank_state"}, "muon_8bit": {"muon", "adam"}}

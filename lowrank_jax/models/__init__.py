@@ -36,11 +36,13 @@ from lowrank_jax.models.pretrained import (
     pretrained_config,
     save_pretrained,
 )
+from lowrank_jax.models.peft_adapter import PeftAdapterError, load_adapter, read_adapter_config, save_adapter
 
 __all__ = [
     'TASKS', 'Family', 'family_names', 'family_of_architecture', 'get_family', 'hf_architectures',
     'layer_names', 'register_family', 'registered_families',
     'HFFormat', 'PretrainedError', 'family_of', 'from_pretrained', 'pretrained_config', 'save_pretrained',
+    'PeftAdapterError', 'load_adapter', 'read_adapter_config', 'save_adapter',
     'DTYPES', 'ModelConfig', 'REMAT_POLICIES', 'remat_policy', 'DecoderLM',
     'LinearFactory', 'get_linear_builder', 'linear_kinds', 'register_linear_kind',
     'LLAMA_SIZES', 'Llama', 'LlamaConfig', 'count_params', 'llama_config',

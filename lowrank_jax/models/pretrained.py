@@ -44,7 +44,7 @@ import json
 import os
 import re
 import shutil
-from typing import Any
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
@@ -232,7 +232,8 @@ def pretrained_config(path: str | os.PathLike, **overrides: Any) -> Any:
 
 
 def from_pretrained(path: str | os.PathLike, *, linear_factory: LinearFactory | None = None,
-                    sharding: Any = None, seed: int = 0, **overrides: Any) -> nnx.Module:
+                    sharding: Any = None, seed: int = 0, store: Callable[[tuple, jax.Array], Any] | None = None,
+                    **overrides: Any) -> nnx.Module:
   """Our NNX model with the weights of a Hugging Face model directory.
 
   Args:
@@ -244,6 +245,10 @@ def from_pretrained(path: str | os.PathLike, *, linear_factory: LinearFactory | 
       Sharding`` (e.g. FSDP: split the largest axis over the mesh); each device reads
       only its slice.
     seed: initialises what the checkpoint does not hold (adapters, VeLoRA vectors).
+    store: ``f(path: tuple, array) -> value``, applied to each parameter as soon as it is placed, so
+      the model is stored that way without ever being whole in its loaded form: the trainer
+      quantizes the frozen base kernels under LoRA adapters here (``model.base_bits``: QLoRA),
+      and a 7B checkpoint never sits in host memory in bf16.
     **overrides: our config fields to choose: ``dtype`` (compute), ``param_dtype``
       (storage; the checkpoint is cast tensor by tensor), ``remat``; ``max_seq_len``
       (LLaMA, GPT-2); ``num_classes`` (ViT: required for a headless ``ViTModel``; a count
@@ -313,12 +318,15 @@ def from_pretrained(path: str | os.PathLike, *, linear_factory: LinearFactory | 
   values = {}
   if fresh_paths:  # (tracing the model's construction costs seconds: only when needed)
     values = dict(zip(fresh_paths, jax.jit(init_fresh, out_shardings=out_shardings)()))
+  if store is not None:
+    values = {p: store(p, v) for p, v in values.items()}
   for name, paths in ours_of.items():
     array = ckpt.read(name)
     for our_path in paths:
       target = abstract[our_path]
-      values[our_path] = _place(_to_ours(array, resolved[our_path][1]), target.dtype,
-                                _sharding_for(sharding, our_path, target))
+      placed = _place(_to_ours(array, resolved[our_path][1]), target.dtype, _sharding_for(sharding, our_path, target))
+      values[our_path] = placed if store is None else store(our_path, placed)
+      del placed
     del array
   state = nnx.from_flat_state([(p, v.replace(values[p])) for p, v in flat])
   return nnx.merge(graphdef, state)
@@ -333,8 +341,11 @@ def _folded_kernel(module: nnx.Module) -> jax.Array:
 
   LoRA / ReLoRA (``lora_a`` [in, r], ``lora_b`` [r, out]): ``W + scale A B``. Multi-head
   LoRA (``[N, in, r]``, ``[N, r, out]``, snapshots ``lora_v_a`` / ``lora_v_b``): ``W +
-  (scale / N) sum_h (A_h B_h - V_h)``, the kernel its next merge would produce.
+  (scale / N) sum_h (A_h B_h - V_h)``, the kernel its next merge would produce. A layer that knows
+  its own (``merged_kernel``: LoRA's variants, DoRA's magnitudes) says it.
   """
+  if hasattr(module, 'merged_kernel'):
+    return module.merged_kernel()
   f32 = lambda name: getattr(module, name)[...].astype(jnp.float32)  # noqa: E731
   a, b = f32('lora_a'), f32('lora_b')
   if a.ndim == 2:

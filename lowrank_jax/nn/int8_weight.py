@@ -25,12 +25,17 @@ the arrays elsewhere), :func:`attach` puts the carriers into the weights for the
 requantizes the int8 leaves with stochastic rounding, keyed by a uint32 seed (the trainer's:
 its run seed and step, so a resumed run draws the same roundings).
 
-In your own Optax loop::
+Frozen quantized bases (:class:`lowrank_jax.nn.quantized_base.QuantizedBase`, ``model.base_bits``: the NF4 or
+int8 kernels under LoRA adapters, QLoRA) ride in the same trees but are never differentiated nor updated:
+:func:`differentiable_view` and :func:`trainable_view` leave them out (``None``: no gradient, no optimizer state, no
+update), :func:`float_view` dequantizes them (an export), and :func:`apply_updates` keeps them as they are.
+
+In your own Optax loop (the same with frozen quantized bases in ``params``)::
 
   params = int8_weight.quantize_tree(params)                       # once
-  opt_state = tx.init(int8_weight.float_view(params))
+  opt_state = tx.init(int8_weight.trainable_view(params))
   loss, grads = int8_weight.value_and_grad(loss_fn)(params, batch)  # loss_fn(params, batch)
-  updates, opt_state = tx.update(grads, opt_state, int8_weight.float_view(params))
+  updates, opt_state = tx.update(grads, opt_state, int8_weight.trainable_view(params))
   params = int8_weight.apply_updates(params, updates, seed=step)
 """
 
@@ -100,6 +105,17 @@ class Int8Weight:
 
 def is_int8(x: Any) -> bool:
   return isinstance(x, Int8Weight)
+
+
+def _is_base(x: Any) -> bool:
+  """A frozen stored weight (a ``QuantizedBase``, whose class declares ``FROZEN_STORED``; named by that
+  mark, not imported: quantized_base builds on this module)."""
+  return getattr(type(x), 'FROZEN_STORED', False) is True
+
+
+def is_stored(x: Any) -> bool:
+  """A weight stored quantized: an :class:`Int8Weight` or a frozen ``QuantizedBase`` (one leaf of a params tree)."""
+  return isinstance(x, Int8Weight) or _is_base(x)
 
 
 def _blocks(n: int, block_size: int | None) -> tuple[int, int]:
@@ -251,7 +267,14 @@ def quantize_tree(params: Any, block_size: int | None = DEFAULT_BLOCK_SIZE,
 def float_view(params: Any) -> Any:
   """``params`` with every :class:`Int8Weight` dequantized: what an optimizer's ``init`` / ``update``
   and an export see. Under jit each leaf is computed where it is used (weight decay fuses it)."""
-  return jax.tree.map(lambda x: x.dequantize() if is_int8(x) else x, params, is_leaf=is_int8)
+  return jax.tree.map(lambda x: x.dequantize() if is_stored(x) else x, params, is_leaf=is_stored)
+
+
+def trainable_view(params: Any) -> Any:
+  """What an optimizer sees: :func:`float_view` without the frozen quantized bases (``None`` there, so they
+  get no state and no update). Gradients from :func:`value_and_grad` are shaped like it."""
+  return jax.tree.map(lambda x: None if _is_base(x) else x.dequantize() if is_int8(x) else x,
+                      params, is_leaf=is_stored)
 
 
 def has_int8(params: Any) -> bool:
@@ -261,15 +284,19 @@ def has_int8(params: Any) -> bool:
 def differentiable_view(params: Any) -> Any:
   """The tree to differentiate: a zero carrier in the weight's float dtype for each
   :class:`Int8Weight`, the leaf itself elsewhere. It has the structure of :func:`float_view`
-  (gradients, updates and optimizer states are shaped like it)."""
-  return jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype) if is_int8(x) else x, params, is_leaf=is_int8)
+  (gradients, updates and optimizer states are shaped like it). A frozen quantized base is None: it has no
+  gradient."""
+  return jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype) if is_int8(x) else
+                      None if _is_base(x) else x, params, is_leaf=is_stored)
 
 
 def attach(params: Any, view: Any) -> Any:
   """The model's parameters for a differentiated forward: int8 weights carrying ``view``'s
   carriers, ``view``'s leaves elsewhere."""
-  return jax.tree.map(lambda p, v: dataclasses.replace(p, carrier=v) if is_int8(p) else v,
-                      params, view, is_leaf=is_int8)
+  leaves, treedef = jax.tree.flatten(params, is_leaf=is_stored)
+  out = [dataclasses.replace(p, carrier=v) if is_int8(p) else p if _is_base(p) else v
+         for p, v in zip(leaves, treedef.flatten_up_to(view))]
+  return jax.tree.unflatten(treedef, out)
 
 
 def read_once(module: Any) -> Any:
@@ -306,7 +333,7 @@ def apply_updates(params: Any, updates: Any, seed: Any, where: Any = None) -> An
   new codes until ``where`` is known (measured on a TPU v5e: +1 GiB of a LLaMA 1b GaLore step's
   temporaries), while a zero update lets the new codes overwrite the old ones in place.
   """
-  leaves, treedef = jax.tree.flatten(params, is_leaf=is_int8)
+  leaves, treedef = jax.tree.flatten(params, is_leaf=is_stored)
   upd = treedef.flatten_up_to(updates)
   out = []
   for i, (p, u) in enumerate(zip(leaves, upd)):

@@ -43,7 +43,7 @@ from lowrank_jax.optim.subspace import (SubspaceState, refresh_due, refresh_proj
                                         steps_to_refresh, uses_split_refresh)
 from lowrank_jax.optim.apollo import apollo, apollo_mini, scale_by_apollo
 from lowrank_jax.optim.fira import fira, scale_by_fira
-from lowrank_jax.optim.groups import GROUPS, param_groups, scale_by_group, with_groups
+from lowrank_jax.optim.groups import GROUPS, lora_b_labels, param_groups, scale_by_group, scale_lora_b, with_groups
 from lowrank_jax.optim.lte import LTEState, lte_head_mask, lte_layer_paths, lte_leaf_roles, lte_merge
 from lowrank_jax.optim.projection import (
     DEFAULT_EXCLUDED_KEYS,
@@ -88,6 +88,8 @@ __all__ = [
     'muon',
     'param_groups',
     'scale_by_group',
+    'scale_lora_b',
+    'lora_b_labels',
     'with_groups',
     'jagged_cosine_schedule',
     'lte_head_mask',

@@ -121,3 +121,43 @@ def with_groups(tx: optax.GradientTransformation, *, embed_lr_scale: float = 1.0
   if embed_lr_scale == 1.0 and other_lr_scale == 1.0:
     return tx
   return optax.chain(tx, scale_by_group({'embed': embed_lr_scale, 'other': other_lr_scale}))
+
+
+def lora_b_labels(params: Any, key: str = 'lora_b') -> Any:
+  """``'lora_b'`` for every leaf named ``key`` (a LoRA layer's ``B`` factor), ``'other'`` elsewhere."""
+  return jax.tree_util.tree_map_with_path(
+      lambda path, _: 'lora_b' if proj_lib.path_key_names(path)[-1:] == (key,) else 'other', params)
+
+
+def scale_lora_b(ratio: float, *, key: str = 'lora_b') -> optax.GradientTransformation:
+  r"""LoRA+: the update of every LoRA ``B`` factor multiplied by ``ratio``.
+
+  LoRA+ (Hayou et al., 2024, https://arxiv.org/abs/2402.12354) shows that with one learning
+  rate for both factors, LoRA's feature learning is inefficient at large width, and trains
+  ``B`` at ``ratio`` times ``A``'s rate (the paper suggests ``ratio = 16``). Chained after an
+  optimizer, as :func:`scale_by_group` (whose meaning it has: the decoupled weight decay of ``B``
+  scales too, as with a PyTorch parameter group ``lr = ratio * lr``). Put it inside
+  :func:`~lowrank_jax.optim.relora` (in its ``inner``), not after it: ReLoRA's merge update of
+  ``B`` is final.
+
+  Stateless, and ``ratio == 1`` returns the updates untouched; but chaining it wraps the
+  optimizer's state in a tuple, so leave it out for ratio 1 to keep checkpoints compatible.
+
+  Example:
+    >>> import jax.numpy as jnp, optax
+    >>> from lowrank_jax.optim import scale_lora_b
+    >>> opt = optax.chain(optax.adamw(1e-3), scale_lora_b(16.0))
+    >>> params = {'q': {'lora_a': jnp.ones((8, 2)), 'lora_b': jnp.ones((2, 8))}}
+    >>> updates, state = opt.update(params, opt.init(params), params)
+
+  Args:
+    ratio: the factor (> 0) on the updates of the leaves named ``key``.
+    key: the name of the ``B`` factors' leaves.
+
+  Returns:
+    An ``optax.GradientTransformation``.
+  """
+  ratio = float(ratio)
+  if not ratio > 0:
+    raise ValueError(f'scale_lora_b: ratio must be > 0, got {ratio!r}')
+  return scale_by_group({'lora_b': ratio}, lambda updates: lora_b_labels(updates, key))

@@ -61,6 +61,7 @@ def _read_run(config: ml_collections.ConfigDict) -> RunConfig:
                   task_for(data.source))
   run.method.check_run(run)
   _check_task(run)
+  _check_adapters(run)
   run = run.replace(linear_shapes=_linear_shapes_if_needed(run))
   _check_velora(run)
   _check_rank(run)
@@ -87,6 +88,36 @@ def _check_task(run: RunConfig) -> None:
         f"model.family={family!r}"
     raise ConfigError("data.source", f"{run.data.source!r} is data for {run.task.name}; {model} learns {learns}",
                       [s for t in TASKS if t.model_task == learns for s in t.sources])
+
+
+def _check_adapters(run: RunConfig) -> None:
+  """The settings that act on the LoRA adapters and their frozen base need a method that has them."""
+  m = run.model
+  lora_layers = [name for name, kind in linear_kinds(run).items() if kind == "lora"]
+  if m.base_bits != 16:
+    if m.weight_bits != 16:
+      raise ConfigError("model.base_bits", f"{m.base_bits} cannot be combined with model.weight_bits="
+                        f"{m.weight_bits}: base_bits stores the frozen kernels under LoRA adapters, weight_bits the "
+                        "trained ones; choose one")
+    if run.optimizer.name != "lora" or not lora_layers:
+      raise ConfigError("model.base_bits", f"{m.base_bits} quantizes the frozen base kernels under LoRA adapters, "
+                        f"which optimizer.name={run.optimizer.name!r} does not have" +
+                        (" (it merges into them)" if run.optimizer.name in ("relora", "mhlora") else "") +
+                        "; use optimizer.name='lora', or model.weight_bits=8 to store trained weights in int8")
+  for key in ("export_adapter_to", "init_adapter_from"):
+    if getattr(m, key) and (run.optimizer.name != "lora" or not lora_layers):
+      raise ConfigError(f"model.{key}", "needs LoRA adapters over a fixed base (optimizer.name='lora'); "
+                        f"optimizer.name={run.optimizer.name!r} " +
+                        ("merges them into the kernels: export the merged model with model.export_to"
+                         if run.optimizer.name in ("relora", "mhlora") else "has none"))
+  pissa = getattr(getattr(run.method, "lora", run.method), "init", "kaiming") == "pissa"
+  if m.init_adapter_from and pissa:
+    raise ConfigError("model.init_adapter_from", "is an adapter to continue from; optimizer.lora.init='pissa' "
+                      "would re-initialise it: use optimizer.lora.init='kaiming'")
+  if m.export_adapter_to and pissa:
+    raise ConfigError("model.export_adapter_to", "PiSSA (optimizer.lora.init='pissa') trains adapters over the "
+                      "residual it leaves of each kernel, not over the checkpoint's weights, so its adapter does not "
+                      "apply to the base model; export the merged model with model.export_to")
 
 
 def _check_velora(run: RunConfig) -> None:

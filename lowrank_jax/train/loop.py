@@ -31,7 +31,7 @@ from lowrank_jax.train.errors import ConfigError, StopSignal, TrainingStopped, s
 from lowrank_jax.train.input import Input
 from lowrank_jax.train.memory_check import check_memory
 from lowrank_jax.train.metrics import MetricsWriter
-from lowrank_jax.train.setup import (Setup, build_setup, export_model, init_state, model_summary, param_count,
+from lowrank_jax.train.setup import (Setup, build_setup, export_adapter, export_model, init_state, model_summary, param_count,
                                      trainable_count)
 
 # Keys whose change makes an existing checkpoint unusable for this run.
@@ -514,6 +514,8 @@ def train(config: ml_collections.ConfigDict | RunConfig, workdir: str, *, restar
         writer.write(progress.step, progress.last_eval)
       if not progress.stopped_early and run.model.export_to:  # every process takes part (gathers); process 0 writes
         _say(f"exported the model to {export_model(setup, state)} (Hugging Face format, adapters merged)")
+      if not progress.stopped_early and run.model.export_adapter_to:
+        _say(f"exported the adapters to {export_adapter(setup, state)} (PEFT format)")
   except (ConfigError, TrainingStopped):
     checkpointer.close()  # the last checkpoint is complete before the error is told
     raise

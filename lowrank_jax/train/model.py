@@ -9,13 +9,14 @@ structure and merged, which costs nothing under jit.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any
 
 import flax.nnx as nnx
 import jax
 
 from lowrank_jax import models
-from lowrank_jax.nn import int8_weight
+from lowrank_jax.nn import int8_weight, quantized_base
 from lowrank_jax.optim.adapters import adapted_layers
 from lowrank_jax.train.settings import RunConfig
 from lowrank_jax.train.errors import ConfigError
@@ -112,9 +113,35 @@ def abstract_model(run: RunConfig, vocab_size: int) -> nnx.Module:
   return nnx.eval_shape(lambda: build_model(run, vocab_size, seed=0))
 
 
+def _key(entry: Any) -> Any:
+  return getattr(entry, "key", getattr(entry, "idx", getattr(entry, "name", entry)))
+
+
+def store_base(run: RunConfig, path: tuple, leaf: Any) -> Any:
+  """One parameter as the run stores it under `model.base_bits`: a frozen kernel under a LoRA adapter
+  (`<layer>/kernel` of a layer built as 'lora') becomes a `QuantizedBase`; every other leaf is returned
+  as it is. `path`: key entries or plain keys (a checkpoint loader's), so loading can quantize each
+  tensor as it arrives (`models.from_pretrained(store=...)`)."""
+  m = run.model
+  keys = [_key(k) for k in path]
+  if (m.base_bits == 16 or len(keys) < 2 or keys[-1] != "kernel" or getattr(leaf, "ndim", 0) != 2
+      or quantized_base.is_quantized_base(leaf) or linear_kinds(run).get(str(keys[-2])) != "lora"):
+    return leaf
+  return _quantize_base(leaf, m.base_bits, bool(m.base_double_quant))
+
+
+@functools.partial(jax.jit, static_argnums=(1, 2))  # one compile per kernel shape, also while a checkpoint streams
+def _quantize_base(kernel: jax.Array, bits: int, double_quant: bool) -> Any:
+  return quantized_base.quantize_base(kernel, bits, double_quant=double_quant, dtype=kernel.dtype)
+
+
 def store_weights(run: RunConfig, params: Any) -> Any:
   """The params dict as the run stores it: with `model.weight_bits=8` every kernel and the embedding
-  become `Int8Weight`s (rounded to nearest once; training rounds stochastically)."""
+  become `Int8Weight`s (rounded to nearest once; training rounds stochastically); with
+  `model.base_bits` 8 or 4 the frozen kernels under LoRA adapters become `QuantizedBase`s."""
+  if run.model.base_bits != 16:
+    params = jax.tree_util.tree_map_with_path(lambda path, x: store_base(run, path, x), params,
+                                              is_leaf=int8_weight.is_stored)
   if run.model.weight_bits == 16:
     return params
   return int8_weight.quantize_tree(params, run.model.weight_block or None)
@@ -163,7 +190,7 @@ class ModelSplit:
 
   def merge(self, params: Any, rest: Any, *, evaluation: bool = False) -> nnx.Module:
     # An int8 weight stands where its float array stood: one leaf of the NNX state.
-    p = jax.tree.unflatten(self.params_treedef, jax.tree.leaves(params, is_leaf=int8_weight.is_int8))
+    p = jax.tree.unflatten(self.params_treedef, jax.tree.leaves(params, is_leaf=int8_weight.is_stored))
     r = jax.tree.unflatten(self.rest_treedef, jax.tree.leaves(rest))
     graphdef = self.eval_graphdef if evaluation and self.eval_graphdef is not None else self.graphdef
     return nnx.merge(graphdef, p, r)

@@ -234,6 +234,7 @@ class VeLoRASettings(Settings):
 
 
 WEIGHT_BITS = (16, 8)  # model.weight_bits: param_dtype as it is, or int8 (nn.int8_weight)
+BASE_BITS = (16, 8, 4)  # model.base_bits: param_dtype as it is, int8 per output column, or NF4 (nn.quantized_base)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -248,6 +249,11 @@ class ModelSettings(Settings):
   # bits: int8 codes with float32 scales, updated with stochastic rounding (lowrank_jax/nn/int8_weight.py).
   weight_bits: int = setting(16, one_of(WEIGHT_BITS))
   weight_block: int = setting(0, non_negative_int)  # rows per int8 scale; 0: one scale per output column
+  # The frozen base kernels under LoRA adapters (optimizer.name=lora) stored as 16 (param_dtype), 8 (int8, a
+  # scale per output column) or 4 bits (NF4 with a scale per 64 inputs: QLoRA), dequantized one layer at a time
+  # in the forward and backward passes (lowrank_jax/nn/quantized_base.py). A checkpoint is quantized as it loads.
+  base_bits: int = setting(16, one_of(BASE_BITS))
+  base_double_quant: bool = setting(True, boolean)  # base_bits=4: the scales themselves in 8 bits (QLoRA): 4.13 bits a weight
   tie_embeddings: bool = setting(False, boolean)  # new language models: the head reuses the token embedding matrix
   # Activation checkpointing per transformer block: none, block (keep only each block's input) or
   # matmul_inputs (keep the linears' inputs); the old True / False mean block / none.
@@ -265,6 +271,11 @@ class ModelSettings(Settings):
   init_from: str = setting("", hub.checkpoint)
   # Write the final model here as a Hugging Face directory (adapters merged); empty = don't.
   export_to: str = setting("")
+  # Write the final LoRA adapters here in the PEFT format (adapter_config.json + adapter_model.safetensors: what
+  # peft, transformers and vLLM load over the base model); empty = don't.
+  export_adapter_to: str = setting("")
+  # Start the LoRA adapters from a PEFT adapter directory (ours or PEFT's) instead of their fresh initialisation.
+  init_adapter_from: str = setting("")
 
   @property
   def resolved_family(self) -> str:
@@ -287,6 +298,14 @@ class ModelSettings(Settings):
         raise ConfigError("model.init_from", str(e)) from None
     if self.export_to and models.pretrained.read_existing(self.export_to):
       raise ConfigError("model.export_to", f"{self.export_to} already holds a checkpoint; choose a new directory")
+    if self.export_adapter_to and models.peft_adapter.existing_adapter(self.export_adapter_to):
+      raise ConfigError("model.export_adapter_to", f"{self.export_adapter_to} already holds an adapter; choose a new "
+                        "directory")
+    if self.init_adapter_from:
+      try:
+        models.peft_adapter.read_adapter_config(self.init_adapter_from)
+      except ValueError as e:
+        raise ConfigError("model.init_adapter_from", str(e)) from None
     one_of(sorted(models.get_family(self.family).sizes))("model.size", self.size)
     for name, kind in self.linear.items():
       if name not in models.layer_names():

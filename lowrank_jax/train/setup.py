@@ -30,11 +30,11 @@ import optax
 
 from lowrank_jax import models, optim
 from lowrank_jax.nn import int8_weight
-from lowrank_jax.train import parallel
+from lowrank_jax.train import hub, parallel
 from lowrank_jax.train.settings import RunConfig
 from lowrank_jax.train.lapack_threads import limit_decomposition_threads
 from lowrank_jax.train.model import (ModelSplit, abstract_model, build_model, frozen_kernel_count, linear_factory,
-                                     pretrained_overrides, split_model, store_weights)
+                                     pretrained_overrides, split_model, store_base, store_weights)
 from lowrank_jax.train.optimizer import build_optimizer, heads_of
 from lowrank_jax.train.step import TrainState, make_eval_step, make_train_step
 
@@ -100,7 +100,7 @@ def _abstract_state(params, rest, tx, mesh, fsdp: bool, head_mask: Any = None) -
         step=jnp.zeros((), jnp.int32),
         params=params,
         rest=rest,
-        opt_state=tx.init(int8_weight.float_view(params)),
+        opt_state=tx.init(int8_weight.trainable_view(params)),
         rng=jnp.zeros((2,), jnp.uint32),
     )
 
@@ -165,13 +165,22 @@ def init_state(setup: Setup, vocab_size: int) -> TrainState:
     model = _pretrained_model(setup, vocab_size)
   else:
     model = build_model(setup.run, vocab_size, seed=seed)
+  _prepare(setup.run, model)
   _, params, rest = split_model(model)
   del model
   return assemble_state(setup, store_weights(setup.run, params), rest, step=0,
                         rng=jax.random.key_data(jax.random.key(seed + 1)).astype(jnp.uint32))
 
 
+def _pissa(run: RunConfig) -> bool:
+  """PiSSA's init, which must see the float kernels: a quantized base is then made after it (QPiSSA),
+  from the whole loaded model, instead of tensor by tensor as the checkpoint streams in."""
+  return getattr(getattr(run.method, "lora", run.method), "init", "kaiming") == "pissa"
+
+
 def _pretrained_model(setup: Setup, vocab_size: int):
+  """The model with the checkpoint's weights; with `model.base_bits` the frozen kernels under LoRA
+  adapters are quantized as they load (QLoRA), so a 7B checkpoint never sits in host memory in bf16."""
   m, abstract = setup.run.model, setup.abstract_state
   shardings = {}
   for tree in (abstract.params, abstract.rest):
@@ -180,7 +189,24 @@ def _pretrained_model(setup: Setup, vocab_size: int):
   replicated = parallel.replicated(setup.mesh)
   return models.from_pretrained(m.init_from, linear_factory=linear_factory(setup.run), seed=setup.run.seed,
                                 sharding=lambda path, _: shardings.get(path, replicated),
+                                store=None if _pissa(setup.run) else lambda path, x: store_base(setup.run, path, x),
                                 **pretrained_overrides(setup.run, vocab_size))
+
+
+def _prepare(run: RunConfig, model) -> None:
+  """The method's inits that need the loaded weights (PiSSA, DoRA's magnitudes), then a PEFT adapter to
+  start from (`model.init_adapter_from`), in place."""
+  run.method.prepare(model, seed=run.seed + 2)
+  if run.model.init_adapter_from:
+    models.peft_adapter.load_adapter(model, run.model.init_adapter_from)
+
+
+def export_adapter(setup: Setup, state: TrainState) -> str:
+  """Writes the trained LoRA adapters to `model.export_adapter_to` in the PEFT format."""
+  m = setup.run.model
+  model = setup.split.merge(state.params, state.rest)  # (a quantized base stays quantized: only adapters are read)
+  return models.peft_adapter.save_adapter(model, m.export_adapter_to,
+                                          base_model_name_or_path=hub.spec_of(m.init_from) if m.init_from else None)
 
 
 def export_model(setup: Setup, state: TrainState) -> str:
@@ -198,7 +224,7 @@ def assemble_state(setup: Setup, params: Any, rest: Any, *, step: Any, rng: Any)
       step=jnp.asarray(step, jnp.int32),
       params=params,
       rest=rest,
-      opt_state=jax.jit(lambda p: setup.tx.init(int8_weight.float_view(p)), out_shardings=shardings.opt_state)(params),
+      opt_state=jax.jit(lambda p: setup.tx.init(int8_weight.trainable_view(p)), out_shardings=shardings.opt_state)(params),
       rng=rng,
   )
   return jax.device_put(state, shardings)

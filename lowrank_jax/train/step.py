@@ -54,7 +54,7 @@ def _accumulate(grad_fn: Callable, state: TrainState, tokens: Any, accum_dtype: 
     return loss, rest, grads
   # Accumulate in float32 (or the parameter dtype, see `accum_dtype`), then cast back once.
   sum_dtype = (lambda p: p.dtype) if accum_dtype == "param" else (lambda p: jnp.float32)
-  like = jax.eval_shape(int8_weight.float_view, state.params)  # what the gradients are shaped like
+  like = jax.eval_shape(int8_weight.trainable_view, state.params)  # what the gradients are shaped like
   zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, sum_dtype(p)), like)
 
   def body(carry, micro):
@@ -86,7 +86,7 @@ def _guarded_update(tx: optax.GradientTransformation, schedule: optax.Schedule, 
   gradient norm, over `norm_axis` for split leaves) is finite, and the step's metrics."""
   # The optimizer sees float weights; int8 ones (`model.weight_bits=8`) take the update with stochastic
   # rounding, its randomness from the run's key and the step (a resumed run rounds the same way).
-  updates, opt_state = tx.update(grads, state.opt_state, int8_weight.float_view(state.params))
+  updates, opt_state = tx.update(grads, state.opt_state, int8_weight.trainable_view(state.params))
   grad_norm = clipping.global_norm(grads, norm_axis, split_params)
   # Non-finite guard (as optax.apply_if_finite, on the device, no host sync): a step whose
   # loss or gradient norm is not finite changes nothing and does not count; the loop sees
@@ -156,7 +156,7 @@ def make_train_step(split: ModelSplit, tx: optax.GradientTransformation, schedul
     mean_loss, rest, grads = _reduce(*_accumulate(grad_fn, state, tokens, accum_dtype), axis_name, split_params)
     if refresh:
       return state._replace(opt_state=subspace.refresh_projectors(tx, grads, state.opt_state,
-                                                                  int8_weight.float_view(state.params)))
+                                                                  int8_weight.trainable_view(state.params)))
     return _guarded_update(tx, schedule, state, mean_loss, rest, grads, split_params=split_params,
                            norm_axis=None if split_params is None else axis_name, nonfinite_guard=nonfinite_guard)
 

@@ -71,6 +71,10 @@ class Method(Settings):
   def warm_start(self) -> WarmStart | None:
     return None
 
+  def prepare(self, model: Any, *, seed: int) -> None:
+    """What the method sets up on a new model once its weights are in place (before training, not on
+    resume): LoRA's PiSSA and DoRA inits. Nothing by default."""
+
   def heads(self) -> Heads | None:
     return None
 

@@ -1,5 +1,9 @@
 """LoRA and ReLoRA: adapter linears in the model, frozen kernels in the optimizer.
 
+The LoRA variants are settings of the one layer (`lowrank_jax.nn.LoRALinear`), as PEFT's are
+options of its one `LoraLayer`: DoRA (`variant`), rsLoRA (`rank_scaling`), PiSSA (`init`, applied
+by `LoRA.prepare` once the base weights are in place) and LoRA+ (`b_lr_ratio`, in the optimizer).
+
 ReLoRA also owns its jagged cosine schedule (restarts at merges) and its optional
 full-rank warm start (`WarmStart`), which the loop runs without knowing whose it is.
 """
@@ -11,8 +15,11 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 import optax
+from flax import nnx
 
+from lowrank_jax.nn.lora import RANK_SCALINGS, VARIANTS, LoRALinear, lora_scale
 from lowrank_jax.optim.adapters import path_names
+from lowrank_jax.optim.groups import scale_lora_b
 from lowrank_jax.optim.relora import PRUNE_METHODS, freeze_adapted_kernels, relora
 from lowrank_jax.optim.schedules import jagged_cosine_schedule
 from lowrank_jax.train.settings import (OptimizerSettings, RunConfig, boolean, comma_list, in_range, layer_names,
@@ -29,10 +36,20 @@ def _dropout(key: str, value) -> float:
   return value
 
 
+INITS = ("kaiming", "pissa")  # optimizer.lora.init
+_ADAPTER_LEAVES = ("lora_a", "lora_b", "lora_magnitude")  # what a LoRA layer trains (DoRA: the magnitude too)
+
+
 def _adapter_labels(params):
-  """'adapter' for LoRA factors (`lora_a`, `lora_b`), 'frozen' for every other leaf."""
+  """'adapter' for a LoRA layer's trained leaves (`lora_a`, `lora_b`, DoRA's `lora_magnitude`),
+  'frozen' for every other leaf."""
   return jax.tree_util.tree_map_with_path(
-      lambda path, _: "adapter" if path_names(path)[-1] in ("lora_a", "lora_b") else "frozen", params)
+      lambda path, _: "adapter" if path_names(path)[-1] in _ADAPTER_LEAVES else "frozen", params)
+
+
+def lora_layers(model: nnx.Module) -> list[LoRALinear]:
+  """The model's LoRA layers, in module order."""
+  return [m for _, m in nnx.iter_modules(model) if isinstance(m, LoRALinear)]
 
 
 @register
@@ -43,21 +60,69 @@ class LoRA(Method):
   DESCRIPTION = "LoRA: frozen kernels, AdamW on the adapters and on the non-adapted leaves"
   layers: str = setting("q,k,v,o,gate,up,down", layer_names)  # as the ReLoRA code; head/embeddings stay full
   rank: int = setting(128, positive_int)  # adapter rank r: lora_a is in x r, lora_b r x out
-  alpha: float = setting(32.0, positive)  # scale = alpha / rank
+  alpha: float = setting(32.0, positive)  # scale = alpha / rank (rank_scaling alpha_over_r) or alpha / sqrt(rank)
+  # alpha_over_r: LoRA's scale alpha / rank; rslora: alpha / sqrt(rank), rsLoRA (Kalajdzievski 2023,
+  # arXiv 2312.03732), so higher ranks keep learning as fast (PEFT's use_rslora)
+  rank_scaling: str = setting("alpha_over_r", one_of(RANK_SCALINGS))
+  # lora, or dora: DoRA (Liu et al. 2024, arXiv 2402.09353), a trained magnitude per output column times the
+  # direction (W + scale A B) / ||W + scale A B|| (PEFT's use_dora); one more [out] vector per layer
+  variant: str = setting("lora", one_of(VARIANTS))
+  # kaiming: A Kaiming-uniform, B zero (LoRA's and PEFT's default); pissa: PiSSA (Meng et al. 2024,
+  # arXiv 2404.02948), A and B the kernel's top-rank singular directions, the kernel their residual,
+  # applied once the pretrained weights are loaded (PEFT's init_lora_weights='pissa')
+  init: str = setting("kaiming", one_of(INITS))
+  # PiSSA's SVD: 0 the exact one; N > 0 a randomized SVD with N subspace iterations, much faster on
+  # large kernels (PEFT's init_lora_weights='pissa_niter_N')
+  pissa_iters: int = setting(0, non_negative_int)
+  # LoRA+ (Hayou et al. 2024, arXiv 2402.12354): B's learning rate is this x A's (and x the rest's);
+  # 1: off (the optimizer and its state exactly as without); the paper suggests 16
+  b_lr_ratio: float = setting(1.0, positive)
   dropout: float = setting(0.0, _dropout)  # on the adapter's input; the trainer takes only 0 (the layer supports more)
   # Also train the leaves without adapters (embeddings, norms, a dense head), as ReLoRA pre-training
   # does; False: the adapters alone (PEFT fine-tuning; the rest gets no update and no optimizer state).
   train_rest: bool = setting(True, boolean)
 
+  @property
+  def scale(self) -> float:
+    """The adapters' scale, as the layers compute it (`lowrank_jax.nn.lora.lora_scale`)."""
+    return lora_scale(self.alpha, self.rank, self.rank_scaling)
+
+  def adapter_optimizer(self, opt: OptimizerSettings, schedule: optax.Schedule) -> optax.GradientTransformation:
+    """AdamW, with LoRA+'s rate on the B factors when `b_lr_ratio` != 1 (ReLoRA's inner optimizer)."""
+    tx = build_adamw(opt, schedule)
+    if self.b_lr_ratio == 1:
+      return tx
+    return optax.chain(tx, scale_lora_b(float(self.b_lr_ratio)))
+
   def build(self, opt: OptimizerSettings, schedule: optax.Schedule) -> optax.GradientTransformation:
     if not self.train_rest:
-      return optax.multi_transform({"adapter": build_adamw(opt, schedule), "frozen": optax.set_to_zero()},
-                                   _adapter_labels)
-    return freeze_adapted_kernels(build_adamw(opt, schedule))
+      return optax.multi_transform({"adapter": self.adapter_optimizer(opt, schedule),
+                                    "frozen": optax.set_to_zero()}, _adapter_labels)
+    return freeze_adapted_kernels(self.adapter_optimizer(opt, schedule))
 
   def linears(self) -> Linears:
     return Linears({name: "lora" for name in comma_list(self.layers)},
-                   {"lora": {"rank": self.rank, "alpha": float(self.alpha), "dropout": float(self.dropout)}})
+                   {"lora": {"rank": self.rank, "alpha": float(self.alpha), "dropout": float(self.dropout),
+                             "variant": self.variant, "rank_scaling": self.rank_scaling}})
+
+  def prepare(self, model: nnx.Module, *, seed: int) -> None:
+    """The adapter inits that need the base weights: call once on a new model after its kernels are
+    in place (pretrained weights loaded, a full-rank warm start copied in), before training; not
+    on resume (the checkpoint holds the result).
+
+    PiSSA: every LoRA layer's `init_pissa` (the layer keeps its function; randomized SVD keys
+    from `seed`). DoRA: every magnitude set to its kernel's column norms (`init_magnitude`), the
+    paper's init from the pretrained weight. Otherwise nothing. Run it on the float kernels, before
+    a quantized base is made: PiSSA of the float kernel, then quantize the residual, is QPiSSA.
+    """
+    if self.init != "pissa" and self.variant != "dora":
+      return
+    key = jax.random.key(seed)
+    for i, layer in enumerate(lora_layers(model)):
+      if self.init == "pissa":
+        layer.init_pissa(self.pissa_iters, jax.random.fold_in(key, i) if self.pissa_iters else None)
+      else:
+        layer.init_magnitude()
 
 
 @register
@@ -85,6 +150,13 @@ class ReLoRA(Method):
                         f"{self.merge_every} (so restarts line up with merges), got {self.warm_start_steps}")
     if self.warm_start_steps and self.warm_start_from:
       raise ConfigError("optimizer.relora.warm_start_from", "give either warm_start_steps or warm_start_from")
+    if self.lora.variant == "dora" and (self.warm_start_steps or self.warm_start_from):
+      raise ConfigError("optimizer.lora.variant", "'dora' with ReLoRA's full-rank warm start is not supported (the "
+                        "magnitudes would keep the norms of the kernels before the warm start)", ["lora"])
+    if self.lora.init == "pissa":
+      raise ConfigError("optimizer.lora.init", "'pissa' is a fine-tuning init; ReLoRA's merges re-draw A and zero "
+                        "B, so the principal directions would leave the adapters at the first merge (use "
+                        "optimizer.name='lora' for PiSSA)", ["kaiming"])
 
   def check_run(self, run: RunConfig) -> None:
     if self.warm_start_steps >= run.train.steps:
@@ -92,11 +164,18 @@ class ReLoRA(Method):
                         f"{run.train.steps}), got {self.warm_start_steps!r}")
 
   def build(self, opt: OptimizerSettings, schedule: optax.Schedule) -> optax.GradientTransformation:
-    return relora(build_adamw(opt, schedule), merge_every=self.merge_every, scale=float(self.lora.alpha) / self.lora.rank,
+    # LoRA+ goes in the inner optimizer: relora's merge update of B (to exactly zero) is final.
+    # DoRA needs nothing more: the merge keeps lora_magnitude, and m / ||W'|| W' with W' = W + s A B
+    # is the function before it.
+    return relora(self.lora.adapter_optimizer(opt, schedule), merge_every=self.merge_every, scale=self.lora.scale,
                   prune=self.prune, prune_ratio=float(self.prune_ratio), seed=int(self.seed))
 
   def linears(self) -> Linears:
     return self.lora.linears()
+
+  def prepare(self, model: nnx.Module, *, seed: int) -> None:
+    """As `LoRA.prepare` (DoRA magnitudes from the loaded or warm-started kernels; PiSSA is refused)."""
+    self.lora.prepare(model, seed=seed)
 
   def schedule(self, run: RunConfig) -> optax.Schedule:
     """Warmup + global cosine; restarts (drop to 0, linear ramp) at every merge, from the switch on."""
