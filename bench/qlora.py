@@ -7,7 +7,7 @@ quantized, and a tiny fine-tuning comparison. Each part writes its own JSON.
 
 memory: `train.py --memory_report --memory_target=tpu-v5e` of configs/llama_sft_qlora.py and _qdora.py
 (LLaMA-7B's shapes from configs/hf/llama_7b, no weights), and of configs/llama_sft_lora.py at the same
-rank, micro-batch and remat with the base in bf16: the compiler's peak per chip. Writes
+rank, micro-batch, remat and loss chunks with the base in bf16: the compiler's peak per chip. Writes
 bench/results/qlora_memory.json.
 
 host: writes LLaMA-7B's tensors (configs/hf/llama_7b, bf16, 5 GB shards, a random block tiled) to a
@@ -42,6 +42,7 @@ GIB = 2**30
 
 MEMORY_ARMS = (  # (name, config, overrides)
     ("lora_bf16_base", "llama_sft_lora", ["--config.model.remat=block", "--config.train.grad_accum=4",
+                                          "--config.train.loss_chunk_positions=64",
                                           "--config.optimizer.lora.rank=16", "--config.optimizer.lora.alpha=16"]),
     ("lora_int8_base", "llama_sft_qlora", ["--config.model.base_bits=8"]),
     ("qlora_nf4", "llama_sft_qlora", []),

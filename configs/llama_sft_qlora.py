@@ -9,7 +9,8 @@ Alpaca data of configs/llama_sft_lora.py: the frozen base in NF4 with blocks of 
 quantization (its scales in 8 bits), quantized tensor by tensor while the checkpoint loads; LoRA on
 q, k, v, o, gate, up, down (QLoRA's "all linear layers"), rank 16 and alpha 16 here (the paper: 64
 and 16); AdamW without weight decay, lr 2e-4 held constant after a 3% warmup, gradients clipped at
-0.3; batch 16 as micro-batches of 4 x 512 tokens with block rematerialisation, bf16. Differences:
+0.3; batch 16 as micro-batches of 4 x 512 tokens with block rematerialisation and the loss taken 64
+positions at a time, bf16. Differences:
 LoRA dropout is 0 (0.1 there for 7B); AdamW's moments are float32 (QLoRA pages them to the CPU).
 The adapters are written in the PEFT format (`model.export_adapter_to`); the merged bf16 model with
 `model.export_to`.
@@ -27,6 +28,7 @@ def get_config():
   config.model.base_double_quant = True
   config.model.remat = "block"
   config.train.grad_accum = 4  # micro-batches of 4 x 512
+  config.train.loss_chunk_positions = 64  # no [tokens, vocab] float32 logits at once
   config.optimizer.lr = 2e-4
   config.optimizer.schedule = "constant"
   config.optimizer.warmup = 0.03

@@ -413,6 +413,62 @@ def _bad_inputs(data: dict) -> list[str]:
   return out
 
 
+def _nf4_error(data: dict) -> list[str]:
+  rows = (data.get("error") or {}).get("matrices", [])
+  out = ["Relative error ||W - dequantized||_F / ||W||_F of a Gaussian matrix (seed 0), NF4 in blocks of 64; "
+         "bitsandbytes' `quantize_4bit(quant_type='nf4', blocksize=64)` on the same matrix (torch layout):", ""]
+  out += table(["kernel [in, out]", "ours NF4", "bitsandbytes NF4", "ours NF4 + double quant",
+                "bitsandbytes NF4 + double quant", "ours int8 (per column)", "identical codes", "same code table",
+                "bits per weight (NF4 / + double quant)"],
+               [[" x ".join(map(str, r.get("kernel", []))), num(r["ours"].get("nf4"), ".5f"),
+                 num((r.get("bitsandbytes") or {}).get("nf4"), ".5f"), num(r["ours"].get("nf4_dq"), ".5f"),
+                 num((r.get("bitsandbytes") or {}).get("nf4_dq"), ".5f"), num(r["ours"].get("int8"), ".5f"),
+                 num(r.get("identical_codes_fraction"), ".6f"), r.get("code_table_equal"),
+                 f"{num(r['ours']['bits_per_param'].get('nf4'), '.2f')} / "
+                 f"{num(r['ours']['bits_per_param'].get('nf4_dq'), '.3f')}"] for r in rows])
+  mem = data.get("memory")
+  if mem:
+    t = mem.get("temp_bytes", {})
+    out += [f"What `frozen_matmul`'s backward saves, compiled for {mem.get('target')}: the gradient of "
+            f"{mem.get('layers')} NF4 layers of {' x '.join(map(str, mem.get('kernel', [])))} over "
+            f"{mem.get('tokens')} tokens:", ""]
+    out += table(["product", "temporaries (MiB)"],
+                 [["`frozen_matmul` (dequantized again in the backward, behind a barrier)", mib(t.get("frozen_matmul"))],
+                  ["the same custom VJP without the barrier", mib(t.get("custom_vjp_without_barrier"))],
+                  ["plain `x @ dequantize(w)`", mib(t.get("plain_dequantize_matmul"))]])
+  return out
+
+
+def _peft_peer(data: dict) -> list[str]:
+  peer = data.get("peer") or {}
+  out = [f"Against peft {peer.get('peft', '-')}, transformers {peer.get('transformers', '-')}, torch "
+         f"{peer.get('torch', '-')}: rank {data.get('rank', '-')}, alpha {data.get('alpha', '-')}, float32, random "
+         "adapters; max abs logit difference (tolerance " + str(data.get("tolerance", "-")) + "); the effect column "
+         "is how far the adapter moves the logits from the base model's, so a row cannot pass by comparing two "
+         "base models:", ""]
+  return out + rows_table(data, ["direction", "model", "variant", "max abs diff", "effect", "max abs logit", "pass"],
+                          lambda r: [r.get("direction"), r.get("model"), r.get("variant"),
+                                     num(r.get("max_abs_diff"), ".1e"), num(r.get("effect"), ".2f"),
+                                     num(r.get("max_abs_logit"), ".2f"), r.get("pass")])
+
+
+def _qlora_sft(data: dict) -> list[str]:
+  rows = data.get("rows", [])
+  arms = list(dict.fromkeys(r.get("arm") for r in rows))
+  seeds = sorted({r.get("seed") for r in rows})
+  means = data.get("means") or {}
+  out = table(["arm", "overrides"] + [f"seed {s}" for s in seeds] + ["mean"],
+              [[a, " ".join(code(f"{k}={v}") for k, v in (next(r for r in rows if r.get("arm") == a).get("overrides")
+                                                           or {}).items()) or "-"]
+               + [num(next((r.get("eval_loss") for r in rows if r.get("arm") == a and r.get("seed") == s), None), ".4f")
+                  for s in seeds] + [num(means.get(a), ".4f")] for a in arms])
+  ratios = data.get("ratios") or {}
+  if ratios:
+    out += ["Ratios of the mean held-out response losses: " + ", ".join(
+        f"{k.replace('_', ' ')} {ratio(v, 4)}" for k, v in ratios.items()) + ".", ""]
+  return out
+
+
 def quality_page() -> str:
   return page("Results: quality", (
       "What the methods reach, and how close the library's numbers are to the references. "
@@ -463,6 +519,19 @@ def quality_page() -> str:
                     "[performance page](performance.md)."),
       section("Instruction fine-tuning end to end (tiny)", "sft_tiny.json", _sft_tiny, "python bench/sft_tiny.py",
               intro="{make} with examples made from C4 documents by `bench/c4_instructions.py`."),
+      section("QLoRA, DoRA, PiSSA: tiny fine-tuning", "qlora_sft.json", _qlora_sft,
+              "python bench/qlora.py --parts sft", needs="about 20 minutes on 2 idle CPU cores",
+              intro="{make}: a tiny LLaMA pre-trained on the C4 sample and exported, then fine-tuned with the "
+                    "trainer on Alpaca-format examples made from C4 (`bench/c4_instructions.py`), LoRA rank 16 on "
+                    "every linear, the adapters alone; the held-out response loss (nats per token) at the end, per "
+                    "arm and seed. ([Fine-tuning](../fine-tuning.md#qlora-a-4-bit-base).)"),
+      section("NF4 against bitsandbytes", "nf4_error.json", _nf4_error, "python bench/nf4_error.py",
+              needs="bitsandbytes and torch in the `--peer_python` environment for the bitsandbytes columns"),
+      section("PEFT adapters against PEFT", "peft_peer.json", _peft_peer, "python bench/peft_peer.py",
+              needs="torch, transformers and peft in the `--peer_python` environment",
+              intro="{make}: adapters written by `save_adapter` loaded by `peft.PeftModel.from_pretrained` over "
+                    "`transformers`, and adapters PEFT made loaded by `load_adapter`, on tiny LLaMA and GPT-2 "
+                    "checkpoints."),
       section("Hugging Face parity", "hf_parity.json", _hf_parity, "python bench/hf_parity.py", needs=PEERS,
               intro="{make} (needs torch and transformers): our logits against `transformers` "
                     "on the same weights, loaded and exported."),
@@ -653,6 +722,25 @@ def performance_page() -> str:
 
 # --- results/memory.md --------------------------------------------------------------------------
 
+def _qlora_memory(data: dict) -> list[str]:
+  rows = data.get("rows", [])
+  return table(["arm", "config", "overrides", "params (GiB)", "optimizer state (GiB)", "step temporaries (GiB)",
+                "peak (GiB)", "capacity (GiB)", "fits", "compile (s)"],
+               [[r.get("arm"), code(f"configs/{r.get('config')}.py"),
+                 " ".join(code(o.replace("--config.", "")) for o in r.get("overrides", [])
+                          if not o.startswith("--config.data.")) or "-",
+                 gib(r.get("params_bytes")), gib(r.get("opt_state_bytes")), gib(r.get("temp_bytes")),
+                 gib(r.get("peak_bytes")), gib(r.get("capacity_bytes")), r.get("error") or r.get("fits"),
+                 num(r.get("wall_s"), ".0f")] for r in rows])
+
+
+def _qlora_host(data: dict) -> list[str]:
+  return rows_table(data, ["base bits", "checkpoint on disk (GiB, bf16)", "model held after loading (GiB)",
+                           "peak resident memory (GiB)", "peak / held", "load (s)"],
+                    lambda r: [r.get("base_bits"), gib(r.get("checkpoint_bytes")), gib(r.get("held_bytes")),
+                               gib(r.get("peak_rss_bytes")), ratio(r.get("peak_over_held")), num(r.get("seconds"), ".0f")])
+
+
 def _report_all(data: dict) -> list[str]:
   rows = data.get("rows", [])
   out = [f"Target {data.get('target', '-')}; {sum(1 for r in rows if r.get('exit_code') == 0)} of {len(rows)} configs "
@@ -819,6 +907,20 @@ def memory_page() -> str:
               intro="16 layers of 2048 x 2048 under Adam, remat per layer, one donated step: bf16 weights, "
                     "int8 with one scale per output column (`model.weight_block=0`, the default) and with a "
                     "scale per 256 rows (`model.weight_block=256`)."),
+      section("7B fine-tuning on one TPU v5e chip: QLoRA", "qlora_memory.json", _qlora_memory,
+              "python bench/qlora.py --parts memory", needs=TPU_AOT,
+              intro="{make}: `train.py --memory_report --memory_target=tpu-v5e` of the SFT configs on LLaMA-7B's "
+                    "shapes (`configs/hf/llama_7b`, no weights), every arm at LoRA rank 16 on q, k, v, o, gate, up, "
+                    "down, micro-batch 4 x 512, block remat, bf16: the base in bf16, int8 and NF4 "
+                    "(`model.base_bits`), with and without double quantization, and DoRA over NF4 (QDoRA). "
+                    "([Fine-tuning](../fine-tuning.md#qlora-a-4-bit-base).)"),
+      section("Loading a 7B checkpoint quantized: host memory", "qlora_host.json", _qlora_host,
+              "python bench/qlora.py --parts host", needs="about 14 GB of free disk and 8 GB of memory",
+              level=3,
+              intro="{make}: LLaMA-7B's tensors in bf16 written to disk (a random block tiled), then loaded in a "
+                    "fresh process as `configs/llama_sft_qlora.py` loads them, each kernel under an adapter "
+                    "quantized as it arrives; the process's peak resident memory (VmHWM, the Python and JAX "
+                    "runtime included) against the bytes the loaded model holds."),
       section("Every shipped config on one TPU v5e chip", "memory_report_all_tpu-v5e_step.json", _report_all,
               "python bench/memory_report_all.py --target tpu-v5e --programs step", needs=TPU_AOT,
               intro="{make}: each config's report in "

@@ -8,6 +8,7 @@ import math
 from statistics import NormalDist
 
 import jax
+import jax.extend
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -161,11 +162,12 @@ def _quantized(shape=(96, 40), seed=4, **kwargs):
   return qb.quantize_base(jnp.asarray(_gaussian(shape, seed=seed)), 4, **kwargs)
 
 
-@pytest.mark.parametrize('double_quant', [False, True])
-def test_frozen_matmul_value_and_input_gradient(double_quant):
-  w = _quantized(double_quant=double_quant)
+@pytest.mark.parametrize('double_quant,rows,bits', [(False, 96, 4), (True, 96, 4), (True, 97, 4), (False, 97, 8)])
+def test_frozen_matmul_value_and_input_gradient(double_quant, rows, bits):
+  # (An NF4 kernel multiplies as two products by its even and odd rows: an odd row count pads.)
+  w = qb.quantize_base(jnp.asarray(_gaussian((rows, 40), seed=4)), bits, double_quant=double_quant)
   deq = w.dequantize(jnp.float32)
-  x = jnp.asarray(_gaussian((2, 3, 96), seed=5))
+  x = jnp.asarray(_gaussian((2, 3, rows), seed=5))
   y, vjp = jax.vjp(lambda x: qb.frozen_matmul(x, w, jnp.float32), x)
   np.testing.assert_allclose(np.asarray(y), np.asarray(x, np.float64) @ np.asarray(deq, np.float64),
                              rtol=1e-5, atol=1e-5)
@@ -192,16 +194,30 @@ def test_frozen_matmul_keeps_only_the_codes_for_its_backward():
   _, vjp = jax.vjp(lambda x: qb.frozen_matmul(x, w, jnp.float32), x)
   assert all(shape not in ((96, 40), (40, 96)) for shape, _ in floats(vjp)), floats(vjp)
   assert sum(l.nbytes for l in jax.tree.leaves(vjp)) <= w.nbytes + 16 * 4  # codes, scales (and the table)
-  # In the backward, the dequantization reads the codes through a barrier with the cotangent, so XLA
-  # cannot share it with the forward's (which would keep every layer's float kernel alive).
+  # Each dequantization reads the codes through a barrier with a value of its own pass: in the
+  # forward with the input (so XLA cannot hoist it out of a loop over micro-batches, a function of the
+  # weights alone), in the backward with the cotangent (so XLA cannot share it with the forward's,
+  # which would keep every layer's float kernel alive from one pass to the other).
   jaxpr = jax.make_jaxpr(jax.grad(lambda x: qb.frozen_matmul(x, w, jnp.float32).sum()))(x).jaxpr
-  barriers = [e for e in jaxpr.eqns if e.primitive.name == 'optimization_barrier']
-  assert len(barriers) == 1
-  avals = [(tuple(v.aval.shape), v.aval.dtype) for v in barriers[0].invars]
-  assert ((48, 40), jnp.uint8) in avals and ((8, 40), jnp.float32) in avals
-  codes_out = barriers[0].outvars[avals.index(((48, 40), jnp.uint8))]
-  after = jaxpr.eqns[jaxpr.eqns.index(barriers[0]) + 1:]
-  assert any(codes_out in e.invars for e in after)
+  barriers = []  # (barrier, the equations after it in its own jaxpr), also inside nested jaxprs
+
+  def walk(j):
+    for i, e in enumerate(j.eqns):
+      if e.primitive.name == 'optimization_barrier':
+        barriers.append((e, j.eqns[i + 1:]))
+      for sub in jax.extend.core.jaxprs_in_params(e.params):
+        walk(sub)
+
+  walk(jaxpr)
+  partners = [(((8, 96), jnp.float32), 'x'), (((8, 40), jnp.float32), 'g')]
+  found = []
+  for barrier, after in barriers:
+    avals = [(tuple(v.aval.shape), v.aval.dtype) for v in barrier.invars]
+    assert ((48, 40), jnp.uint8) in avals, avals
+    found += [name for aval, name in partners if aval in avals]
+    codes_out = barrier.outvars[avals.index(((48, 40), jnp.uint8))]
+    assert any(codes_out in e.invars for e in after)  # the dequantization reads the barrier's codes
+  assert sorted(found) == ['g', 'x'], found
 
 
 # --- reading and trees -----------------------------------------------------------------------

@@ -270,31 +270,48 @@ def float_view(params: Any) -> Any:
   return jax.tree.map(lambda x: x.dequantize() if is_stored(x) else x, params, is_leaf=is_stored)
 
 
-def trainable_view(params: Any) -> Any:
-  """What an optimizer sees: :func:`float_view` without the frozen quantized bases (``None`` there, so they
-  get no state and no update). Gradients from :func:`value_and_grad` are shaped like it."""
-  return jax.tree.map(lambda x: None if _is_base(x) else x.dequantize() if is_int8(x) else x,
-                      params, is_leaf=is_stored)
+Frozen = Callable[[tuple[str, ...]], bool]  # a leaf's key names -> never trained (no gradient, no state)
+
+
+def _names(path: tuple) -> tuple[str, ...]:
+  return tuple(str(getattr(k, 'key', getattr(k, 'name', getattr(k, 'idx', k)))) for k in path)
+
+
+def _left_out(path: tuple, x: Any, frozen: Frozen | None) -> bool:
+  """A leaf the optimizer never sees: a frozen quantized base, or one ``frozen`` names."""
+  return _is_base(x) or (frozen is not None and frozen(_names(path)))
+
+
+def trainable_view(params: Any, frozen: Frozen | None = None) -> Any:
+  """What an optimizer sees: :func:`float_view` without the frozen quantized bases and the leaves
+  ``frozen(key names)`` marks (``None`` there: no gradient, no state, no update; a method that trains
+  the adapters alone says which, so the embeddings' gradients are never computed). Gradients from
+  :func:`value_and_grad` are shaped like it."""
+  return jax.tree_util.tree_map_with_path(
+      lambda path, x: None if _left_out(path, x, frozen) else x.dequantize() if is_int8(x) else x,
+      params, is_leaf=is_stored)
 
 
 def has_int8(params: Any) -> bool:
   return any(is_int8(x) for x in jax.tree.leaves(params, is_leaf=is_int8))
 
 
-def differentiable_view(params: Any) -> Any:
+def differentiable_view(params: Any, frozen: Frozen | None = None) -> Any:
   """The tree to differentiate: a zero carrier in the weight's float dtype for each
-  :class:`Int8Weight`, the leaf itself elsewhere. It has the structure of :func:`float_view`
-  (gradients, updates and optimizer states are shaped like it). A frozen quantized base is None: it has no
-  gradient."""
-  return jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype) if is_int8(x) else
-                      None if _is_base(x) else x, params, is_leaf=is_stored)
+  :class:`Int8Weight`, the leaf itself elsewhere. It has the structure of :func:`trainable_view`
+  (gradients, updates and optimizer states are shaped like it): None for a frozen quantized base
+  and for the leaves ``frozen`` marks, which get no gradient."""
+  return jax.tree_util.tree_map_with_path(
+      lambda path, x: None if _left_out(path, x, frozen) else jnp.zeros(x.shape, x.dtype) if is_int8(x) else x,
+      params, is_leaf=is_stored)
 
 
 def attach(params: Any, view: Any) -> Any:
   """The model's parameters for a differentiated forward: int8 weights carrying ``view``'s
-  carriers, ``view``'s leaves elsewhere."""
+  carriers, ``view``'s leaves elsewhere, and where ``view`` has None (a leaf left out of the
+  gradient) the parameter itself, a constant of the differentiated function."""
   leaves, treedef = jax.tree.flatten(params, is_leaf=is_stored)
-  out = [dataclasses.replace(p, carrier=v) if is_int8(p) else p if _is_base(p) else v
+  out = [p if v is None else dataclasses.replace(p, carrier=v) if is_int8(p) else v
          for p, v in zip(leaves, treedef.flatten_up_to(view))]
   return jax.tree.unflatten(treedef, out)
 
@@ -310,14 +327,15 @@ def read_once(module: Any) -> Any:
   return nnx.merge(graphdef, jax.tree.map(lambda x: x.dequantize() if is_int8(x) else x, state, is_leaf=is_int8))
 
 
-def value_and_grad(fun: Callable, has_aux: bool = False) -> Callable:
+def value_and_grad(fun: Callable, has_aux: bool = False, frozen: Frozen | None = None) -> Callable:
   """``jax.value_and_grad(fun)`` for ``fun(params, *args)`` whose params may hold int8 weights: the
-  gradients are those of the dequantized weights (shaped like :func:`float_view`)."""
+  gradients are those of the dequantized weights (shaped like :func:`trainable_view`, with the same
+  ``frozen``: no gradient is computed for what it marks)."""
   def carried(view, params, *args, **kwargs):
     return fun(attach(params, view), *args, **kwargs)
 
   grad_fn = jax.value_and_grad(carried, has_aux=has_aux)
-  return lambda params, *args, **kwargs: grad_fn(differentiable_view(params), params, *args, **kwargs)
+  return lambda params, *args, **kwargs: grad_fn(differentiable_view(params, frozen), params, *args, **kwargs)
 
 
 def apply_updates(params: Any, updates: Any, seed: Any, where: Any = None) -> Any:

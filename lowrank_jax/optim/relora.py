@@ -293,13 +293,17 @@ def freeze_adapted_kernels(
   adapter_keys = tuple(adapter_keys)
   inner = optax.with_extra_args_support(inner)
 
+  def with_kernel(names, node):
+    # A kernel stored frozen and quantized (QLoRA: `int8_weight.trainable_view` gives None there) is
+    # not in the optimizer's tree at all: nothing to freeze, its adapters are plain leaves.
+    return node[adapter_keys[0]] is not None and (layer_filter is None or layer_filter(names, node))
+
   def layout_of(params):
     if params is None:
       raise ValueError('freeze_adapted_kernels: update needs params (tx.update(grads, state, params))')
-    layout = _layout(params, adapter_keys, layer_filter)
-    if not layout.layers:
+    if not adapted_layers(params, adapter_keys, layer_filter):
       raise ValueError(f'no adapted layer (a mapping with keys {list(adapter_keys)}) found in params')
-    return layout
+    return _layout(params, adapter_keys, with_kernel)
 
   def init_fn(params):
     return inner.init(layout_of(params).frozen.hide(params, 'relora'))

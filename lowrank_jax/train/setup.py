@@ -94,13 +94,13 @@ class Setup:
     return parallel.abstract_batch(self.mode, self.mesh, self.run.task.example(self.run), accum, micro)
 
 
-def _abstract_state(params, rest, tx, mesh, fsdp: bool, head_mask: Any = None) -> TrainState:
+def _abstract_state(params, rest, tx, mesh, fsdp: bool, head_mask: Any = None, frozen: Any = None) -> TrainState:
   def make(params, rest):
     return TrainState(
         step=jnp.zeros((), jnp.int32),
         params=params,
         rest=rest,
-        opt_state=tx.init(int8_weight.trainable_view(params)),
+        opt_state=tx.init(int8_weight.trainable_view(params, frozen)),
         rng=jnp.zeros((2,), jnp.uint32),
     )
 
@@ -120,7 +120,7 @@ _steps_to_refresh = jax.jit(optim.steps_to_refresh)
 def _step_options(run: RunConfig) -> dict[str, Any]:
   """The run's settings `make_train_step` takes, the same for every compiled variant."""
   return {"loss": run.task.loss, "accum_dtype": run.train.accum_dtype, "nonfinite_guard": run.train.nonfinite_guard,
-          "loss_chunk": run.train.loss_chunk_positions}
+          "loss_chunk": run.train.loss_chunk_positions, "frozen": run.method.frozen()}
 
 
 def _compile(run: RunConfig, split: ModelSplit, tx, schedule, mesh, abstract_state: TrainState, head_mask: Any,
@@ -142,7 +142,8 @@ def build_setup(run: RunConfig, vocab_size: int, devices: Any = None) -> Setup:
   split, params, rest = split_model(abstract_model(run, vocab_size))
   params = jax.eval_shape(lambda p: store_weights(run, p), params)
   head_mask = heads.mask(params) if heads else None
-  abstract_state = _abstract_state(params, rest, tx, mesh, fsdp=run.parallel.fsdp, head_mask=head_mask)
+  abstract_state = _abstract_state(params, rest, tx, mesh, fsdp=run.parallel.fsdp, head_mask=head_mask,
+                                   frozen=run.method.frozen())
   compiled_step = _compile(run, split, tx, schedule, mesh, abstract_state, head_mask)
   state_sh, repl = _shardings(abstract_state), parallel.replicated(mesh)
   eval_step = jax.jit(make_eval_step(split, run.train.loss_chunk_positions, run.task.evaluate),
@@ -224,7 +225,8 @@ def assemble_state(setup: Setup, params: Any, rest: Any, *, step: Any, rng: Any)
       step=jnp.asarray(step, jnp.int32),
       params=params,
       rest=rest,
-      opt_state=jax.jit(lambda p: setup.tx.init(int8_weight.trainable_view(p)), out_shardings=shardings.opt_state)(params),
+      opt_state=jax.jit(lambda p: setup.tx.init(int8_weight.trainable_view(p, setup.run.method.frozen())),
+                        out_shardings=shardings.opt_state)(params),
       rng=rng,
   )
   return jax.device_put(state, shardings)

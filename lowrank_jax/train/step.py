@@ -8,6 +8,7 @@ updated in place.
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Callable, NamedTuple
 
 import jax
@@ -46,7 +47,7 @@ def _reduce_split_grads(grads: Any, split: Any, axis_name: str) -> Any:
   return jax.tree.map(lambda g, s: g / n if s else jax.lax.pmean(g, axis_name), grads, split)
 
 
-def _accumulate(grad_fn: Callable, state: TrainState, tokens: Any, accum_dtype: str) -> tuple:
+def _accumulate(grad_fn: Callable, state: TrainState, tokens: Any, accum_dtype: str, view: Callable) -> tuple:
   """(mean loss, model variables after the last micro-batch, mean gradients) over tokens' micro-batches."""
   accum = jax.tree.leaves(tokens)[0].shape[0]  # tokens: [accum, micro, T], or a dict of them
   if accum == 1:
@@ -54,7 +55,7 @@ def _accumulate(grad_fn: Callable, state: TrainState, tokens: Any, accum_dtype: 
     return loss, rest, grads
   # Accumulate in float32 (or the parameter dtype, see `accum_dtype`), then cast back once.
   sum_dtype = (lambda p: p.dtype) if accum_dtype == "param" else (lambda p: jnp.float32)
-  like = jax.eval_shape(int8_weight.trainable_view, state.params)  # what the gradients are shaped like
+  like = jax.eval_shape(view, state.params)  # what the gradients are shaped like
   zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, sum_dtype(p)), like)
 
   def body(carry, micro):
@@ -81,12 +82,12 @@ def _reduce(loss: Any, rest: Any, grads: Any, axis_name: str | None, split_param
 
 def _guarded_update(tx: optax.GradientTransformation, schedule: optax.Schedule, state: TrainState, loss: Any,
                     rest: Any, grads: Any, *, norm_axis: str | None, split_params: Any,
-                    nonfinite_guard: str) -> tuple[TrainState, dict]:
+                    nonfinite_guard: str, view: Callable) -> tuple[TrainState, dict]:
   """The optimizer update of `state`, kept only where the loss (and with "step" the global
   gradient norm, over `norm_axis` for split leaves) is finite, and the step's metrics."""
   # The optimizer sees float weights; int8 ones (`model.weight_bits=8`) take the update with stochastic
   # rounding, its randomness from the run's key and the step (a resumed run rounds the same way).
-  updates, opt_state = tx.update(grads, state.opt_state, int8_weight.trainable_view(state.params))
+  updates, opt_state = tx.update(grads, state.opt_state, view(state.params))
   grad_norm = clipping.global_norm(grads, norm_axis, split_params)
   # Non-finite guard (as optax.apply_if_finite, on the device, no host sync): a step whose
   # loss or gradient norm is not finite changes nothing and does not count; the loop sees
@@ -110,7 +111,7 @@ def _guarded_update(tx: optax.GradientTransformation, schedule: optax.Schedule, 
 def make_train_step(split: ModelSplit, tx: optax.GradientTransformation, schedule: optax.Schedule,
                     *, loss: Loss = language_model_loss, axis_name: str | None = None, split_params: Any = None,
                     refresh: bool = False, accum_dtype: str = "float32", nonfinite_guard: str = "loss",
-                    loss_chunk: int = 0):
+                    loss_chunk: int = 0, frozen: int8_weight.Frozen | None = None):
   """step(state, tokens[accum, micro, T]) -> (state, metrics); not yet jitted. Every parallel
   mode compiles this one body (`parallel.compile_program`).
 
@@ -142,6 +143,10 @@ def make_train_step(split: ModelSplit, tx: optax.GradientTransformation, schedul
   compiler frees each layer's gradient right after its update.
 
   `loss_chunk` (`train.loss_chunk_positions`): see `losses.language_model_loss`.
+
+  `frozen` (the method's `Method.frozen`, e.g. LoRA's adapters alone): the leaves it marks get no
+  gradient (not even computed: a fine-tune's embedding and head gradients would be a float32 copy of
+  each, held across the micro-batches) and are not in the optimizer's tree.
   """
 
   def loss_fn(params, rest, tokens):
@@ -150,15 +155,18 @@ def make_train_step(split: ModelSplit, tx: optax.GradientTransformation, schedul
     return total / jnp.maximum(count, 1.0), split.rest_of(model)  # (a fully padded batch counts 0)
 
   # Gradients of the float weights, also where they are stored in int8 (then of the dequantized ones).
-  grad_fn = int8_weight.value_and_grad(loss_fn, has_aux=True)
+  grad_fn = int8_weight.value_and_grad(loss_fn, has_aux=True, frozen=frozen)
+  view = functools.partial(int8_weight.trainable_view, frozen=frozen)  # what the optimizer sees
 
   def step(state: TrainState, tokens: jax.Array):
-    mean_loss, rest, grads = _reduce(*_accumulate(grad_fn, state, tokens, accum_dtype), axis_name, split_params)
+    mean_loss, rest, grads = _reduce(*_accumulate(grad_fn, state, tokens, accum_dtype, view), axis_name,
+                                     split_params)
     if refresh:
       return state._replace(opt_state=subspace.refresh_projectors(tx, grads, state.opt_state,
-                                                                  int8_weight.trainable_view(state.params)))
+                                                                  view(state.params)))
     return _guarded_update(tx, schedule, state, mean_loss, rest, grads, split_params=split_params,
-                           norm_axis=None if split_params is None else axis_name, nonfinite_guard=nonfinite_guard)
+                           norm_axis=None if split_params is None else axis_name, nonfinite_guard=nonfinite_guard,
+                           view=view)
 
   return step
 

@@ -71,6 +71,11 @@ class Method(Settings):
   def warm_start(self) -> WarmStart | None:
     return None
 
+  def frozen(self) -> Callable[[tuple[str, ...]], bool] | None:
+    """The leaves the method never trains, as a function of their key names: the step computes no
+    gradient for them and the optimizer keeps no state for them. None: every leaf trains."""
+    return None
+
   def prepare(self, model: Any, *, seed: int) -> None:
     """What the method sets up on a new model once its weights are in place (before training, not on
     resume): LoRA's PiSSA and DoRA inits. Nothing by default."""

@@ -100,6 +100,12 @@ class LoRA(Method):
                                     "frozen": optax.set_to_zero()}, _adapter_labels)
     return freeze_adapted_kernels(self.adapter_optimizer(opt, schedule))
 
+  def frozen(self):
+    """With the adapters alone trained: everything else (embeddings, head, norms) gets no gradient."""
+    if self.train_rest:
+      return None
+    return lambda names: names[-1] not in _ADAPTER_LEAVES
+
   def linears(self) -> Linears:
     return Linears({name: "lora" for name in comma_list(self.layers)},
                    {"lora": {"rank": self.rank, "alpha": float(self.alpha), "dropout": float(self.dropout),
