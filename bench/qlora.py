@@ -200,7 +200,7 @@ def sft(args, info) -> None:
     config.data.source = "jsonl"
     config.data.path, config.data.eval_path = str(samples.C4_TRAIN), str(samples.C4_VALIDATION)
     config.data.tokenizer = "byte"
-    config.data.seq_len = 256
+    config.data.seq_len = 512  # (the SFT rows' length: the exported model's context)
     config.train.steps = args.pretrain_steps
     config.train.batch_size = 8
     config.train.eval_every = config.train.checkpoint_every = 0

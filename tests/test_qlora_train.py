@@ -79,6 +79,13 @@ def test_qlora_trains_the_adapters_over_a_fixed_nf4_base_and_exports_dequantized
     merged = exported.read(f'model.layers.0.{hf}.weight').astype(np.float32).T
     np.testing.assert_allclose(merged, deq + (16 / 4) * a @ b, rtol=1e-5, atol=1e-6)  # alpha 16, rank 4
     assert np.abs(merged - kernel).max() > 0  # (the NF4 rounding shows: this is not the bf16 base)
+  # A new run from the exported adapter (model.init_adapter_from) starts with exactly its factors.
+  resumed = resolve(_config(tmp_path, base, **{'model.base_bits': 4, 'model.init_adapter_from': adapter}))
+  state = setup_lib.init_state(setup_lib.build_setup(resumed, 300), 300)
+  q = state.params['layers'][0]['attn']['q']
+  np.testing.assert_array_equal(np.asarray(q['lora_a'], np.float32),
+                                lora.read(prefix + 'self_attn.q_proj.lora_A.weight').astype(np.float32).T)
+  assert quantized_base.is_quantized_base(q['kernel'])
 
 
 def test_base_bits_needs_lora_over_a_fixed_base(tmp_path):
