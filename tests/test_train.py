@@ -74,13 +74,16 @@ def _cli(workdir, *overrides):
           "--workdir", str(workdir), "--config.train.progress_bar=False", *overrides]
 
 
-def test_resume_after_kill_9_equals_the_uninterrupted_run(tmp_path):
+@pytest.mark.parametrize("method", ["adamw", "qlora"])
+def test_resume_after_kill_9_equals_the_uninterrupted_run(tmp_path, method):
   """The real kill -9 (every method resumes bit for bit in tests/test_resume_every_method.py, int8
-  weights in tests/test_int8_train.py)."""
+  weights in tests/test_int8_train.py); QLoRA: LoRA over an NF4 base."""
   # A constant lr: the schedule does not depend on train.steps, so the killed run can be asked for
   # far more steps than it will reach (no race with a slow test process) and resumed to a shorter end.
   common = {"optimizer.schedule": "constant", "train.checkpoint_every": 10, "train.eval_every": 20,
             "train.log_every": 5}
+  if method == "qlora":
+    common.update({"optimizer.name": "lora", "optimizer.lora.rank": 8, "model.base_bits": 4})
   killed = tmp_path / "killed"
   args = [f"--config.{k}={v}" for k, v in {**common, "train.steps": 100000}.items()]
   log = tmp_path / "stderr.txt"
@@ -100,6 +103,8 @@ def test_resume_after_kill_9_equals_the_uninterrupted_run(tmp_path):
   train(tiny_config(**common, **{"train.steps": end}), str(straight))
   a, b = saved_params(str(straight), end), saved_params(str(killed), end)
   jax.tree.map(np.testing.assert_array_equal, a, b)  # exactly, not approximately
+  if method == "qlora":  # (the checkpoints hold the NF4 codes of the base)
+    assert any(x.dtype == np.uint8 for x in jax.tree.leaves(a))
   # The metrics file reads as one clean run: the same records as the uninterrupted one.
   strip = lambda rs: [{k: v for k, v in r.items() if k not in ("tokens_per_s", "step_time_s")} for r in rs]  # noqa: E731
   assert strip(_records(killed)) == strip(_records(straight))
