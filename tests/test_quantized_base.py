@@ -250,3 +250,5 @@ def test_bad_arguments_name_what_is_wrong():
     qb.quantize_base(jnp.zeros((4, 4, 4)), 4)
   with pytest.raises(ValueError, match='block_size'):
     qb.quantize_base(jnp.zeros((4, 4)), 4, block_size=0)
+  with pytest.raises(ValueError, match='block_size must be a positive even'):
+    qb.quantize_base(jnp.zeros((4, 4)), 4, block_size=63)

@@ -118,13 +118,10 @@ class QuantizedBase:
     dtype = jnp.dtype(dtype or self.dtype)
     if self.bits == 8:
       w = self.codes.astype(jnp.float32) * self.scale
-    else:
+    else:  # the even and the odd rows, interleaved
       half, out = self.codes.shape
-      nibbles = jnp.stack([self.codes & 0xF, self.codes >> 4], axis=1).reshape(2 * half, out)[:self.rows]
-      nb = self.scale.shape[0]
-      # Broadcast and reshape (fused into the consumer), not jnp.repeat (a gather, materialised).
-      absmax = jnp.broadcast_to(self.absmax()[:, None, :], (nb, self.block_size, out))
-      w = jnp.asarray(NF4_CODE)[nibbles] * absmax.reshape(nb * self.block_size, out)[:self.rows]
+      rows = [_nf4_rows(self, parity, jnp.float32) for parity in (0, 1)]
+      w = jnp.stack(rows, axis=1).reshape(2 * half, out)[:self.rows]
     return jax.lax.stop_gradient(w.astype(dtype))
 
   def __getitem__(self, index: Any) -> jax.Array:
@@ -176,8 +173,9 @@ def quantize_base(w: jax.Array, bits: int, *, block_size: int = NF4_BLOCK, doubl
     raise ValueError(f'a quantized base kernel is 2-D [in, out], got shape {getattr(w, "shape", None)}')
   if bits not in (4, 8):
     raise ValueError(f'bits must be 4 (NF4) or 8 (int8), got {bits!r}')
-  if isinstance(block_size, bool) or not isinstance(block_size, (int, np.integer)) or block_size <= 0:
-    raise ValueError(f'block_size must be a positive integer, got {block_size!r}')
+  if isinstance(block_size, bool) or not isinstance(block_size, (int, np.integer)) or block_size <= 0 or block_size % 2:
+    # (even: a byte's two rows share a block, so each nibble's rows have their own scales)
+    raise ValueError(f'block_size must be a positive even integer, got {block_size!r}')
   dtype = jnp.dtype(dtype or w.dtype).name
   rows, out = w.shape
   if bits == 8:
@@ -211,6 +209,7 @@ def _nf4_rows(w: QuantizedBase, parity: int, dtype: Any) -> jax.Array:
   codes = w.codes & 0xF if parity == 0 else w.codes >> 4
   nb, out = w.scale.shape
   per_block = w.block_size // 2  # rows 2i + parity of a block of block_size rows (block_size is even)
+  # Broadcast and reshape (fused into the consumer), not jnp.repeat (a gather, materialised).
   absmax = jnp.broadcast_to(w.absmax()[:, None, :], (nb, per_block, out)).reshape(nb * per_block, out)
   return (jnp.asarray(NF4_CODE)[codes] * absmax[:codes.shape[0]]).astype(dtype)
 
