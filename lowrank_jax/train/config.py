@@ -19,7 +19,7 @@ import ml_collections
 from lowrank_jax import models
 from lowrank_jax.train import methods
 from lowrank_jax.train.errors import ConfigError
-from lowrank_jax.train.model import linear_kinds, linear_shapes
+from lowrank_jax.train.model import linear_kinds, linear_shapes, pissa_init
 from lowrank_jax.train.settings import (DataSettings, ModelSettings, OptimizerSettings, ParallelSettings, RunConfig,
                                         TrainSettings, _node, defaults, non_negative_int, read)
 from lowrank_jax.train.task import TASKS, task_for
@@ -110,7 +110,7 @@ def _check_adapters(run: RunConfig) -> None:
                         f"optimizer.name={run.optimizer.name!r} " +
                         ("merges them into the kernels: export the merged model with model.export_to"
                          if run.optimizer.name in ("relora", "mhlora") else "has none"))
-  pissa = getattr(getattr(run.method, "lora", run.method), "init", "kaiming") == "pissa"
+  pissa = pissa_init(run)
   if m.init_adapter_from and pissa:
     raise ConfigError("model.init_adapter_from", "is an adapter to continue from; optimizer.lora.init='pissa' "
                       "would re-initialise it: use optimizer.lora.init='kaiming'")

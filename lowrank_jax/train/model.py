@@ -17,7 +17,7 @@ import jax
 
 from lowrank_jax import models
 from lowrank_jax.nn import int8_weight, quantized_base
-from lowrank_jax.optim.adapters import adapted_layers
+from lowrank_jax.optim.adapters import adapted_layers, path_names
 from lowrank_jax.train.settings import RunConfig
 from lowrank_jax.train.errors import ConfigError
 
@@ -113,19 +113,15 @@ def abstract_model(run: RunConfig, vocab_size: int) -> nnx.Module:
   return nnx.eval_shape(lambda: build_model(run, vocab_size, seed=0))
 
 
-def _key(entry: Any) -> Any:
-  return getattr(entry, "key", getattr(entry, "idx", getattr(entry, "name", entry)))
-
-
 def store_base(run: RunConfig, path: tuple, leaf: Any) -> Any:
   """One parameter as the run stores it under `model.base_bits`: a frozen kernel under a LoRA adapter
   (`<layer>/kernel` of a layer built as 'lora') becomes a `QuantizedBase`; every other leaf is returned
   as it is. `path`: key entries or plain keys (a checkpoint loader's), so loading can quantize each
   tensor as it arrives (`models.from_pretrained(store=...)`)."""
   m = run.model
-  keys = [_key(k) for k in path]
+  keys = path_names(path)
   if (m.base_bits == 16 or len(keys) < 2 or keys[-1] != "kernel" or getattr(leaf, "ndim", 0) != 2
-      or quantized_base.is_quantized_base(leaf) or linear_kinds(run).get(str(keys[-2])) != "lora"):
+      or quantized_base.is_quantized_base(leaf) or linear_kinds(run).get(keys[-2]) != "lora"):
     return leaf
   return _quantize_base(leaf, m.base_bits, bool(m.base_double_quant))
 
@@ -133,6 +129,11 @@ def store_base(run: RunConfig, path: tuple, leaf: Any) -> Any:
 @functools.partial(jax.jit, static_argnums=(1, 2))  # one compile per kernel shape, also while a checkpoint streams
 def _quantize_base(kernel: jax.Array, bits: int, double_quant: bool) -> Any:
   return quantized_base.quantize_base(kernel, bits, double_quant=double_quant, dtype=kernel.dtype)
+
+
+def pissa_init(run: RunConfig) -> bool:
+  """Whether the adapters start as PiSSA's principal components of the base (`optimizer.lora.init`)."""
+  return getattr(run.method, "init", None) == "pissa"  # (ReLoRA refuses PiSSA: only LoRA has it)
 
 
 def store_weights(run: RunConfig, params: Any) -> Any:

@@ -34,7 +34,7 @@ from lowrank_jax.train import hub, parallel
 from lowrank_jax.train.settings import RunConfig
 from lowrank_jax.train.lapack_threads import limit_decomposition_threads
 from lowrank_jax.train.model import (ModelSplit, abstract_model, build_model, frozen_kernel_count, linear_factory,
-                                     pretrained_overrides, split_model, store_base, store_weights)
+                                     pissa_init, pretrained_overrides, split_model, store_base, store_weights)
 from lowrank_jax.train.optimizer import build_optimizer, heads_of
 from lowrank_jax.train.step import TrainState, make_eval_step, make_train_step
 
@@ -173,12 +173,6 @@ def init_state(setup: Setup, vocab_size: int) -> TrainState:
                         rng=jax.random.key_data(jax.random.key(seed + 1)).astype(jnp.uint32))
 
 
-def _pissa(run: RunConfig) -> bool:
-  """PiSSA's init, which must see the float kernels: a quantized base is then made after it (QPiSSA),
-  from the whole loaded model, instead of tensor by tensor as the checkpoint streams in."""
-  return getattr(getattr(run.method, "lora", run.method), "init", "kaiming") == "pissa"
-
-
 def _pretrained_model(setup: Setup, vocab_size: int):
   """The model with the checkpoint's weights; with `model.base_bits` the frozen kernels under LoRA
   adapters are quantized as they load (QLoRA), so a 7B checkpoint never sits in host memory in bf16."""
@@ -190,7 +184,8 @@ def _pretrained_model(setup: Setup, vocab_size: int):
   replicated = parallel.replicated(setup.mesh)
   return models.from_pretrained(m.init_from, linear_factory=linear_factory(setup.run), seed=setup.run.seed,
                                 sharding=lambda path, _: shardings.get(path, replicated),
-                                store=None if _pissa(setup.run) else lambda path, x: store_base(setup.run, path, x),
+                                # PiSSA must see the float kernels: the base is quantized after it (QPiSSA)
+                                store=None if pissa_init(setup.run) else lambda path, x: store_base(setup.run, path, x),
                                 **pretrained_overrides(setup.run, vocab_size))
 
 
