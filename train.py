@@ -30,6 +30,15 @@ _RESTART = flags.DEFINE_bool("restart", False, "Start over (from step 0) in a wo
                              "readable checkpoint; the old metrics.jsonl is kept beside the new one.")
 _MEMORY_PROGRAMS = flags.DEFINE_list("memory_programs", None, "With --memory_report: which programs to compile "
                                      "(step, refresh; default: every program the run executes).")
+_FIT = flags.DEFINE_string("fit", None, "Find the cheapest settings under which the run fits TARGET and check "
+                           "them with the compiler: a memory target (cpu, tpu-v5e, tpu-v5p, tpu-v6e, gpu) or a "
+                           "capacity such as 24GiB (predicted only). Settings given as --config.KEY=VALUE stay "
+                           "as given; the tokens per step always do. Trains nothing.")
+_FIT_HEADROOM = flags.DEFINE_float("fit_headroom", 0.05, "With --fit: the fraction of the capacity left free.")
+_FIT_WRITE = flags.DEFINE_string("fit_write", None, "With --fit: write a config file that loads --config and sets "
+                                 "the chosen settings (a new file; an existing one is never replaced).")
+_FIT_COMPILES = flags.DEFINE_integer("fit_compiles", 4, "With --fit: at most this many compiles (calibrations at a "
+                                     "small depth and full-depth verifications).")
 flags.mark_flag_as_required("config")
 
 # Per-layer linear kinds are a dict the config starts empty, which --config.KEY overrides cannot
@@ -118,6 +127,9 @@ def main(argv):
     print(format_report(report), flush=True)
     return 0
 
+  if _FIT.value:
+    return _fit()
+
   initialize_distributed()  # a no-op unless launched as a multi-host job
 
   try:
@@ -141,6 +153,45 @@ def main(argv):
   if summary.get("stopped_early"):  # by a stop signal, after saving: the shell's code for it (Ctrl-C 130, SIGTERM 143)
     return 128 + signal.Signals[summary["stop_signal"]]
   return 0
+
+
+def _command_overrides() -> dict[str, object]:
+  """The --config.KEY=VALUE settings of the command line, as the loaded config holds them."""
+  config, out = _CONFIG.value, {}
+  for arg in sys.argv[1:]:
+    if arg.startswith("--config.") and "=" in arg:
+      key = arg[len("--config."):].split("=", 1)[0]
+      node = config
+      for part in key.split("."):
+        node = node[part]
+      out[key] = node
+  return out
+
+
+def _fit() -> int:
+  """--fit: the planner's table, the command to run its choice, and --fit_write's config file."""
+  from lowrank_jax.train import ConfigError
+  from lowrank_jax.train.fit import FitError, Planner, format_plan, write_config
+  from lowrank_jax.train.targets import TargetError
+
+  pinned = _command_overrides()
+  if _FIT_WRITE.value and os.path.exists(_FIT_WRITE.value):
+    _fail(f"--fit_write: {_FIT_WRITE.value} exists; choose a new file")
+  try:
+    planner = Planner(_CONFIG.value, _FIT.value, devices=_MEMORY_DEVICES.value or 1, pinned=set(pinned),
+                      headroom=_FIT_HEADROOM.value, max_compiles=_FIT_COMPILES.value,
+                      programs=tuple(_MEMORY_PROGRAMS.value) if _MEMORY_PROGRAMS.value else None,
+                      log=lambda line: print(line, flush=True))
+    answer = planner.plan()
+  except (ConfigError, TargetError, FitError) as e:
+    print(f"error: {_one_line(e)}", file=sys.stderr)
+    return 2
+  command = " ".join(["python train.py --config", _config_path(), *(a for a in sys.argv[1:] if a.startswith("--config."))])
+  print(format_plan(answer, command), flush=True)
+  if _FIT_WRITE.value and answer["fits"]:
+    write_config(_FIT_WRITE.value, _config_path(), answer["overrides"], pinned)
+    print(f"wrote {_FIT_WRITE.value}: python train.py --config {_FIT_WRITE.value}", flush=True)
+  return 0 if answer["fits"] else 1
 
 
 def _exit_multiprocess(error: Exception) -> None:

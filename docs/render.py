@@ -886,6 +886,17 @@ def _memory_table_cmd(name: str, configs: Iterable[str], overrides: Iterable[str
   return " ".join(["python bench/memory_table.py --name", name, *configs, *(f"--set {o}" for o in overrides)])
 
 
+def _fit_check(data: dict) -> list[str]:
+  def over(r):
+    return " ".join(f"`{k}={v}`" for k, v in (r.get("overrides") or {}).items()) or "(as shipped)"
+  return rows_table(data, ["case", "target", "predicted (GiB)", "compiled (GiB)", "predicted / compiled", "fits",
+                           "FLOPs / shipped", "planner wall", "settings chosen"],
+                    lambda r: [r["case"], r["target"], gib(r.get("predicted_bytes")), gib(r.get("compiled_bytes")),
+                               ratio(r.get("predicted_over_compiled")), cell(r.get("fits")),
+                               ratio(r.get("relative_flops")), f"{r['wall_s'] / 60:.1f} min",
+                               over(r) if r.get("fits") else r.get("error") or "nothing fits"])
+
+
 def memory_page() -> str:
   c130 = "configs/llama_130m_adamw.py"
   c1b = "configs/llama_1b_galore.py"
@@ -894,6 +905,12 @@ def memory_page() -> str:
       "nothing is allocated). Parameter and optimizer-state bytes are exact; temporaries and peaks are the "
       "target compiler's. On the `cpu` target XLA:CPU holds bf16 activations as float32 and ignores remat, so "
       "its temporaries are upper bounds for an accelerator. How to read and lower them: [memory](../memory.md)."), [
+      section("Will it fit? `--fit` against the compiler", "fit_check.json", _fit_check, "python bench/fit_check.py",
+              needs=TPU_AOT,
+              intro="{make}: `train.py --config C --fit TARGET --memory_programs=step` per case, each in its own "
+                    "process: the peak the planner predicted for the settings it chose, the compiler's peak for "
+                    "them (its verification), their model FLOPs per step over the config's own, and the planner's "
+                    "wall time on this 2-core host. ([Will it fit?](../memory.md#will-it-fit))"),
       section("7B on one 16 GiB chip: the shipped 7B and 1b configs", "memory_fit_configs.json", _fit_configs,
               "python bench/memory_fit.py --sections int8,configs --programs step "
               "--out bench/results/memory_fit_configs.json", needs=TPU_AOT,

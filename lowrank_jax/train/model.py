@@ -44,13 +44,14 @@ def model_config(run: RunConfig, vocab_size: int):
   if m.init_from:
     config = models.pretrained_config(m.init_from, **pretrained_overrides(run, vocab_size))
     task.check_pretrained(run, config)
-    return config
-  options = task.model_options(run, vocab_size)
-  try:
-    return models.get_family(m.family).config(m.size, options.pop("vocab_size"), **options, dtype=m.dtype,
-                                              param_dtype=m.param_dtype, remat=m.remat)
-  except ValueError as e:  # (the family's own checks of what the data chose: a ViT's image side)
-    raise ConfigError(task.model_options_key, str(e)) from None
+  else:
+    options = task.model_options(run, vocab_size)
+    try:
+      config = models.get_family(m.family).config(m.size, options.pop("vocab_size"), **options, dtype=m.dtype,
+                                                  param_dtype=m.param_dtype, remat=m.remat)
+    except ValueError as e:  # (the family's own checks of what the data chose: a ViT's image side)
+      raise ConfigError(task.model_options_key, str(e)) from None
+  return dataclasses.replace(config, n_layers=m.n_layers) if m.n_layers else config
 
 
 def linear_kinds(run: RunConfig) -> dict[str, str]:

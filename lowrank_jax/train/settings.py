@@ -258,6 +258,10 @@ class ModelSettings(Settings):
   # Activation checkpointing per transformer block: none, block (keep only each block's input) or
   # matmul_inputs (keep the linears' inputs); the old True / False mean block / none.
   remat: str = setting("none", _remat)
+  # Transformer blocks: 0 = the size's (or the model.init_from checkpoint's). Another depth builds the same
+  # widths deeper or shallower: new models, memory reports and --fit's small-depth calibration compiles
+  # (a checkpoint's weights are not cut to it: training from model.init_from refuses it).
+  n_layers: int = setting(0, non_negative_int)
   vocab_multiple: int = setting(128, positive_int)  # pad the vocabulary up to a multiple (fast matmuls)
   # Linear kind per layer name (q, k, v, o, gate, up, down, head); unnamed layers are 'dense'.
   # Methods such as LoRA choose kinds for their layers; entries here win.

@@ -31,6 +31,7 @@ import optax
 from lowrank_jax import models, optim
 from lowrank_jax.nn import int8_weight
 from lowrank_jax.train import hub, parallel
+from lowrank_jax.train.errors import ConfigError
 from lowrank_jax.train.settings import RunConfig
 from lowrank_jax.train.lapack_threads import limit_decomposition_threads
 from lowrank_jax.train.model import (ModelSplit, abstract_model, build_model, frozen_kernel_count, linear_factory,
@@ -177,6 +178,9 @@ def _pretrained_model(setup: Setup, vocab_size: int):
   """The model with the checkpoint's weights; with `model.base_bits` the frozen kernels under LoRA
   adapters are quantized as they load (QLoRA), so a 7B checkpoint never sits in host memory in bf16."""
   m, abstract = setup.run.model, setup.abstract_state
+  if m.n_layers:
+    raise ConfigError("model.n_layers", f"cannot cut the checkpoint {m.init_from} to {m.n_layers} blocks; set 0 "
+                      "(its own depth) to train from it (another depth is for memory reports and --fit)")
   shardings = {}
   for tree in (abstract.params, abstract.rest):
     for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
