@@ -38,6 +38,9 @@ def test_saved_bytes_per_block_is_the_remat_policys_residuals():
   per_block = {remat: fit.saved_bytes(run, vocab, 2, rows, remat=remat) - fit.saved_bytes(run, vocab, 1, rows, remat=remat)
                for remat in ("block", "matmul_inputs", "none")}
   assert per_block["block"] == rows * seq * d * 4
+  # the linears' inputs, each value once (q, k, v name one input; gate and up another), and the block's
+  # input: 4 x d + d_ff (344) floats a position
+  assert per_block["matmul_inputs"] == rows * seq * (4 * d + 344) * 4
   assert per_block["none"] > per_block["matmul_inputs"] > per_block["block"]
   # linear in the rows: what the planner assumes when it traces 1 and 2 rows only
   two, four = (fit.saved_bytes(run, vocab, 2, r, remat="none") for r in (2, 4))

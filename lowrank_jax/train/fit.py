@@ -158,7 +158,7 @@ def _bytes(avals) -> int:
 
 def saved_bytes(run: RunConfig, vocab: int, n_layers: int, micro_batch: int, *, remat: str | None = None) -> int:
   """Bytes the backward pass keeps of one micro-batch's forward pass at depth `n_layers`: the
-  residuals of the loss's VJP over the float parameters that are not its inputs (the weights and
+  residuals of the loss's VJP over the trained parameters that are not its inputs (the weights and
   the batch are held anyway), read from the traced jaxpr (nothing compiled or allocated)."""
   model = dataclasses.replace(run.model, n_layers=n_layers, remat=remat or run.model.remat, base_bits=16,
                               weight_bits=16)
@@ -172,20 +172,46 @@ def saved_bytes(run: RunConfig, vocab: int, n_layers: int, micro_batch: int, *, 
     total, count = loss(split.merge(p, r), b, chunk)
     return total / jnp.maximum(count, 1.0)
 
-  def vjp(p, r, b):
-    return jax.vjp(lambda q: loss_of(q, r, b), p)
+  # Differentiated as the step does: the leaves the method freezes get no gradient (their weight
+  # gradients' residuals are not kept).
+  leaves, treedef = jax.tree.flatten(params)
+  view = int8_weight.trainable_view(params, frozen=run.method.frozen())
+  trains = [v is not None for v in jax.tree.leaves(view, is_leaf=lambda x: x is None)]
+  trained = [x for x, t in zip(leaves, trains) if t]
+  fixed = [x for x, t in zip(leaves, trains) if not t]
 
-  closed, shapes = jax.make_jaxpr(vjp, return_shape=True)(params, rest, batch)
+  def vjp(trained, fixed, r, b):
+    def loss_of_trained(t):
+      t, f = iter(t), iter(fixed)
+      return loss_of(treedef.unflatten([next(t) if on else next(f) for on in trains]), r, b)
+    return jax.vjp(loss_of_trained, trained)
+
+  closed, shapes = jax.make_jaxpr(vjp, return_shape=True)(trained, fixed, rest, batch)
   jaxpr = closed.jaxpr
   residuals = jaxpr.outvars[len(jaxpr.outvars) - len(jax.tree.leaves(shapes[1])):]
   inputs = set(id(v) for v in jaxpr.invars)
+  producer = {id(out): eqn for eqn in jaxpr.eqns for out in eqn.outvars}
+
+  def source(var):
+    # A value each layer names for the remat policy (`checkpoint_name`, an identity `reduce_precision`
+    # in the jaxpr) is one buffer for the compiler however many layers name it: q, k and v name one input.
+    while (eqn := producer.get(id(var))) is not None and eqn.primitive.name in _IDENTITIES and len(eqn.invars) == 1:
+      var = eqn.invars[0]
+    return var
+
   seen, avals = set(), []
   for var in residuals:
-    if isinstance(var, jax.extend.core.Literal) or id(var) in inputs or id(var) in seen:
+    if isinstance(var, jax.extend.core.Literal):
+      continue
+    var = source(var)
+    if id(var) in inputs or id(var) in seen:
       continue
     seen.add(id(var))
     avals.append(var.aval)
   return _bytes(avals)
+
+
+_IDENTITIES = ("reduce_precision", "name", "copy", "copy_p")
 
 
 @dataclasses.dataclass
