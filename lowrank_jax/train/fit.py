@@ -491,6 +491,9 @@ class Planner:
                           for p in pick.parts}
       pick.calibrated_from = "own"
       calibrated.append(pick)
+    for cand in evaluated:  # (a rejected candidate's compiled peak calibrates the ones like it, for the gap)
+      if cand.calibrated_from != "own":
+        self.borrow(cand, calibrated)
     return self._answer(evaluated, base, winner)
 
   def _answer(self, evaluated: list[Candidate], base: Candidate, winner: Candidate | None) -> dict[str, Any]:
