@@ -74,6 +74,12 @@ def run_case(name: str, target: str, tmp: str) -> dict:
     row["error"] = (proc.stderr.strip().splitlines() or ["(no output)"])[-1]
     return row
   row.update(fits=answer["fits"], verified=answer["verified"], overrides=answer["overrides"])
+  compiled = [r for r in answer["rows"] if r.get("compiled_bytes")]
+  if not answer["fits"] and compiled:  # the closest candidate, compiled: the compiler's bytes needed
+    closest = min(compiled, key=lambda r: r["compiled_bytes"])
+    row.update(needs_bytes=closest["compiled_bytes"], needs_predicted_bytes=closest["predicted_bytes"],
+               needs_overrides=closest["overrides"],
+               needs_predicted_over_compiled=round(closest["predicted_bytes"] / closest["compiled_bytes"], 4))
   chosen = answer["rows"][0] if answer["fits"] else None
   if chosen:
     row.update(predicted_bytes=chosen["predicted_bytes"], compiled_bytes=chosen["compiled_bytes"],
