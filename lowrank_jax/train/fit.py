@@ -483,14 +483,14 @@ class Planner:
       if pick.compiled_fits:
         winner = pick
         break
-      if closest:  # the compiler's own figure for the closest: the gap
-        break
       # the compiler's figure replaces the model's for it, and calibrates the candidates like it
       pick.calibration = {p: pick.calibration.get(p, 0.0) + pick.compiled[p] - (pick.args[p] + pick.parts[p]
                                                                               + pick.calibration.get(p, 0.0))
                           for p in pick.parts}
       pick.calibrated_from = "own"
       calibrated.append(pick)
+      if closest:  # the compiler's own figure for the closest: the gap
+        break
     for cand in evaluated:  # (a rejected candidate's compiled peak calibrates the ones like it, for the gap)
       if cand.calibrated_from != "own":
         self.borrow(cand, calibrated)
