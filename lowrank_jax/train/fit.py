@@ -528,10 +528,9 @@ class Planner:
     closest = min(evaluated, key=need)
     gap = need(closest) - self.limit
     hints = []
-    state = self.state(closest.run)
     if self.devices == 1 or not closest.run.parallel.fsdp:
-      per_device_state = state["args"]
-      devices = max(2, math.ceil(per_device_state / max(self.limit - (need(closest) - per_device_state), 1)))
+      # FSDP splits the state and data parallelism the batch: each device holds about 1/N of it all
+      devices = max(2, math.ceil(need(closest) / self.limit) * self.devices)
       hints.append(f"more devices with FSDP (--memory_devices={devices} --config.parallel.fsdp=True)")
     if "optimizer" in self.config and hasattr(closest.run.method, "rank"):
       hints.append(f"a lower rank (optimizer.{closest.run.optimizer.name}.rank, now {closest.run.method.rank})")
