@@ -7,7 +7,6 @@ without it they are skipped. Shapes are tiny and each program is compiled once.
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 
 import jax
 import jax.numpy as jnp
@@ -22,10 +21,9 @@ from lowrank_jax.train import ConfigError, build_optimizer, format_report, memor
 from lowrank_jax.train import targets
 from lowrank_jax.train.model import split_model
 from lowrank_jax.train.step import make_train_step
-from train_helpers import tiny_config
+from train_helpers import needs_libtpu, tiny_config
 
-needs_libtpu = pytest.mark.skipif(importlib.util.find_spec("libtpu") is None,
-                                  reason='the TPU target needs libtpu: pip install -e ".[aot]"')
+
 
 
 # --- config keys ---------------------------------------------------------------------------

@@ -2,16 +2,23 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
 from pathlib import Path
 
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+import pytest
 
 from configs import llama_tiny_adamw
 
 REPO = Path(__file__).resolve().parents[1]
+
+
+# The TPU targets compile ahead of time through libtpu, an optional extra that CI does not install.
+needs_libtpu = pytest.mark.skipif(importlib.util.find_spec("libtpu") is None,
+                                  reason='the TPU target needs libtpu: pip install -e ".[aot]"')
 
 
 def tiny_config(**overrides):

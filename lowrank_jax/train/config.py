@@ -36,6 +36,18 @@ def default_config() -> ml_collections.ConfigDict:
   return config
 
 
+def with_overrides(config: ml_collections.ConfigDict, overrides: dict[str, Any]) -> ml_collections.ConfigDict:
+  """A copy of `config` with each dotted key ('train.grad_accum') set to its value."""
+  config = ml_collections.ConfigDict(config.to_dict())  # (a copy; ConfigDict's copy() keeps its locks)
+  for key, value in overrides.items():
+    *parents, leaf = key.split(".")
+    node = config
+    for part in parents:
+      node = node[part]
+    node[leaf] = value
+  return config
+
+
 def resolve(config: ml_collections.ConfigDict | RunConfig, *, num_devices: int | None = None,
             process_count: int | None = None) -> RunConfig:
   """Check `config` and return it as a `RunConfig` (a `RunConfig` is returned as it is, re-checked

@@ -33,7 +33,9 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import json
 import math
+import os
 import re
 import time
 from typing import Any, Callable
@@ -45,7 +47,8 @@ import numpy as np
 
 from lowrank_jax.nn import int8_weight
 from lowrank_jax.train import parallel, targets
-from lowrank_jax.train.config import RunConfig, resolve
+from lowrank_jax.train.memory import for_target, run_programs
+from lowrank_jax.train.config import RunConfig, resolve, with_overrides
 from lowrank_jax.train.errors import ConfigError
 from lowrank_jax.train.model import abstract_model, linear_shapes, model_config, split_model
 from lowrank_jax.train.setup import build_setup, vocab_size_of
@@ -91,17 +94,6 @@ def parse_target(target: str) -> tuple[str | None, int | None]:
 
 
 # --- candidates --------------------------------------------------------------------------------
-
-def _with(config: ml_collections.ConfigDict, overrides: dict[str, Any]) -> ml_collections.ConfigDict:
-  config = ml_collections.ConfigDict(config.to_dict())  # (a copy; the ConfigDict's own copy keeps locks)
-  for key, value in overrides.items():
-    *parents, leaf = key.split(".")
-    node = config
-    for part in parents:
-      node = node[part]
-    node[leaf] = value
-  return config
-
 
 def search_space(run: RunConfig, pinned: set[str], devices: int) -> dict[str, list]:
   """Key -> the values the search tries (the config's own first); pinned keys keep their value.
@@ -211,7 +203,7 @@ def saved_bytes(run: RunConfig, vocab: int, n_layers: int, micro_batch: int, *, 
   return _bytes(avals)
 
 
-_IDENTITIES = ("reduce_precision", "name", "copy", "copy_p")
+_IDENTITIES = ("reduce_precision", "name", "copy")
 
 
 @dataclasses.dataclass
@@ -265,10 +257,15 @@ class Planner:
     model = model_config(self.run, self.vocab)
     self.layers, self.d_model = model.n_layers, model.d_model
     self.shapes = linear_shapes(self.run)  # (the search changes no width)
+    # The output head's multiply-adds from the model itself: linear_shapes asks with a stand-in vocabulary.
+    params = split_model(abstract_model(self.run, self.vocab))[1]
+    head = params.get("head", {}).get("kernel") if isinstance(params.get("head"), dict) else None
+    self.head_macs = int(np.prod(head.shape)) if head is not None else self.d_model * self.vocab
     self._saved: dict[tuple, tuple[int, int]] = {}
     self._runs: dict[tuple, RunConfig | None] = {}
     self._states: dict[tuple, dict[str, Any]] = {}
     self.compiles, self.start = 0, time.time()
+    self.out_of_compiles = False  # (plan: candidates predicted to fit were left unverified)
 
   @property
   def limit(self) -> int:
@@ -278,10 +275,8 @@ class Planner:
   def _resolve(self, overrides: dict[str, Any], n_layers: int = 0) -> RunConfig:
     if n_layers:
       overrides = {**overrides, "model.n_layers": n_layers}
-    run = resolve(_with(self.config, overrides), num_devices=self.devices, process_count=1)
-    if run.parallel.mode == "pmap":  # measured as the equivalent mesh program, as the memory report does
-      run = run.replace(parallel=dataclasses.replace(run.parallel, mode="mesh"))
-    return run
+    run = resolve(with_overrides(self.config, overrides), num_devices=self.devices, process_count=1)
+    return for_target(run, self.target)[0] if self.target else run
 
   # -- the memory model ------------------------------------------------------------------------
   def _saved_at(self, run: RunConfig, n_layers: int, remat: str | None = None) -> int:
@@ -335,9 +330,7 @@ class Planner:
     if n_layers:
       run = run.replace(model=dataclasses.replace(run.model, n_layers=n_layers))
     setup = build_setup(run, self.vocab, devices=self.target.devices(self.devices))
-    programs = {"step": setup.compiled_step}
-    if setup.compiled_refresh is not None:
-      programs["refresh"] = setup.compiled_refresh
+    programs = run_programs(setup)
     state, tokens = setup.abstract_state, setup.abstract_tokens()
     self.compiles += 1
     return {name: targets.compile_memory(fn.lower(state, tokens), self.target) for name, fn in programs.items()
@@ -346,11 +339,8 @@ class Planner:
   # -- the cost model --------------------------------------------------------------------------
   def cost(self, run: RunConfig, state: dict[str, Any]) -> tuple[float, float]:
     """(model FLOPs, FLOP-equivalents) per optimizer step and device."""
-    shapes = dict(self.shapes)
-    head = shapes.pop("head", None)
-    d, seq = self.d_model, run.task.positions(run)
-    head_macs = head[0] * head[1] if head else d * self.vocab
-    block = sum(i * o for i, o in shapes.values())
+    d, seq, head_macs = self.d_model, run.task.positions(run), self.head_macs
+    block = sum(i * o for name, (i, o) in self.shapes.items() if name != "head")
     fwd_block = 2 * block + 4 * seq * d  # the linears; attention's scores and values over the full square
     fwd = self.layers * fwd_block + 2 * head_macs
     bwd = (1 if run.method.frozen() else 2) * fwd  # frozen weights: the input gradients alone
@@ -442,7 +432,7 @@ class Planner:
     evaluated.sort(key=lambda c: (round(c.cost / base.cost * (1 + self.numeric_penalty) ** c.numeric_changes, 3),
                                   c.numeric_changes, len(c.overrides)))
     calibrated: list[Candidate] = []
-    winner, self.out_of_compiles = None, False
+    winner = None
     while True:
       for cand in evaluated:
         if cand.calibrated_from != "own":
@@ -484,9 +474,7 @@ class Planner:
         winner = pick
         break
       # the compiler's figure replaces the model's for it, and calibrates the candidates like it
-      pick.calibration = {p: pick.calibration.get(p, 0.0) + pick.compiled[p] - (pick.args[p] + pick.parts[p]
-                                                                              + pick.calibration.get(p, 0.0))
-                          for p in pick.parts}
+      pick.calibration = {p: float(pick.compiled[p] - pick.args[p] - pick.parts[p]) for p in pick.parts}
       pick.calibrated_from = "own"
       calibrated.append(pick)
       if closest:  # the compiler's own figure for the closest: the gap
@@ -515,7 +503,7 @@ class Planner:
         "verified": bool(winner and winner.compiled_fits),
         "overrides": dict(winner.overrides) if winner else None,
     }
-    if winner is None and fitting and getattr(self, "out_of_compiles", False):
+    if winner is None and fitting and self.out_of_compiles:
       answer["unverified"] = f"{len(fitting)} candidates are predicted to fit, but --fit_compiles={self.max_compiles} ran out"
     elif winner is None:
       answer["gap"] = self._gap(evaluated)
@@ -532,7 +520,7 @@ class Planner:
       # FSDP splits the state and data parallelism the batch: each device holds about 1/N of it all
       devices = max(2, math.ceil(need(closest) / self.limit) * self.devices)
       hints.append(f"more devices with FSDP (--memory_devices={devices} --config.parallel.fsdp=True)")
-    if "optimizer" in self.config and hasattr(closest.run.method, "rank"):
+    if hasattr(closest.run.method, "rank"):
       hints.append(f"a lower rank (optimizer.{closest.run.optimizer.name}.rank, now {closest.run.method.rank})")
     if closest.run.train.micro_batch > 1 and "train.grad_accum" in self.pinned:
       hints.append("a smaller micro-batch (unpin train.grad_accum)")
@@ -561,7 +549,6 @@ def _row(c: Candidate, base: Candidate) -> dict[str, Any]:
 
 def format_plan(answer: dict[str, Any], command: str) -> str:
   """The table, the command line to run the winner, and the JSON line."""
-  import json  # pylint: disable=g-import-not-at-top
   lines = [f"fit on {answer['target']} ({_gib(answer['capacity_bytes'])} per device of {answer['devices']}, "
            f"headroom {answer['headroom']:.0%}): {answer['candidates']} candidates, {answer['compiles']} compiles, "
            f"{answer['seconds']:.0f}s"]
@@ -590,12 +577,11 @@ def write_config(path: str, config_file: str, overrides: dict[str, Any], command
   """A config file that loads `config_file` and sets the command line's and the plan's overrides.
 
   Refuses to overwrite an existing file (nothing a user wrote is replaced)."""
-  import os  # pylint: disable=g-import-not-at-top
   if os.path.exists(path):
     raise FitError(f"--fit_write: {path} exists; choose a new file")
   source = os.path.abspath(config_file)
   settings = {**command_overrides, **overrides}
-  body = "\n".join(f"  _set(config, {k!r}, {v!r})" for k, v in settings.items())
+  body = "\n".join(f"  config.{k} = {v!r}" for k, v in settings.items())
   text = f'''"""{os.path.basename(config_file)} with the settings `train.py --fit` chose.
 
   python train.py --config {path}
@@ -604,14 +590,6 @@ def write_config(path: str, config_file: str, overrides: dict[str, Any], command
 import importlib.util
 
 _SOURCE = {source!r}
-
-
-def _set(config, key, value):
-  *parents, leaf = key.split(".")
-  node = config
-  for part in parents:
-    node = node[part]
-  node[leaf] = value
 
 
 def get_config():

@@ -39,7 +39,7 @@ REPORT_KEYS = ("params_bytes", "opt_state_bytes", "argument_bytes", "temp_bytes"
                "alias_bytes", "peak_bytes", "target", "capacity_bytes", "fits")
 
 
-def _for_target(run: RunConfig, target: targets.MemoryTarget) -> tuple[RunConfig, str | None]:
+def for_target(run: RunConfig, target: targets.MemoryTarget) -> tuple[RunConfig, str | None]:
   """The run as compiled for `target`, and a note when that differs from how it would run here.
 
   Off this host's own devices, a `pmap` run is measured as the equivalent `mesh`
@@ -51,7 +51,7 @@ def _for_target(run: RunConfig, target: targets.MemoryTarget) -> tuple[RunConfig
       "parallel.mode pmap measured as the equivalent mesh program (same per-device state and batch share)")
 
 
-def _programs(setup: Setup) -> dict[str, Any]:
+def run_programs(setup: Setup) -> dict[str, Any]:
   """Name -> the compiled-to-be functions the run executes (the refresh program only at refresh steps)."""
   programs = {"step": setup.compiled_step}
   if setup.compiled_refresh is not None:
@@ -90,11 +90,11 @@ def memory_report(config: ml_collections.ConfigDict | RunConfig, target: str = "
   targets.prepare_environment(target)
   num_devices = num_devices or jax.device_count()
   device_target = targets.get_target(target, num_devices)
-  run, note = _for_target(resolve(config, num_devices=num_devices, process_count=1), device_target)
+  run, note = for_target(resolve(config, num_devices=num_devices, process_count=1), device_target)
   vocab = vocab_size_of(run)
   setup = build_setup(run, vocab, devices=device_target.devices(num_devices))
   state, tokens = setup.abstract_state, setup.abstract_tokens()
-  programs = {k: v for k, v in _programs(setup).items() if only is None or k in only}
+  programs = {k: v for k, v in run_programs(setup).items() if only is None or k in only}
   figures = {name: targets.compile_memory(fn.lower(state, tokens), device_target) for name, fn in programs.items()}
   step = figures["step"]
   peak = max(f.peak_bytes for f in figures.values())
