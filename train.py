@@ -120,7 +120,8 @@ def main(argv):
   if _MEMORY_REPORT.value:
     try:
       report = memory_report(_CONFIG.value, _MEMORY_TARGET.value, _MEMORY_DEVICES.value or None,
-                             only=tuple(_MEMORY_PROGRAMS.value) if _MEMORY_PROGRAMS.value else None)
+                             only=tuple(_MEMORY_PROGRAMS.value) if _MEMORY_PROGRAMS.value else None,
+                             log=lambda line: print(line, file=sys.stderr, flush=True))
     except (ConfigError, TargetError) as e:
       print(f"error: {e}", file=sys.stderr)
       return 2

@@ -898,6 +898,18 @@ def _fit_check(data: dict) -> list[str]:
                                over(r) if r.get("fits") else r.get("error") or "nothing fits"])
 
 
+def _attention(data: dict) -> list[str]:
+  by = {(r["case"], r["attention"]): r for r in data.get("rows", [])}
+
+  def row(case: str) -> list[Any]:
+    xla, splash = by.get((case, "xla"), {}), by.get((case, "splash"), {})
+    share = splash["peak_bytes"] / xla["peak_bytes"] if xla.get("peak_bytes") and splash.get("peak_bytes") else None
+    return [case, xla.get("seq_len"), gib(xla.get("peak_bytes")), gib(splash.get("peak_bytes")), ratio(share),
+            f"{cell(xla.get('fits'))} / {cell(splash.get('fits'))}"]
+  return table(["case", "tokens per row", "peak, xla (GiB)", "peak, splash (GiB)", "splash / xla",
+                "fits: xla / splash"], [row(case) for case in dict.fromkeys(case for case, _ in by)])
+
+
 def memory_page() -> str:
   c130 = "configs/llama_130m_adamw.py"
   c1b = "configs/llama_1b_galore.py"
@@ -913,6 +925,12 @@ def memory_page() -> str:
                     "them (its verification), their model FLOPs per step over the config's own and over the README memory "
                     "tables' hand-tuned settings (the 7b configs as shipped; the 1b configs with remat per block: "
                     "`HAND_TUNED`), and the planner's wall time on this 2-core host. ([Will it fit?](../memory.md#will-it-fit))"),
+      section("Attention kernels on TPU", "attention_tpu-v5e.json", _attention, "python bench/attention_memory.py",
+              needs=TPU_AOT,
+              intro="{make}: the train step's compiled peak on one TPU v5e chip with `model.attention=xla` and "
+                    "`splash` (`bench/attention_memory.py`'s `CASES`: the shipped configs with only the tokens per "
+                    "row and rows changed, the tokens per micro-batch kept). A peak over the capacity is the compiler's "
+                    "RESOURCE_EXHAUSTED figure. ([The attention kernel](../memory.md#what-the-model-does-for-the-peak))"),
       section("7B on one 16 GiB chip: the shipped 7B and 1b configs", "memory_fit_configs.json", _fit_configs,
               "python bench/memory_fit.py --sections int8,configs --programs step "
               "--out bench/results/memory_fit_configs.json", needs=TPU_AOT,

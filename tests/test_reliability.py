@@ -144,7 +144,10 @@ def test_warm_start_from_must_exist_and_is_not_created(tmp_path):
     (["--config.seed=99999999999"], "config.seed"),
     (["--config.model.linear.q=nope"], "config.model.linear.q"),
     (["--workdir={tmp}/afile/run"], "afile"),
-], ids=["unknown key", "positional argument", "lr nan", "seed out of range", "linear kind", "workdir under a file"])
+    pytest.param(["--config.model.attention=cudnn"], "config.model.attention",
+                 marks=pytest.mark.skipif(jax.default_backend() == "gpu", reason="cuDNN runs on a GPU")),
+], ids=["unknown key", "positional argument", "lr nan", "seed out of range", "linear kind", "workdir under a file",
+        "cudnn without a GPU"])
 def test_bad_input_gets_one_line_naming_it(tmp_path, args, names):
   (tmp_path / "afile").write_text("x")
   cmd = [sys.executable, "train.py", "--config=configs/llama_tiny_adamw.py", f"--workdir={tmp_path}/run",

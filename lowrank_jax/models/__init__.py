@@ -24,6 +24,7 @@ from lowrank_jax.models.linear_factory import (
 )
 from lowrank_jax.models.transformer import DTYPES, ModelConfig  # dtype names every family accepts
 from lowrank_jax.models.transformer import REMAT_POLICIES, remat_policy  # model.remat's choices
+from lowrank_jax.models.transformer import ATTENTION_KERNELS, SPLASH_BLOCK, attend  # model.attention
 from lowrank_jax.models.transformer import DecoderLM  # LLaMA's and GPT-2's hidden_states() / logits()
 # The families: importing a module registers it.
 from lowrank_jax.models.llama import LLAMA_SIZES, Llama, LlamaConfig, count_params, llama_config
@@ -44,6 +45,7 @@ __all__ = [
     'HFFormat', 'PretrainedError', 'family_of', 'from_pretrained', 'pretrained_config', 'save_pretrained',
     'PeftAdapterError', 'load_adapter', 'read_adapter_config', 'save_adapter',
     'DTYPES', 'ModelConfig', 'REMAT_POLICIES', 'remat_policy', 'DecoderLM',
+    'ATTENTION_KERNELS', 'SPLASH_BLOCK', 'attend',
     'LinearFactory', 'get_linear_builder', 'linear_kinds', 'register_linear_kind',
     'LLAMA_SIZES', 'Llama', 'LlamaConfig', 'count_params', 'llama_config',
     'GPT2', 'GPT2_SIZES', 'GPT2Config', 'gpt2_config',

@@ -130,7 +130,8 @@ def _block(config: GPT2Config, linear_factory: LinearFactory, *, rngs: nnx.Rngs)
       attn_norm=_layer_norm(config, rngs),
       attn=CausalSelfAttention(config.d_model, config.n_heads, linear_factory, dtype=config.compute_dtype,
                                rope_theta=None, q_kw=_linear_kw(config, config.init_std, rngs),
-                               o_kw=_linear_kw(config, _residual_std(config), rngs), bias=config.bias),
+                               o_kw=_linear_kw(config, _residual_std(config), rngs), bias=config.bias,
+                               attention=config.attention),
       mlp_norm=_layer_norm(config, rngs),
       mlp=MLP(config, linear_factory, rngs=rngs),
       dtype=config.compute_dtype)

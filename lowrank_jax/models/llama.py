@@ -114,7 +114,8 @@ def _block(config: LlamaConfig, linear_factory: LinearFactory, *, rngs: nnx.Rngs
       attn_norm=nn.RMSNorm(config.d_model, **norm_kw),
       attn=CausalSelfAttention(config.d_model, config.n_heads, linear_factory, dtype=config.compute_dtype,
                                rope_theta=config.rope_theta, rope_scaling=config.rope_scaling, q_kw=kw,
-                               bias=config.attention_bias, n_kv_heads=config.n_kv_heads),
+                               bias=config.attention_bias, n_kv_heads=config.n_kv_heads,
+                               attention=config.attention),
       mlp_norm=nn.RMSNorm(config.d_model, **norm_kw),
       mlp=MLP(config, linear_factory, rngs=rngs),
       dtype=config.compute_dtype)

@@ -8,7 +8,8 @@ the attention and residual structure are written once here.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, ClassVar
+import functools
+from typing import Any, Callable, ClassVar
 
 import jax
 import jax.numpy as jnp
@@ -47,6 +48,7 @@ class ModelConfig:
   dtype: str = 'float32'        # compute dtype: a key of DTYPES
   param_dtype: str = 'float32'  # storage dtype of the parameters: a key of DTYPES
   remat: bool | str = False     # activation checkpointing per block: see REMAT_POLICIES
+  attention: str = 'xla'        # the attention kernel: one of ATTENTION_KERNELS
 
   POSITIVE_INTS: ClassVar[tuple[str, ...]] = ('d_model', 'n_heads', 'n_layers', 'd_ff')
   POSITIVE_NUMBERS: ClassVar[tuple[str, ...]] = ('norm_eps', 'init_std')
@@ -68,6 +70,8 @@ class ModelConfig:
       remat_policy(self.remat)
     except ValueError as e:
       raise ValueError(f'{cls}.remat: {e}') from None
+    if self.attention not in ATTENTION_KERNELS:
+      raise ValueError(f'{cls}.attention must be one of {list(ATTENTION_KERNELS)}, got {self.attention!r}')
 
   @property
   def head_dim(self) -> int:
@@ -93,12 +97,16 @@ class CausalSelfAttention(nnx.Module):
   `bias`: each of q, k, v, o gets a bias (see `attach_bias`).
   `n_kv_heads`: grouped-query attention (LLaMA's `num_key_value_heads`): k and v have
   `n_kv_heads` heads, each shared by `n_heads / n_kv_heads` query heads. None: `n_heads`.
+  `attention`: the kernel computing softmax(q k^T) v (`attend`).
   """
 
   def __init__(self, d_model: int, n_heads: int, linear_factory: LinearFactory, *, dtype: Any,
                rope_theta: float | None, q_kw: dict, o_kw: dict | None = None,
                causal: bool = True, bias: bool = False, n_kv_heads: int | None = None,
-               rope_scaling: Any = None):
+               rope_scaling: Any = None, attention: str = 'xla'):
+    if attention not in ATTENTION_KERNELS:
+      raise ValueError(f'attention must be one of {list(ATTENTION_KERNELS)}, got {attention!r}')
+    self.attention = attention
     self.n_heads = n_heads
     self.n_kv_heads = n_heads if n_kv_heads is None else int(n_kv_heads)
     if self.n_kv_heads <= 0 or n_heads % self.n_kv_heads:
@@ -131,13 +139,68 @@ class CausalSelfAttention(nnx.Module):
       q = nn.apply_rope(q, positions, self.rope_theta, self.rope_scaling)
       k = nn.apply_rope(k, positions, self.rope_theta, self.rope_scaling)
     q, k, v = (y.astype(self.dtype) for y in (q, k, v))
-    # [B, T, N, H] layout; XLA on CPU/TPU, cuDNN flash kernels eligible on GPU.
-    # k, v with fewer heads (GQA) are shared by groups of query heads inside the call.
-    mask = None
-    if segment_ids is not None:
-      mask = (segment_ids[:, :, None] == segment_ids[:, None, :])[:, None]  # [B, 1, T, T]
-    out = jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=self.causal)
+    out = attend(q, k, v, causal=self.causal, segment_ids=segment_ids, kernel=self.attention)
     return linear_with_bias(self.o, out.reshape(b, t, self.n_heads * self.head_dim))
+
+
+# The attention kernels (`attend`): the one softmax(q k^T / sqrt(H)) v, computed three ways.
+#   xla     the [T, T] scores as XLA's products (every platform).
+#   cudnn   cuDNN's fused flash attention (GPU, bf16): the scores never exist whole.
+#   splash  Pallas' splash attention for TPU (flash attention with block-sparse causal and
+#           segment masks): the scores never exist whole.
+ATTENTION_KERNELS = ('xla', 'cudnn', 'splash')
+SPLASH_BLOCK = 128  # splash tiles the sequence in blocks of (a multiple of) this many tokens
+
+
+def attend(q: jax.Array, k: jax.Array, v: jax.Array, *, causal: bool, segment_ids: jax.Array | None = None,
+           kernel: str = 'xla', interpret: bool = False) -> jax.Array:
+  """softmax(q k^T / sqrt(H) + mask) v in the [B, T, N, H] layout.
+
+  k, v [B, T, K, H] with K dividing N (grouped-query attention: each k/v head serves N / K query
+  heads). `segment_ids` int [B, T]: a token sees only its own segment (packed examples stay
+  apart). `interpret`: run a Pallas kernel (splash) in its interpreter, for tests off a TPU.
+  """
+  if kernel == 'splash':
+    return _splash_attention(q, k, v, causal=causal, segment_ids=segment_ids, interpret=interpret)
+  # With packed rows cuDNN takes the segment mask as its additive bias input ([B, 1, T, T], shared by
+  # the heads): still fused, at the cost of one bias of T x T per row.
+  mask = None if segment_ids is None else (segment_ids[:, :, None] == segment_ids[:, None, :])[:, None]
+  return jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=causal,
+                                      implementation='cudnn' if kernel == 'cudnn' else 'xla')
+
+
+@functools.lru_cache(maxsize=32)
+def _splash_kernel(t: int, group: int, causal: bool, interpret: bool) -> Callable:
+  """Splash's multi-query kernel for one k/v head and its `group` query heads, sequence length `t`."""
+  from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as splash
+  from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as masks
+  one = masks.CausalMask((t, t)) if causal else masks.FullMask((t, t))
+  block = max(b for b in (512, 256, SPLASH_BLOCK) if t % b == 0)
+  sizes = splash.BlockSizes(block_q=block, block_kv=block, block_kv_compute=block, block_q_dkv=block,
+                            block_kv_dkv=block, block_kv_dkv_compute=block, block_q_dq=block, block_kv_dq=block)
+  return splash.make_splash_mqa(masks.MultiHeadMask([one] * group), block_sizes=sizes, head_shards=1,
+                                q_seq_shards=1, interpret=interpret)
+
+
+def _splash_attention(q, k, v, *, causal, segment_ids, interpret):
+  b, t, n, h = q.shape
+  kv_heads = k.shape[2]
+  if t % SPLASH_BLOCK:
+    raise ValueError(f'splash attention needs a sequence length that is a multiple of {SPLASH_BLOCK}, got {t}')
+  from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as splash
+  kernel = _splash_kernel(t, n // kv_heads, bool(causal), bool(interpret))
+  # Splash does not scale the scores; its layout is heads first: q [K, N / K, T, H], k and v [K, T, H].
+  q = (q * (h ** -0.5)).astype(q.dtype).reshape(b, t, kv_heads, n // kv_heads, h).transpose(0, 2, 3, 1, 4)
+  k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
+  per_head = jax.vmap(kernel, in_axes=(0, 0, 0, None))  # over the k/v heads
+
+  def one_row(q, k, v, segments):
+    ids = None if segments is None else splash.SegmentIds(q=segments, kv=segments)
+    return per_head(q, k, v, ids)
+
+  out = jax.vmap(one_row, in_axes=(0, 0, 0, None if segment_ids is None else 0))(
+      q, k, v, None if segment_ids is None else segment_ids.astype(jnp.int32))
+  return out.transpose(0, 3, 1, 2, 4).reshape(b, t, n, h)
 
 
 def attach_bias(layer: nnx.Module, param_dtype: Any) -> nnx.Module:

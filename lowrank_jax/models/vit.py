@@ -149,7 +149,7 @@ def _block(config: ViTConfig, factory: LinearFactory, *, rngs: nnx.Rngs) -> PreN
   kw = dict(dtype=config.compute_dtype, param_dtype=config.storage_dtype,
             kernel_init=_init(config), rngs=rngs)
   attn = CausalSelfAttention(config.d_model, config.n_heads, factory, dtype=config.compute_dtype,
-                             rope_theta=None, q_kw=kw, causal=False, bias=False)
+                             rope_theta=None, q_kw=kw, causal=False, bias=False, attention=config.attention)
   for layer in ((attn.q, attn.k, attn.v) if config.qkv_bias else ()) + (attn.o,):
     attach_bias(layer, config.storage_dtype)
   return PreNormBlock(attn_norm=_layer_norm(config, rngs), attn=attn,

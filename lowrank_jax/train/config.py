@@ -19,7 +19,7 @@ import ml_collections
 from lowrank_jax import models
 from lowrank_jax.train import methods
 from lowrank_jax.train.errors import ConfigError
-from lowrank_jax.train.model import linear_kinds, linear_shapes, pissa_init
+from lowrank_jax.train.model import linear_kinds, linear_shapes, model_config, pissa_init
 from lowrank_jax.train.settings import (DataSettings, ModelSettings, OptimizerSettings, ParallelSettings, RunConfig,
                                         TrainSettings, _node, defaults, non_negative_int, read)
 from lowrank_jax.train.task import TASKS, task_for
@@ -49,14 +49,53 @@ def with_overrides(config: ml_collections.ConfigDict, overrides: dict[str, Any])
 
 
 def resolve(config: ml_collections.ConfigDict | RunConfig, *, num_devices: int | None = None,
-            process_count: int | None = None) -> RunConfig:
+            process_count: int | None = None, platform: str | None = None) -> RunConfig:
   """Check `config` and return it as a `RunConfig` (a `RunConfig` is returned as it is, re-checked
-  against the device count). Raises `ConfigError` for the first value that cannot work."""
+  against the device count and platform). Raises `ConfigError` for the first value that cannot work.
+
+  `platform` ('cpu', 'gpu', 'tpu'): what the run compiles for (a memory target's); default: this
+  host's backend. It decides `model.attention=auto` and which kernels can run.
+  """
   num_devices = jax.device_count() if num_devices is None else num_devices
   process_count = jax.process_count() if process_count is None else process_count
   run = config if isinstance(config, RunConfig) else _read_run(config)
   _check_devices(run, num_devices, process_count)
-  return run
+  kernel = attention_kernel(run, platform or jax.default_backend(), num_devices)
+  return run if kernel == run.attention else run.replace(attention=kernel)
+
+
+CUDNN_HEAD_DIMS = range(8, 129, 8)  # the head widths `auto` hands to cuDNN's fused attention
+
+
+def attention_kernel(run: RunConfig, platform: str, num_devices: int) -> str:
+  """`model.attention` for `platform`: the kernel the model is built with, or a `ConfigError` naming
+  what the chosen kernel needs."""
+  choice, m = run.model.attention, run.model
+  if choice == "xla" or (choice == "auto" and platform != "gpu"):
+    return "xla"
+  config = model_config(run, m.vocab_multiple)  # (any vocabulary: the head width and dtype are asked)
+  if choice == "auto":
+    return "cudnn" if config.dtype == "bfloat16" and config.head_dim in CUDNN_HEAD_DIMS else "xla"
+  needs = {"cudnn": "gpu", "splash": "tpu"}[choice]
+  if platform != needs:
+    raise ConfigError("model.attention", f"{choice} needs a {needs.upper()}: this run compiles for {platform}",
+                      ["auto", "xla"] + (["cudnn"] if platform == "gpu" else ["splash"] if platform == "tpu" else []))
+  if choice == "cudnn" and config.dtype != "bfloat16":
+    raise ConfigError("model.attention", f"cudnn computes in bfloat16: set model.dtype=bfloat16 (it is "
+                      f"{config.dtype}), or use xla or auto", ["auto", "xla"])
+  if choice == "splash":
+    if run.task.model_task != "language_model":
+      raise ConfigError("model.attention", f"splash is built for the causal language models; "
+                        f"{m.resolved_family} takes xla or auto", ["auto", "xla"])
+    if run.data.seq_len % models.SPLASH_BLOCK:
+      raise ConfigError("model.attention", f"splash tiles the sequence in blocks of "
+                        f"{models.SPLASH_BLOCK} tokens: data.seq_len={run.data.seq_len} is not a "
+                        "multiple", ["auto", "xla"])
+    if num_devices > 1 and run.parallel.mode != "pmap":
+      raise ConfigError("model.attention", f"splash runs on each device's own rows: over {num_devices} devices "
+                        "it needs parallel.mode=pmap (the mesh program would gather the batch for it)",
+                        ["auto", "xla"])
+  return choice
 
 
 def _read_run(config: ml_collections.ConfigDict) -> RunConfig:

@@ -275,7 +275,8 @@ class Planner:
   def _resolve(self, overrides: dict[str, Any], n_layers: int = 0) -> RunConfig:
     if n_layers:
       overrides = {**overrides, "model.n_layers": n_layers}
-    run = resolve(with_overrides(self.config, overrides), num_devices=self.devices, process_count=1)
+    run = resolve(with_overrides(self.config, overrides), num_devices=self.devices, process_count=1,
+                  platform=self.target.platform if self.target else None)
     return for_target(run, self.target)[0] if self.target else run
 
   # -- the memory model ------------------------------------------------------------------------

@@ -25,7 +25,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from typing import Any
+import time
+from typing import Any, Callable
 
 import jax
 import ml_collections
@@ -60,7 +61,8 @@ def run_programs(setup: Setup) -> dict[str, Any]:
 
 
 def _measured_peak(setup: Setup, vocab_size: int, programs: dict[str, Any]) -> int:
-  """The GPU allocator's peak after running each program once on a real state (zeros as tokens)."""
+  """The GPU allocator's peak after running each program once on a real state (zeros as tokens).
+  `programs`: the executables the report compiled and measured."""
   state = init_state(setup, vocab_size)
   tokens = jax.tree.map(lambda s: jax.device_put(np.zeros(s.shape, s.dtype), s.sharding)
                         if s.sharding is not None else np.zeros(s.shape, s.dtype), setup.abstract_tokens())
@@ -74,7 +76,8 @@ def _measured_peak(setup: Setup, vocab_size: int, programs: dict[str, Any]) -> i
 
 
 def memory_report(config: ml_collections.ConfigDict | RunConfig, target: str = "cpu",
-                  num_devices: int | None = None, only: tuple[str, ...] | None = None) -> dict[str, Any]:
+                  num_devices: int | None = None, only: tuple[str, ...] | None = None,
+                  log: Callable[[str], None] = lambda _: None) -> dict[str, Any]:
   """Per-device bytes of the run's compiled programs on `target` (keys: REPORT_KEYS, and more).
 
   Args:
@@ -83,6 +86,7 @@ def memory_report(config: ml_collections.ConfigDict | RunConfig, target: str = "
     num_devices: devices the run is spread over; default: this host's device count.
     only: which of the run's programs to compile ("step", "refresh"); default: all.
       (A refresh program's SVD compiles for many minutes on the TPU targets.)
+    log: progress lines (each program's compile time, the real step's), as they happen.
 
   The top-level figures are the train step's, `peak_bytes` the largest of every
   program's peak; `programs` holds each program's own figures.
@@ -90,12 +94,16 @@ def memory_report(config: ml_collections.ConfigDict | RunConfig, target: str = "
   targets.prepare_environment(target)
   num_devices = num_devices or jax.device_count()
   device_target = targets.get_target(target, num_devices)
-  run, note = for_target(resolve(config, num_devices=num_devices, process_count=1), device_target)
+  run, note = for_target(resolve(config, num_devices=num_devices, process_count=1,
+                                 platform=device_target.platform), device_target)
   vocab = vocab_size_of(run)
   setup = build_setup(run, vocab, devices=device_target.devices(num_devices))
   state, tokens = setup.abstract_state, setup.abstract_tokens()
   programs = {k: v for k, v in run_programs(setup).items() if only is None or k in only}
-  figures = {name: targets.compile_memory(fn.lower(state, tokens), device_target) for name, fn in programs.items()}
+  figures, executables = {}, {}
+  for name, fn in programs.items():
+    figures[name], executables[name] = targets.compile_program(fn.lower(state, tokens), device_target)
+    log(f"memory report: {name} program compiled for {device_target.name} in {figures[name].compile_s:.1f} s")
   step = figures["step"]
   peak = max(f.peak_bytes for f in figures.values())
   report = {
@@ -122,7 +130,11 @@ def memory_report(config: ml_collections.ConfigDict | RunConfig, target: str = "
   }
   if device_target.name == "gpu" and report["fits"]:
     try:
-      report["measured_peak_bytes"] = _measured_peak(setup, vocab, programs)
+      start = time.perf_counter()
+      report["measured_peak_bytes"] = _measured_peak(setup, vocab, executables)
+      report["measured_s"] = time.perf_counter() - start
+      log(f"memory report: one real step{' and refresh' if 'refresh' in programs else ''} ran in "
+          f"{report['measured_s']:.1f} s")
     except jax.errors.JaxRuntimeError as e:  # the allocator ran out: the run does not fit
       if "RESOURCE_EXHAUSTED" not in str(e):
         raise
@@ -159,7 +171,7 @@ def format_report(report: dict[str, Any]) -> str:
     if program["error"]:
       lines.append(f"  {name + ' peak':<18} {_mib(program['peak_bytes'])}  needed: does not compile ({program['error']})")
     else:
-      lines.append(f"  {name + ' peak':<18} {_mib(program['peak_bytes'])}")
+      lines.append(f"  {name + ' peak':<18} {_mib(program['peak_bytes'])}  (compiled in {program['compile_s']:.1f} s)")
   if "measured_peak_bytes" in report:
     lines.append(f"  {'measured peak':<18} {_mib(report['measured_peak_bytes'])}  (allocator, after a real step)")
   capacity, peak = report["capacity_bytes"], report["peak_bytes"]

@@ -51,7 +51,7 @@ def model_config(run: RunConfig, vocab_size: int):
                                                   param_dtype=m.param_dtype, remat=m.remat)
     except ValueError as e:  # (the family's own checks of what the data chose: a ViT's image side)
       raise ConfigError(task.model_options_key, str(e)) from None
-  return dataclasses.replace(config, n_layers=m.n_layers) if m.n_layers else config
+  return dataclasses.replace(config, attention=run.attention, **({"n_layers": m.n_layers} if m.n_layers else {}))
 
 
 def linear_kinds(run: RunConfig) -> dict[str, str]:

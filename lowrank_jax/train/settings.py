@@ -258,6 +258,11 @@ class ModelSettings(Settings):
   # Activation checkpointing per transformer block: none, block (keep only each block's input) or
   # matmul_inputs (keep the linears' inputs); the old True / False mean block / none.
   remat: str = setting("none", _remat)
+  # The attention kernel: xla (the [T, T] scores as XLA products; every platform), cudnn (cuDNN's fused flash
+  # attention: a GPU and model.dtype=bfloat16), splash (Pallas' flash attention for TPU: sequences in multiples
+  # of 128, one device per program), or auto: cudnn where the run compiles for a GPU and cuDNN takes the model
+  # (bfloat16, head width a multiple of 8 up to 128), else xla.
+  attention: str = setting("auto", one_of(("auto",) + models.ATTENTION_KERNELS))
   # Transformer blocks: 0 = the size's (or the model.init_from checkpoint's). Another depth builds the same
   # widths deeper or shallower: new models, memory reports and --fit's small-depth calibration compiles
   # (a checkpoint's weights are not cut to it: training from model.init_from refuses it).
@@ -673,6 +678,9 @@ class RunConfig:
   # {layer name: (input width, output width)} of the model's linears, read from the model once by
   # `config.resolve` where a check needs them (VeLoRA's layers, a method's rank); else None.
   linear_shapes: Mapping[str, tuple[int, int]] | None = None
+  # The attention kernel the model is built with: model.attention resolved by `config.resolve` for the
+  # platform the run compiles for (model.attention itself stays as set: 'auto' is written as 'auto').
+  attention: str = "xla"
 
   def replace(self, **changes) -> "RunConfig":
     return dataclasses.replace(self, **changes)

@@ -247,4 +247,5 @@ def model_summary(setup: Setup) -> str:
   total, trained = param_count(setup), trainable_count(setup)
   trained_note = f", {trained / 1e6:.2f}M trained" if trained != total else ""
   return (f"{m.name}: {total / 1e6:.2f}M parameters{trained_note} ({', '.join(dtypes)}), "
-          f"compute {m.dtype}{'' if m.remat == 'none' else f', remat {m.remat}'}")
+          f"compute {m.dtype}{'' if m.remat == 'none' else f', remat {m.remat}'}, attention {setup.run.attention}"
+          f"{' (auto)' if m.attention == 'auto' else ''}")

@@ -23,13 +23,14 @@ import functools
 import importlib.util
 import os
 import re
+import time
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 
 __all__ = ["TARGETS", "TPU_CHIPS", "MemoryTarget", "ProgramMemory", "TargetError", "TpuChip", "compile_memory",
-           "get_target"]
+           "compile_program", "get_target"]
 
 GiB = 2**30
 
@@ -97,6 +98,11 @@ class MemoryTarget:
   documented_bytes: int | None  # per device, from the vendor's documentation (TPUs)
   exact: bool  # the compiler's figures are the device's (False: XLA:CPU's estimate)
   _devices: tuple[Any, ...]
+
+  @property
+  def platform(self) -> str:
+    """What the target's programs are compiled for: 'tpu', 'gpu' or 'cpu'."""
+    return "tpu" if self.name in TPU_CHIPS else self.name
 
   def devices(self, n: int) -> list[Any]:
     if n > len(self._devices):
@@ -179,16 +185,24 @@ class ProgramMemory:
   peak_bytes: int
   fits: bool
   error: str | None = None
+  compile_s: float = 0.0  # how long the compile took (or failed after)
 
 
 def compile_memory(lowered: Any, target: MemoryTarget) -> ProgramMemory:
-  """Compiles `lowered` (a `jax.stages.Lowered`) and reads its memory on `target`.
+  """`compile_program`'s figures alone."""
+  return compile_program(lowered, target)[0]
+
+
+def compile_program(lowered: Any, target: MemoryTarget) -> tuple[ProgramMemory, Any]:
+  """Compiles `lowered` (a `jax.stages.Lowered`) and reads its memory on `target`: the figures, and
+  the executable (None when it does not compile) for a caller that runs what it measured.
 
   Peak: the compiler's own (TPU, GPU: heap simulation of live buffers); on the CPU,
   whose `peak_memory_in_bytes` leaves temporaries out, arguments + temporaries +
   outputs not aliased to donated arguments. A TPU compile that runs out of HBM is
   "does not fit", with the bytes the compiler says the program needs.
   """
+  start = time.perf_counter()
   try:
     compiled = lowered.compile()
   except Exception as e:  # pylint: disable=broad-except
@@ -196,7 +210,8 @@ def compile_memory(lowered: Any, target: MemoryTarget) -> ProgramMemory:
     if "RESOURCE_EXHAUSTED" not in text:
       raise
     needed = _parse_bytes(_REQUIRED, text) or _parse_bytes(_USED, text) or 0
-    return ProgramMemory(0, 0, 0, 0, needed, False, text.splitlines()[0][:300])
+    return ProgramMemory(0, 0, 0, 0, needed, False, text.splitlines()[0][:300], time.perf_counter() - start), None
+  seconds = time.perf_counter() - start
   stats = compiled.memory_analysis()
   argument, output = stats.argument_size_in_bytes, stats.output_size_in_bytes
   alias, temp = stats.alias_size_in_bytes, stats.temp_size_in_bytes
@@ -204,4 +219,4 @@ def compile_memory(lowered: Any, target: MemoryTarget) -> ProgramMemory:
   reported = getattr(stats, "peak_memory_in_bytes", 0)
   if reported and target.name != "cpu":
     peak = reported
-  return ProgramMemory(argument, output, alias, temp, peak, peak <= target.capacity_bytes)
+  return ProgramMemory(argument, output, alias, temp, peak, peak <= target.capacity_bytes, None, seconds), compiled
