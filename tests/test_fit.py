@@ -46,6 +46,23 @@ def test_saved_bytes_per_block_is_the_remat_policys_residuals():
   assert four - two == 2 * (two - one)
 
 
+def test_splash_attention_is_searched_on_a_tpu_and_keeps_no_scores():
+  """On a TPU target the search tries model.attention=splash; its residuals per block lack the [T, T]
+  scores XLA's attention keeps (at least one float32 softmax per head and row)."""
+  config = _config(**{"data.seq_len": 128})
+  run = resolve(config, num_devices=1, process_count=1)
+  assert fit.search_space(run, set(), 1, "tpu")["model.attention"] == ["auto", "splash"]
+  assert fit.search_space(run, set(), 1, "gpu")["model.attention"] == ["auto"]
+  assert fit.search_space(run, {"model.attention"}, 1, "tpu")["model.attention"] == ["auto"]
+  splash = resolve(with_overrides(config, {"model.attention": "splash"}), num_devices=1, process_count=1,
+                   platform="tpu")
+  rows, heads, seq = 3, 4, 128  # (tiny: 4 heads)
+  per_block = {r.attention: fit.saved_bytes(r, 512, 2, rows, remat="none") - fit.saved_bytes(r, 512, 1, rows, remat="none")
+               for r in (run, splash)}
+  softmax = rows * heads * seq * seq * 4
+  assert softmax <= per_block["xla"] - per_block["splash"] < 4 * softmax
+
+
 def test_capacity_target_answers_without_compiling(monkeypatch):
   def no_compile(*args, **kwargs):
     raise AssertionError("a capacity target must not compile")

@@ -22,7 +22,7 @@ __all__ = ['HFFormat', 'OVERRIDES', 'PretrainedError', 'Tensors', 'hf_get', 'lay
 Tensors = dict[tuple, tuple[str, str]]
 
 # Config fields every family lets a caller choose over config.json (per-family extras are added).
-OVERRIDES = ('dtype', 'param_dtype', 'remat')
+OVERRIDES = ('dtype', 'param_dtype', 'remat', 'attention')
 
 _NOTHING = re.compile(r'(?!)')
 

@@ -68,7 +68,7 @@ LINK_BYTES_PER_S = 100e9
 
 # Settings the search may change, with whether a change alters the numerics (it is named in the
 # output either way). Speed-only settings give the same gradients up to float rounding.
-SPEED_KEYS = ("train.grad_accum", "model.remat", "train.loss_chunk_positions", "parallel.fsdp")
+SPEED_KEYS = ("train.grad_accum", "model.remat", "train.loss_chunk_positions", "parallel.fsdp", "model.attention")
 NUMERIC_KEYS = ("optimizer.state_bits", "model.weight_bits", "optimizer.clip_mode", "train.nonfinite_guard",
                 "train.accum_dtype")
 SEARCH_KEYS = SPEED_KEYS + NUMERIC_KEYS
@@ -95,11 +95,12 @@ def parse_target(target: str) -> tuple[str | None, int | None]:
 
 # --- candidates --------------------------------------------------------------------------------
 
-def search_space(run: RunConfig, pinned: set[str], devices: int) -> dict[str, list]:
+def search_space(run: RunConfig, pinned: set[str], devices: int, platform: str | None = None) -> dict[str, list]:
   """Key -> the values the search tries (the config's own first); pinned keys keep their value.
 
   Numeric settings are only tried in the direction that saves memory (8-bit states, int8 weights,
-  clipping by the previous norm, the loss guard, bf16 sums), never the other way.
+  clipping by the previous norm, the loss guard, bf16 sums), never the other way. On a TPU target
+  (`platform` 'tpu') the splash attention kernel is tried too (where the trainer takes it).
   """
   t, m, o = run.train, run.model, run.optimizer
   per_step = t.batch_size
@@ -113,6 +114,7 @@ def search_space(run: RunConfig, pinned: set[str], devices: int) -> dict[str, li
       "train.nonfinite_guard": [t.nonfinite_guard] + (["loss"] if t.nonfinite_guard == "step" else []),
       "train.accum_dtype": [t.accum_dtype] + (["param"] if t.accum_dtype == "float32"
                                               and m.param_dtype == "bfloat16" else []),
+      "model.attention": ["splash"] if platform == "tpu" else [],
   }
   if run.task.name == "classification":
     space["train.loss_chunk_positions"] = [t.loss_chunk_positions]
@@ -284,7 +286,7 @@ class Planner:
     """`saved_bytes` at the run's micro-batch per device: traced at 1 and 2 rows, and taken as linear
     in the rows (each residual is per row, or a weight's cast held once)."""
     micro = max(run.train.micro_batch // self.devices, 1)
-    key = (remat or run.model.remat, run.train.loss_chunk_positions, n_layers)
+    key = (remat or run.model.remat, run.train.loss_chunk_positions, run.attention, n_layers)
     if key not in self._saved:
       one, two = (saved_bytes(run, self.vocab, n_layers, rows, remat=remat) for rows in (1, 2))
       self._saved[key] = (one - (two - one), two - one)
@@ -421,7 +423,7 @@ class Planner:
     for the verification. When nothing is predicted to fit, the closest candidate is calibrated and
     then compiled, so the gap reported is the compiler's.
     """
-    space = search_space(self.run, self.pinned, self.devices)
+    space = search_space(self.run, self.pinned, self.devices, self.target.platform if self.target else None)
     combos = candidates(space)
     self.log(f"--fit {self.target_name or _gib(self.capacity)}: {len(combos)} candidate settings of "
              f"{', '.join(k for k in SEARCH_KEYS if len(space[k]) > 1) or 'nothing (every setting pinned)'}; "
@@ -533,7 +535,7 @@ def _structure(c: Candidate) -> tuple:
   in these share a calibration."""
   r = c.run
   return (r.model.remat, r.optimizer.state_bits, r.model.weight_bits, r.optimizer.clip_mode, r.train.nonfinite_guard,
-          r.train.grad_accum > 1, r.train.accum_dtype, r.parallel.fsdp)
+          r.train.grad_accum > 1, r.train.accum_dtype, r.parallel.fsdp, r.attention)
 
 
 def _gib(b: float) -> str:
