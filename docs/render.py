@@ -686,6 +686,11 @@ def performance_page() -> str:
               needs="on a GPU; on a lent GPU machine `OUT=DIR bash bench/gpu_session.sh` runs it and writes "
                     "`DIR/throughput_gpu.json`", intro=(
           "`bash bench/gpu_session.sh` on a lent GPU: bf16, MFU from 6 N tokens + attention (PaLM's formula).")),
+      section("GPU baseline: LLaMA-1b on one H200, XLA attention, no remat", "throughput_gpu_h200.json",
+              _throughput_gpu, "python bench/throughput.py --target gpu", level=3,
+              needs="on a GPU", intro=(
+          "The first GPU run (issue #31's starting point), before `model.attention` existed: the attention as "
+          "XLA's [T, T] products, no remat, micro-batch 64 x 256.")),
       section("Projector refresh", "galore_refresh.json", _refresh, galore + "--skip-update --skip-state",
               intro="`python bench/bench_galore.py`: exact SVD, the randomized range finder (cold and warm-started), "
                     "and `optax.contrib.galore`'s refresh, per matrix."),

@@ -133,6 +133,25 @@ def test_report_names_target_capacity_and_margin():
   assert "target cpu" in text and "fits: margin" in text and "capacity" in text
 
 
+def test_the_gpu_reports_real_step_runs_the_executables_it_measured():
+  """`--memory_target=gpu`'s real step, here on the CPU (which has no allocator figures): the refresh
+  and step executables the report compiled run on an initialised state, in the loop's order."""
+  from lowrank_jax.train import memory
+  from lowrank_jax.train.setup import build_setup, vocab_size_of
+  run = resolve(tiny_config(**{"optimizer.name": "galore", "optimizer.galore.rank": 8}))
+  setup = build_setup(run, vocab_size_of(run))
+  ran = []
+
+  def executable(name, fn):
+    compiled = targets.compile_program(fn.lower(setup.abstract_state, setup.abstract_tokens()),
+                                       targets.get_target("cpu"))[1]
+    return lambda *args: ran.append(name) or compiled(*args)
+
+  programs = {name: executable(name, fn) for name, fn in memory.run_programs(setup).items()}
+  assert memory._measured_peak(setup, vocab_size_of(run), programs) == (0, 0)
+  assert ran == ["refresh", "step"]
+
+
 # --- the TPU target ------------------------------------------------------------------------
 
 def _tpu():

@@ -60,10 +60,16 @@ def run_programs(setup: Setup) -> dict[str, Any]:
   return programs
 
 
-def _measured_peak(setup: Setup, vocab_size: int, programs: dict[str, Any]) -> int:
-  """The GPU allocator's peak after running each program once on a real state (zeros as tokens).
-  `programs`: the executables the report compiled and measured."""
+def _measured_peak(setup: Setup, vocab_size: int, programs: dict[str, Any]) -> tuple[int, int]:
+  """The GPU allocator's peak after running each program once on a real state (zeros as tokens), and
+  its peak before, after the state's initialisation: the allocator's peak is the process's, so where
+  the two are equal the initialisation set it, not the programs.
+
+  `programs`: the executables the report compiled and measured.
+  """
   state = init_state(setup, vocab_size)
+  jax.block_until_ready(state)
+  init_peak = _allocator_peak(setup)
   tokens = jax.tree.map(lambda s: jax.device_put(np.zeros(s.shape, s.dtype), s.sharding)
                         if s.sharding is not None else np.zeros(s.shape, s.dtype), setup.abstract_tokens())
   for name in ("refresh", "step"):  # the loop's order at a refresh step
@@ -71,6 +77,11 @@ def _measured_peak(setup: Setup, vocab_size: int, programs: dict[str, Any]) -> i
       out = programs[name](state, tokens)
       state = out if name == "refresh" else out[0]
   jax.block_until_ready(state)
+  return _allocator_peak(setup), init_peak
+
+
+def _allocator_peak(setup: Setup) -> int:
+  """The largest device's allocator peak so far (the process's: it cannot be reset)."""
   stats = [d.memory_stats() or {} for d in setup.mesh.devices.flat]
   return max(int(s.get("peak_bytes_in_use", 0)) for s in stats)
 
@@ -131,7 +142,7 @@ def memory_report(config: ml_collections.ConfigDict | RunConfig, target: str = "
   if device_target.name == "gpu" and report["fits"]:
     try:
       start = time.perf_counter()
-      report["measured_peak_bytes"] = _measured_peak(setup, vocab, executables)
+      report["measured_peak_bytes"], report["measured_init_peak_bytes"] = _measured_peak(setup, vocab, executables)
       report["measured_s"] = time.perf_counter() - start
       log(f"memory report: one real step{' and refresh' if 'refresh' in programs else ''} ran in "
           f"{report['measured_s']:.1f} s")
@@ -173,7 +184,9 @@ def format_report(report: dict[str, Any]) -> str:
     else:
       lines.append(f"  {name + ' peak':<18} {_mib(program['peak_bytes'])}  (compiled in {program['compile_s']:.1f} s)")
   if "measured_peak_bytes" in report:
-    lines.append(f"  {'measured peak':<18} {_mib(report['measured_peak_bytes'])}  (allocator, after a real step)")
+    set_by_init = report["measured_peak_bytes"] == report["measured_init_peak_bytes"]
+    lines.append(f"  {'measured peak':<18} {_mib(report['measured_peak_bytes'])}  (allocator, after a real step"
+                 + ("; set by the state's initialisation, not the step)" if set_by_init else ")"))
   capacity, peak = report["capacity_bytes"], report["peak_bytes"]
   documented = f"; documented {report['documented_bytes'] / 2**30:.0f} GiB" if report.get("documented_bytes") else ""
   lines.append(f"  {'capacity':<18} {_mib(capacity)}  (per device{documented})")
