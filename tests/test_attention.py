@@ -91,6 +91,16 @@ def test_auto_is_xla_off_a_gpu_and_cudnn_on_one_for_bfloat16():
   assert model_config(run, 256).attention == "cudnn"  # the model is built with the resolved kernel
 
 
+def test_auto_leaves_packed_instruction_rows_on_xla(tmp_path):
+  """Segment ids reach cuDNN as a [T, T] bias, not yet checked on a GPU: `auto` keeps XLA for them."""
+  from test_instructions import ALPACA, write_jsonl
+  config = tiny_config(**{"data.source": "instructions", "data.tokenizer": "byte", "data.seq_len": 256,
+                          "data.path": write_jsonl(tmp_path / "alpaca.jsonl", ALPACA * 4), "model.dtype": "bfloat16"})
+  assert resolve(config, platform="gpu").attention == "xla"
+  config.model.attention = "cudnn"
+  assert resolve(config, platform="gpu").attention == "cudnn"
+
+
 @pytest.mark.parametrize("overrides, platform, says", [
     ({"model.attention": "cudnn"}, "cpu", "cudnn needs a GPU"),
     ({"model.attention": "cudnn"}, "gpu", "model.dtype=bfloat16"),

@@ -75,7 +75,12 @@ def attention_kernel(run: RunConfig, platform: str, num_devices: int) -> str:
     return "xla"
   config = model_config(run, m.vocab_multiple)  # (any vocabulary: the head width and dtype are asked)
   if choice == "auto":
-    return "cudnn" if config.dtype == "bfloat16" and config.head_dim in CUDNN_HEAD_DIMS else "xla"
+    # Packed rows with segment ids (instruction data) reach cuDNN as a [T, T] bias: not yet checked on a
+    # GPU (tests/test_attention.py's cuDNN test), so `auto` leaves them on XLA; `cudnn` takes them.
+    example = run.task.example(run)
+    packed = isinstance(example, dict) and "segment_ids" in example
+    fused = config.dtype == "bfloat16" and config.head_dim in CUDNN_HEAD_DIMS and not packed
+    return "cudnn" if fused else "xla"
   needs = {"cudnn": "gpu", "splash": "tpu"}[choice]
   if platform != needs:
     raise ConfigError("model.attention", f"{choice} needs a {needs.upper()}: this run compiles for {platform}",

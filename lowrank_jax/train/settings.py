@@ -261,7 +261,7 @@ class ModelSettings(Settings):
   # The attention kernel: xla (the [T, T] scores as XLA products; every platform), cudnn (cuDNN's fused flash
   # attention: a GPU and model.dtype=bfloat16), splash (Pallas' flash attention for TPU: sequences in multiples
   # of 128, one device per program), or auto: cudnn where the run compiles for a GPU and cuDNN takes the model
-  # (bfloat16, head width a multiple of 8 up to 128), else xla.
+  # (bfloat16, head width a multiple of 8 up to 128) and the rows carry no segment ids (instruction data), else xla.
   attention: str = setting("auto", one_of(("auto",) + models.ATTENTION_KERNELS))
   # Transformer blocks: 0 = the size's (or the model.init_from checkpoint's). Another depth builds the same
   # widths deeper or shallower: new models, memory reports and --fit's small-depth calibration compiles
