@@ -125,7 +125,9 @@ def main() -> None:
         row = run_case(name, target, tmp)
         row["measured"] = {k: info.get(k) for k in ("commit", "dirty", "date")}  # (rows merge across runs)
         rows[(name, target)] = row
-        write_json(OUT, {"rows": list(rows.values())}, meta=info)
+        write_json(OUT, {"rows": list(rows.values()),
+                         "note": "Rows merge across runs: the recorded commit is the last run's; each row's "
+                                 "`measured` holds its own."}, meta=info)
         p, c = row.get("predicted_bytes"), row.get("compiled_bytes")
         print(f"{name:<16} {target:<8} {p / GIB if p else 0:>9.2f}G {c / GIB if c else 0:>9.2f}G "
               f"{row.get('predicted_over_compiled', 0):>6.3f} {str(row.get('fits')):>5} "
