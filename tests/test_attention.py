@@ -2,11 +2,14 @@
 
 The XLA kernel is checked against the formula in numpy (causal, packed segments, grouped-query
 heads); splash, Pallas' TPU kernel, runs here in its interpreter and must agree with XLA, values
-and gradients. cuDNN needs a GPU: here only the choice and its refusal are checked (the GPU run
-of bench/gpu_session.sh compares it). `auto` must leave a CPU run on XLA.
+and gradients. cuDNN needs a GPU to run: here the model is lowered for CUDA and must hold the fused
+calls, forward and backward (the GPU run of bench/gpu_session.sh compares the values). `auto` must
+leave a CPU run on XLA.
 """
 
 from __future__ import annotations
+
+import re
 
 import jax
 import jax.numpy as jnp
@@ -80,6 +83,44 @@ def test_cudnn_agrees_with_xla_values_and_gradients():
     for name, want, got in zip("qkv", *grads):
       np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(want, np.float32), atol=5e-2, rtol=5e-2,
                                  err_msg=f"d{name}")
+
+
+def _cuda_lowering(fn, *args) -> str:
+  """`fn` lowered for CUDA on this host: JAX's cuDNN attention asks for the library's version while it
+  traces, so that check is stood in for (nothing is compiled or run)."""
+  fused = pytest.importorskip("jax._src.cudnn.fused_attention_stablehlo")
+  if not hasattr(fused, "check_cudnn_version"):
+    pytest.skip("this JAX checks cuDNN elsewhere")
+  real, fused.check_cudnn_version = fused.check_cudnn_version, lambda: 91000
+  try:
+    return jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+  finally:
+    fused.check_cudnn_version = real
+
+
+def test_cudnn_model_lowers_to_fused_calls_forward_and_backward():
+  """The tiny LLaMA with model.attention=cudnn (bf16) and the packed-row path (GQA, segment ids as the
+  bias), lowered for CUDA: one fused call per block forward and one backward."""
+  from flax import nnx
+  from lowrank_jax.models import Llama, llama_config
+  config = llama_config("tiny", 256, max_seq_len=T, dtype="bfloat16", param_dtype="bfloat16", attention="cudnn")
+  graph, params = nnx.split(Llama(config, rngs=nnx.Rngs(0)))
+  tokens = jax.ShapeDtypeStruct((B, T), jnp.int32)
+
+  def loss(params, tokens):
+    return nnx.merge(graph, params)(tokens).astype(jnp.float32).mean()
+
+  text = _cuda_lowering(jax.grad(loss), params, tokens)
+  calls = re.findall(r"@(__cudnn\$fmha\w+)", text)
+  assert sorted(set(calls)) == ["__cudnn$fmhaSoftmax", "__cudnn$fmhaSoftmaxBackward"]
+  assert len(calls) == 2 * config.n_layers
+
+  q, k = (jax.ShapeDtypeStruct((B, T, n, H), jnp.bfloat16) for n in (N, K))
+  segments = jax.ShapeDtypeStruct((B, T), jnp.int32)
+  packed = _cuda_lowering(jax.grad(lambda q, k, v, s: attend(q, k, v, causal=True, segment_ids=s, kernel="cudnn")
+                                   .astype(jnp.float32).sum(), argnums=(0, 1, 2)), q, k, k, segments)
+  assert sorted(set(re.findall(r"@(__cudnn\$fmha\w+)", packed))) == [
+      "__cudnn$fmhaScaleBiasSoftmax", "__cudnn$fmhaScaleBiasSoftmaxBackward"]
 
 
 def test_auto_is_xla_off_a_gpu_and_cudnn_on_one_for_bfloat16():
