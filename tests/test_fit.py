@@ -123,6 +123,23 @@ def test_model_against_the_cpu_compiler():
   assert cand.predicted - report["peak_bytes"] == full["args"] - state["args"] + 2 * per_block + grads
 
 
+def test_a_calibration_borrowed_across_structures_is_marked_rough():
+  """A candidate takes the calibration of the most alike calibrated one; from other remat / bits /
+  clipping / accumulation / FSDP / attention it is only a rough offset, and the table says so."""
+  planner = fit.Planner(_config(**{"model.remat": "none"}), "cpu", log=lambda _: None)
+  own = planner.evaluate({})
+  planner.calibrate(own)
+  alike, other = planner.evaluate({"train.loss_chunk_positions": 32}), planner.evaluate({"model.remat": "block"})
+  for cand in (alike, other):
+    planner.borrow(cand, [own])
+  rows = {r["calibration"]: r for r in (fit._row(c, own) for c in (own, alike, other))}
+  assert set(rows) == {"own", "same structure", "another structure"}
+  answer = {"target": "cpu", "capacity_bytes": planner.capacity, "devices": 1, "headroom": 0.05, "candidates": 3,
+            "compiles": 1, "seconds": 1.0, "fits": True, "verified": True, "overrides": {}, "rows": list(rows.values())}
+  marked = [line for line in fit.format_plan(answer, "python train.py").splitlines() if line.lstrip().startswith("~")]
+  assert len(marked) == 2 and "model.remat=block" in marked[0] and "rough" in marked[1]
+
+
 @needs_libtpu
 def test_model_against_the_tpu_compiler():
   config = _config(**{"model.n_layers": 4, "model.dtype": "bfloat16", "model.param_dtype": "bfloat16"})

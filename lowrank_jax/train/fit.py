@@ -218,6 +218,7 @@ class Candidate:
   args: dict[str, int] = dataclasses.field(default_factory=dict)  # program -> argument bytes at full depth
   calibration: dict[str, float] = dataclasses.field(default_factory=dict)  # program -> bytes (own or borrowed)
   calibrated_from: str | None = None  # 'own', or the overrides of the candidate it borrows from
+  calibration_alike: bool = True  # borrowed from a candidate of the same structure (else a rough offset)
   compiled: dict[str, int] | None = None  # program -> compiled peak at full depth (verified)
   compiled_fits: bool | None = None
   predicted_before: int | None = None  # the prediction before the verifying compile
@@ -412,6 +413,7 @@ class Planner:
     best = max(calibrated, key=shared)
     cand.calibration = dict(best.calibration)
     cand.calibrated_from = best.label()
+    cand.calibration_alike = _structure(best) == _structure(cand)
 
   def plan(self) -> dict[str, Any]:
     """Search, calibrate, verify; the answer as a dict (see `format_plan`).
@@ -547,7 +549,9 @@ def _row(c: Candidate, base: Candidate) -> dict[str, Any]:
           "config_as_given": c is base,
           "compiled_bytes": max(c.compiled.values()) if c.compiled else None,
           "relative_cost": round(c.cost / base.cost, 4), "relative_flops": round(c.flops / base.flops, 4),
-          "calibrated_from": c.calibrated_from}
+          "calibrated_from": c.calibrated_from,
+          "calibration": "own" if c.calibrated_from == "own" else "none" if c.calibrated_from is None
+          else "same structure" if c.calibration_alike else "another structure"}
 
 
 def format_plan(answer: dict[str, Any], command: str) -> str:
@@ -556,10 +560,16 @@ def format_plan(answer: dict[str, Any], command: str) -> str:
            f"headroom {answer['headroom']:.0%}): {answer['candidates']} candidates, {answer['compiles']} compiles, "
            f"{answer['seconds']:.0f}s"]
   lines.append(f"  {'predicted':>10} {'compiled':>10} {'cost':>6}  overrides")
+  rough = False
   for r in answer["rows"]:
     compiled = _gib(r["compiled_bytes"]) if r["compiled_bytes"] else "-"
     over = " ".join(f"{k}={v}" for k, v in r["overrides"].items()) or "(the config as it is)"
-    lines.append(f"  {_gib(r['predicted_bytes']):>10} {compiled:>10} {r['relative_cost']:>6.3f}  {over}")
+    mark = "~" if r.get("calibration") == "another structure" and not r["compiled_bytes"] else ""
+    rough = rough or bool(mark)
+    lines.append(f"  {mark + _gib(r['predicted_bytes']):>10} {compiled:>10} {r['relative_cost']:>6.3f}  {over}")
+  if rough:
+    lines.append("  ~ calibrated from a compile of other settings (remat, bits, clipping, accumulation, FSDP or "
+                 "attention differ): rough")
   if answer["fits"]:
     flags = " ".join(f"--config.{k}={v}" for k, v in answer["overrides"].items())
     verdict = "verified by the compiler" if answer["verified"] else "predicted (not compiled: a capacity target)"
