@@ -12,6 +12,7 @@ import orbax.checkpoint as ocp
 import pytest
 
 from configs import llama_tiny_adamw
+from lowrank_jax.train.config import with_overrides
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -23,15 +24,7 @@ needs_libtpu = pytest.mark.skipif(importlib.util.find_spec("libtpu") is None,
 
 def tiny_config(**overrides):
   """The tiny AdamW config, quiet, with dotted-key overrides: tiny_config(**{'train.steps': 5})."""
-  config = llama_tiny_adamw.get_config()
-  config.train.progress_bar = False
-  for key, value in overrides.items():
-    node = config
-    *parents, leaf = key.split(".")
-    for p in parents:
-      node = node[p]
-    node[leaf] = value
-  return config
+  return with_overrides(llama_tiny_adamw.get_config(), {"train.progress_bar": False, **overrides})
 
 
 def saved_params(workdir: str, step: int | None = None) -> dict:

@@ -104,8 +104,6 @@ class CausalSelfAttention(nnx.Module):
                rope_theta: float | None, q_kw: dict, o_kw: dict | None = None,
                causal: bool = True, bias: bool = False, n_kv_heads: int | None = None,
                rope_scaling: Any = None, attention: str = 'xla'):
-    if attention not in ATTENTION_KERNELS:
-      raise ValueError(f'attention must be one of {list(ATTENTION_KERNELS)}, got {attention!r}')
     self.attention = attention
     self.n_heads = n_heads
     self.n_kv_heads = n_heads if n_kv_heads is None else int(n_kv_heads)
@@ -160,6 +158,8 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, *, causal: bool, segment_id
   heads). `segment_ids` int [B, T]: a token sees only its own segment (packed examples stay
   apart). `interpret`: run a Pallas kernel (splash) in its interpreter, for tests off a TPU.
   """
+  if kernel not in ATTENTION_KERNELS:
+    raise ValueError(f'attention kernel must be one of {list(ATTENTION_KERNELS)}, got {kernel!r}')
   if kernel == 'splash':
     return _splash_attention(q, k, v, causal=causal, segment_ids=segment_ids, interpret=interpret)
   # With packed rows cuDNN takes the segment mask as its additive bias input ([B, 1, T, T], shared by

@@ -184,7 +184,7 @@ def format_report(report: dict[str, Any]) -> str:
     else:
       lines.append(f"  {name + ' peak':<18} {_mib(program['peak_bytes'])}  (compiled in {program['compile_s']:.1f} s)")
   if "measured_peak_bytes" in report:
-    set_by_init = report["measured_peak_bytes"] == report["measured_init_peak_bytes"]
+    set_by_init = 0 < report["measured_peak_bytes"] == report["measured_init_peak_bytes"]
     lines.append(f"  {'measured peak':<18} {_mib(report['measured_peak_bytes'])}  (allocator, after a real step"
                  + ("; set by the state's initialisation, not the step)" if set_by_init else ")"))
   capacity, peak = report["capacity_bytes"], report["peak_bytes"]
